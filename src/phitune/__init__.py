@@ -1,0 +1,62 @@
+"""phitune: fine-tune Phi-3 models with one typed job schema on Azure, OpenAI-compatible services, or locally.
+
+``import phitune`` stays light: torch, transformers, peft, azure and openai load only on the paths that use them.
+"""
+
+from __future__ import annotations
+
+from . import catalog, errors
+from ._client import Client
+from .errors import DatasetError, NotFoundError, PhituneError, SpecError, UnsupportedOptionError
+from .types import (
+    PEFT,
+    ChatCompletion,
+    Checkpoint,
+    DatasetIssue,
+    DatasetReport,
+    Deployment,
+    Distributed,
+    DoRA,
+    FileObject,
+    FineTuneJob,
+    Full,
+    Hyperparameters,
+    JobEvent,
+    JobSpec,
+    LoRA,
+    ModelObject,
+    QLoRA,
+    TokenStats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PEFT",
+    "ChatCompletion",
+    "Checkpoint",
+    "Client",
+    "DatasetError",
+    "DatasetIssue",
+    "DatasetReport",
+    "Deployment",
+    "Distributed",
+    "DoRA",
+    "FileObject",
+    "FineTuneJob",
+    "Full",
+    "Hyperparameters",
+    "JobEvent",
+    "JobSpec",
+    "LoRA",
+    "ModelObject",
+    "NotFoundError",
+    "PhituneError",
+    "QLoRA",
+    "SpecError",
+    "TokenStats",
+    "UnsupportedOptionError",
+    "__version__",
+    "catalog",
+    "errors",
+]

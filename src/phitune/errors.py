@@ -1,0 +1,192 @@
+"""Every error phitune raises.
+
+```
+PhituneError
+├── SpecError                  a job option is invalid; ``field`` names it
+│   └── UnsupportedOptionError a backend cannot honour an option; ``field`` and ``backend`` name them
+├── DatasetError               a dataset is invalid; ``path`` and ``issues`` (each with its 1-based line)
+├── NotFoundError              no such file / job / model / deployment
+├── ConflictError              the object is in a state that forbids the request
+├── WontFitError               a job cannot fit the machine; carries the estimate and what would make it fit
+├── MissingDependencyError     an optional extra is not installed
+├── WaitTimeoutError           ``wait`` gave up before the job finished
+└── APIError                   a remote service answered with an error
+    ├── APIConnectionError     no answer (connection refused, reset, timed out)
+    └── APIStatusError         an HTTP error status; ``status_code``
+        ├── BadRequestError        400
+        ├── AuthenticationError    401
+        ├── PermissionDeniedError  403
+        ├── RemoteNotFoundError    404
+        ├── RemoteConflictError    409
+        ├── RateLimitError         429
+        └── InternalServerError    >= 500
+```
+
+Messages never carry secrets: anything that looks like a key or token is redacted by :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .types import DatasetIssue
+
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(api[-_]?key|access[-_]?token|secret|password|authorization|bearer|sig)([\"'\s:=]+)([^\s\"',&]+)"),
+    re.compile(r"\beyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]*"),  # JWTs
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),
+]
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """Replace known secrets and anything shaped like a credential in ``text`` with ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    for pattern in _SECRET_PATTERNS[1:]:
+        text = pattern.sub("***", text)
+    return text
+
+
+class PhituneError(Exception):
+    """Base class of every phitune error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class SpecError(PhituneError, ValueError):
+    """An option of a job, deployment or request is invalid. ``field`` is the dotted name to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class UnsupportedOptionError(SpecError):
+    """The chosen backend cannot honour an option; raised before anything is sent."""
+
+    def __init__(self, field: str, backend: str, message: str) -> None:
+        self.backend = backend
+        super().__init__(field, f"not supported by the {backend} backend: {message}")
+
+
+class DatasetError(PhituneError, ValueError):
+    """A dataset failed validation. ``issues`` lists every problem found, each with its line number."""
+
+    def __init__(self, path: str, issues: Sequence[DatasetIssue], total: int | None = None) -> None:
+        self.path = path
+        self.issues = list(issues)
+        total = len(self.issues) if total is None else total
+        shown = "\n".join(f"  {path}:{i.line}: [{i.category}] {i.message}" for i in self.issues[:20])
+        more = f"\n  ... and {total - 20} more" if total > 20 else ""
+        super().__init__(f"{path} has {total} problem(s):\n{shown}{more}")
+
+
+class NotFoundError(PhituneError, LookupError):
+    """No object of that kind and id exists."""
+
+    def __init__(self, kind: str, ident: str) -> None:
+        self.kind = kind
+        self.ident = ident
+        super().__init__(f"no {kind} with id {ident!r}")
+
+
+class ConflictError(PhituneError):
+    """The object's current state forbids the request (e.g. cancelling a finished job)."""
+
+
+class WontFitError(PhituneError):
+    """A job would not fit this machine's memory. ``estimate`` holds the numbers; ``suggestions`` what would fit."""
+
+    def __init__(self, message: str, estimate: Any, suggestions: Sequence[str]) -> None:
+        self.estimate = estimate
+        self.suggestions = list(suggestions)
+        tips = "".join(f"\n  - {s}" for s in self.suggestions)
+        super().__init__(f"{message}{tips}")
+
+
+class MissingDependencyError(PhituneError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(f"{package} is not installed: pip install 'phitune[{extra}]'")
+
+
+class WaitTimeoutError(PhituneError, TimeoutError):
+    """``wait`` reached its timeout; the job keeps running."""
+
+
+class APIError(PhituneError):
+    """A remote service answered with an error, or not at all."""
+
+
+class APIConnectionError(APIError):
+    """The service could not be reached."""
+
+
+class APIStatusError(APIError):
+    """The service answered with an HTTP error status."""
+
+    def __init__(self, message: str, *, status_code: int, body: Any = None, request_id: str | None = None) -> None:
+        self.status_code = status_code
+        self.body = body
+        self.request_id = request_id
+        super().__init__(f"{status_code}: {message}")
+
+
+class BadRequestError(APIStatusError):
+    pass
+
+
+class AuthenticationError(APIStatusError):
+    pass
+
+
+class PermissionDeniedError(APIStatusError):
+    pass
+
+
+class RemoteNotFoundError(APIStatusError):
+    pass
+
+
+class RemoteConflictError(APIStatusError):
+    pass
+
+
+class RateLimitError(APIStatusError):
+    pass
+
+
+class InternalServerError(APIStatusError):
+    pass
+
+
+_STATUS_ERRORS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: RemoteNotFoundError,
+    409: RemoteConflictError,
+    422: BadRequestError,
+    429: RateLimitError,
+}
+
+
+def status_error(
+    status_code: int, message: str, *, body: Any = None, request_id: str | None = None
+) -> APIStatusError:
+    """The :class:`APIStatusError` subclass for an HTTP status code."""
+    cls = _STATUS_ERRORS.get(status_code, InternalServerError if status_code >= 500 else APIStatusError)
+    return cls(message, status_code=status_code, body=body, request_id=request_id)

@@ -1,0 +1,392 @@
+"""The public, typed objects of phitune.
+
+Requests (``JobSpec`` and its parts) refuse unknown fields so that a typo is an error naming the field; responses
+(``FineTuneJob``, ``JobEvent``, ...) tolerate unknown fields so that a newer service does not break an older SDK.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
+"""The OpenAI job statuses, plus ``paused`` (Azure and ``phitune serve`` can pause a job)."""
+
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+DatasetFormat = Literal["chat", "prompt_completion", "text_ground_truth"]
+Task = Literal["chat_completion", "text_completion"]
+
+PHI3_LORA_TARGETS: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+"""Phi-3's fused attention and MLP projections: the LoRA targets that cover every linear layer of a decoder block."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Response(BaseModel):
+    """Base of every response object: unknown fields from newer services are kept, not rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# --------------------------------------------------------------------------------------------------------- methods
+class _LoRAOptions(_Request):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] | None = Field(
+        None, description="Module names to adapt; None means Phi-3's fused projections (PHI3_LORA_TARGETS)."
+    )
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.target_modules or PHI3_LORA_TARGETS
+
+
+class LoRA(_LoRAOptions):
+    """Low-rank adapters on a frozen base (peft ``LoraConfig``)."""
+
+    type: Literal["lora"] = "lora"
+
+
+class QLoRA(_LoRAOptions):
+    """LoRA on a base quantised to 4 bits by bitsandbytes (NF4 with double quantisation by default)."""
+
+    type: Literal["qlora"] = "qlora"
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class DoRA(_LoRAOptions):
+    """Weight-decomposed low-rank adaptation (peft ``use_dora=True``)."""
+
+    type: Literal["dora"] = "dora"
+
+
+class Full(_Request):
+    """Full fine-tuning: every weight trains; the output is a complete transformers model folder."""
+
+    type: Literal["full"] = "full"
+
+
+class PEFT(_Request):
+    """Any other peft tuner, given as a peft config dict (``{"peft_type": "IA3", ...}``)."""
+
+    type: Literal["peft"] = "peft"
+    config: dict[str, Any]
+
+    @field_validator("config")
+    @classmethod
+    def _has_peft_type(cls, config: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(config.get("peft_type"), str):
+            raise ValueError("config needs a 'peft_type' string, e.g. {'peft_type': 'IA3'}")
+        return config
+
+
+Method = Annotated[LoRA | QLoRA | DoRA | Full | PEFT, Field(discriminator="type")]
+METHOD_NAMES: tuple[str, ...] = ("lora", "qlora", "dora", "full", "peft")
+
+
+# ---------------------------------------------------------------------------------------------- hyperparameters
+class Hyperparameters(_Request):
+    """Training hyperparameters. ``batch_size`` is the global batch (examples per micro-step, all processes)."""
+
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    max_seq_length: int = Field(1024, ge=16, le=131072)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (needs validation_file).")
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+class Distributed(_Request):
+    """Multi-process training through an existing engine (torchrun for DDP/FSDP, DeepSpeed for ZeRO)."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    nproc: int = Field(1, ge=1, le=1024)
+    zero_stage: Literal[1, 2, 3] | None = None
+    offload_optimizer: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Distributed:
+        if self.strategy != "deepspeed" and (self.zero_stage is not None or self.offload_optimizer):
+            raise ValueError("zero_stage and offload_optimizer apply to strategy='deepspeed' only")
+        if self.strategy == "none" and self.nproc != 1:
+            raise ValueError("nproc > 1 needs a strategy: 'ddp', 'fsdp' or 'deepspeed'")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------- job spec
+_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+class JobSpec(_Request):
+    """One fine-tuning job, the same for every backend. Backends translate it; they never change its meaning."""
+
+    model: str = Field(min_length=1, description="Catalog name, Hugging Face id, local folder or Azure model id.")
+    training_file: str = Field(min_length=1, description="A file id from files.upload (or a local path).")
+    validation_file: str | None = None
+    method: Method = Field(default_factory=LoRA)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    distributed: Distributed = Field(default_factory=Distributed)
+    suffix: str | None = None
+    task: Task | None = Field(None, description="chat_completion or text_completion; inferred from the data if None.")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in METHOD_NAMES or value == "peft":
+                raise ValueError(f"unknown method {value!r}; use one of lora, qlora, dora, full or phitune.PEFT(...)")
+            return {"type": value}
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _SUFFIX.match(value):
+            raise ValueError("suffix must be 1-40 characters of letters, digits, '-' or '_'")
+        return value
+
+    @model_validator(mode="after")
+    def _eval_needs_validation(self) -> JobSpec:
+        if self.hyperparameters.eval_every is not None and self.validation_file is None:
+            raise ValueError("hyperparameters.eval_every needs a validation_file")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- datasets
+DatasetIssueCategory = Literal[
+    "invalid_json",
+    "invalid_utf8",
+    "not_an_object",
+    "unknown_format",
+    "missing_messages",
+    "empty_messages",
+    "invalid_message",
+    "unknown_role",
+    "turn_order",
+    "no_assistant",
+    "non_string_content",
+    "empty_content",
+    "too_long",
+    "empty_file",
+    "mixed_formats",
+]
+
+
+class DatasetIssue(Response):
+    """One problem in a dataset. ``line`` is 1-based (0 for whole-file problems such as an empty file)."""
+
+    line: int
+    category: DatasetIssueCategory
+    message: str
+
+
+class TokenStats(Response):
+    """Token counts of a dataset. ``exact`` is False when no tokenizer was available and counts are estimates."""
+
+    total: int = 0
+    trainable: int = Field(0, description="Tokens that carry loss (assistant turns / completions).")
+    min: int = 0
+    max: int = 0
+    mean: float = 0.0
+    p95: int = 0
+    tokenizer: str = "approximate"
+    exact: bool = False
+
+
+class DatasetReport(Response):
+    """The result of validating a dataset in one streaming pass."""
+
+    path: str
+    ok: bool
+    format: DatasetFormat | None = None
+    examples: int = 0
+    errors: list[DatasetIssue] = Field(default_factory=list)
+    error_count: int = Field(0, description="All errors found; ``errors`` keeps the first ``max_errors``.")
+    warnings: list[DatasetIssue] = Field(default_factory=list)
+    tokens: TokenStats = Field(default_factory=TokenStats)
+    bytes: int = 0
+    epochs: int = 1
+    estimated_trained_tokens: int = Field(0, description="Trainable tokens times epochs.")
+
+
+# ---------------------------------------------------------------------------------------------------- objects
+class FileObject(Response):
+    """A dataset stored by a backend (OpenAI ``file`` shape)."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str = "fine-tune"
+    status: str = "processed"
+    format: DatasetFormat | None = None
+    examples: int | None = None
+    sha256: str | None = None
+
+
+class JobError(Response):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuneJob(Response):
+    """A fine-tuning job (OpenAI ``fine_tuning.job`` shape, plus the full ``spec``)."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    status: JobStatus
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    started_at: int | None = None
+    error: JobError | None = None
+    trained_tokens: int | None = None
+    seed: int = 0
+    suffix: str | None = None
+    estimated_finish: int | None = None
+    backend: str = "local"
+    spec: JobSpec | None = None
+    step: int = Field(0, description="Optimizer steps done so far.")
+    total_steps: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class JobEvent(Response):
+    """A job event (OpenAI ``fine_tuning.job.event`` shape). Metrics events carry ``data`` with at least
+    ``step``, ``train_loss``, ``learning_rate`` and ``tokens_per_second``."""
+
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class Checkpoint(Response):
+    """A saved, resumable point of a job (OpenAI ``fine_tuning.job.checkpoint`` shape)."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+    location: str | None = Field(None, description="Where the checkpoint lies (a folder or URI).")
+    fine_tuned_model_checkpoint: str | None = None
+
+
+class ModelObject(Response):
+    """A base or fine-tuned model (OpenAI ``model`` shape). ``path`` is set for models stored locally."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "phitune"
+    kind: Literal["base", "adapter", "full"] = "base"
+    base_model: str | None = None
+    job_id: str | None = None
+    path: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------------- chat
+class ChatMessage(Response):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatChoice(Response):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(Response):
+    """An OpenAI-shaped chat completion."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's content."""
+        return self.choices[0].message.content if self.choices else ""
+
+
+class Deployment(Response):
+    """A model served for chat. ``chat`` sends an OpenAI-shaped chat completion request to it."""
+
+    name: str
+    model: str
+    status: Literal["creating", "succeeded", "failed", "deleting"] = "succeeded"
+    created_at: int
+    endpoint: str | None = Field(None, description="Base URL of an OpenAI-compatible endpoint, where there is one.")
+    engine: str = "torch"
+    backend: str = "local"
+
+    _backend: Backend | None = PrivateAttr(default=None)
+
+    def bind(self, backend: Backend) -> Deployment:
+        self._backend = backend
+        return self
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> ChatCompletion:
+        """Send a chat completion to this deployment."""
+        if self._backend is None:
+            from .errors import ConflictError
+
+            raise ConflictError("this Deployment object is not bound to a client; use client.deployments.get(name)")
+        return self._backend.chat(
+            self.name, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
