@@ -10,6 +10,7 @@ from ._client import Client
 from .errors import DatasetError, NotFoundError, PhituneError, SpecError, UnsupportedOptionError
 from .types import (
     PEFT,
+    AzureCompute,
     ChatCompletion,
     Checkpoint,
     DatasetIssue,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PEFT",
+    "AzureCompute",
     "ChatCompletion",
     "Checkpoint",
     "Client",

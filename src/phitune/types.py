@@ -137,6 +137,21 @@ class Distributed(_Request):
         return self
 
 
+# ------------------------------------------------------------------------------------------------ azure compute
+class AzureCompute(_Request):
+    """Run an Azure job on managed compute (Models as a Platform) instead of serverless (Models as a Service)."""
+
+    compute: str | None = Field(None, description="Name of an Azure ML compute cluster in the workspace.")
+    instance_types: tuple[str, ...] | None = Field(None, description="Serverless compute instance types.")
+    job_tier: Literal["Spot", "Basic", "Standard", "Premium"] | None = None
+
+    @model_validator(mode="after")
+    def _some_target(self) -> AzureCompute:
+        if self.compute is None and not self.instance_types:
+            raise ValueError("give compute (a cluster name) or instance_types")
+        return self
+
+
 # ----------------------------------------------------------------------------------------------------- job spec
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
@@ -152,6 +167,7 @@ class JobSpec(_Request):
     distributed: Distributed = Field(default_factory=Distributed)
     suffix: str | None = None
     task: Task | None = Field(None, description="chat_completion or text_completion; inferred from the data if None.")
+    compute: AzureCompute | None = Field(None, description="Azure managed compute; None means serverless (MaaS).")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -390,3 +406,13 @@ class Deployment(Response):
         return self._backend.chat(
             self.name, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
+
+    def openai_client(self) -> Any:
+        """An ``openai.OpenAI`` client for this deployment's OpenAI-compatible endpoint (where the backend has one)."""
+        factory = getattr(self._backend, "openai_client", None)
+        if factory is None:
+            from .errors import UnsupportedOptionError
+
+            backend = self._backend.name if self._backend is not None else "unbound"
+            raise UnsupportedOptionError("openai_client", backend, "this deployment has no OpenAI-compatible endpoint")
+        return factory(self.name)
