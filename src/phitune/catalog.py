@@ -56,7 +56,7 @@ MODELS: tuple[CatalogModel, ...] = (
         name="tiny-phi3",
         hf_id=None,
         context_length=2048,
-        parameters_b=0.0005,
+        parameters_b=0.00081,
         backends=("local", "openai"),
         note="Deterministic random-init Phi3ForCausalLM with an offline tokenizer: for tests and the demo.",
     ),

@@ -184,9 +184,7 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 }
 
 
-def status_error(
-    status_code: int, message: str, *, body: Any = None, request_id: str | None = None
-) -> APIStatusError:
+def status_error(status_code: int, message: str, *, body: Any = None, request_id: str | None = None) -> APIStatusError:
     """The :class:`APIStatusError` subclass for an HTTP status code."""
     cls = _STATUS_ERRORS.get(status_code, InternalServerError if status_code >= 500 else APIStatusError)
     return cls(message, status_code=status_code, body=body, request_id=request_id)

@@ -1,0 +1,26 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= local,qlora,server,azure,kaito,dev
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on this machine's disk (a bare `torch` could pull a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+.PHONY: install demo test lint
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/phitune demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks samples
+	$(VENV)/bin/ruff format --check src tests benchmarks samples
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q

@@ -1,0 +1,249 @@
+"""The embedded default backend: jobs in a SQLite store under a home folder, run by a detached worker process."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import catalog
+from ..errors import ConflictError, MissingDependencyError, NotFoundError, SpecError, UnsupportedOptionError
+from ..local.store import Store
+from ..local.worker import ensure_worker
+from ..types import (
+    PEFT,
+    ChatChoice,
+    ChatCompletion,
+    ChatMessage,
+    Checkpoint,
+    DatasetReport,
+    Deployment,
+    FileObject,
+    FineTuneJob,
+    JobEvent,
+    JobSpec,
+    ModelObject,
+    QLoRA,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from ..trainer.infer import Generation, ModelPool, ServedModel
+
+_DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class LocalBackend:
+    """Runs jobs on this machine with the reference trainer (torch, transformers, peft)."""
+
+    name = "local"
+
+    def __init__(self, home: str | Path) -> None:
+        self.store = Store(home)
+        self.home = self.store.home
+        self._pool: ModelPool | None = None
+
+    # ---------------------------------------------------------------------------------------------------- files
+    def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
+        return self.store.add_file(
+            Path(path), filename=Path(path).name, fmt=report.format, examples=report.examples, purpose="fine-tune"
+        )
+
+    def get_file(self, file_id: str) -> FileObject:
+        return self.store.get_file(file_id)
+
+    def file_content(self, file_id: str) -> Path:
+        """Where a stored file's bytes lie."""
+        return self.store.file_blob(file_id)
+
+    def list_files(self) -> list[FileObject]:
+        return self.store.list_files()
+
+    def delete_file(self, file_id: str) -> None:
+        self.store.delete_file(file_id)
+
+    # ----------------------------------------------------------------------------------------------------- jobs
+    def check_spec(self, spec: JobSpec) -> None:
+        if spec.compute is not None:
+            raise UnsupportedOptionError("compute", self.name, "AzureCompute applies to the Azure backend only")
+        entry = catalog.find(spec.model)
+        if entry is not None and not entry.runs_locally:
+            raise UnsupportedOptionError("model", self.name, entry.note or f"{entry.name} does not run locally")
+        if isinstance(spec.method, QLoRA) and importlib.util.find_spec("bitsandbytes") is None:
+            raise MissingDependencyError("bitsandbytes", "qlora")
+        if isinstance(spec.method, PEFT):
+            from ..trainer.model import peft_config
+
+            peft_config(spec.method)
+        if spec.distributed.strategy != "none":
+            raise UnsupportedOptionError(
+                "distributed.strategy", self.name, "multi-process training is not available in this version yet"
+            )
+        self.store.get_file(spec.training_file)
+        if spec.validation_file is not None:
+            self.store.get_file(spec.validation_file)
+
+    def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
+        job, created = self.store.create_job(spec, idempotency_key=idempotency_key)
+        if created:
+            self.store.add_event(job.id, f"job created: {spec.method.type} fine-tuning of {spec.model}")
+        ensure_worker(self.home)
+        return job
+
+    def get_job(self, job_id: str) -> FineTuneJob:
+        job = self.store.get_job(job_id)
+        if job.status in ("queued", "running"):
+            ensure_worker(self.home)  # restarts a dead worker: its job resumes from the last checkpoint
+        return job
+
+    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuneJob]:
+        return self.store.list_jobs(limit=limit, after=after)
+
+    def cancel_job(self, job_id: str) -> FineTuneJob:
+        if not self.store.transition(job_id, "cancelled", when=("validating_files", "queued", "running", "paused")):
+            job = self.store.get_job(job_id)
+            raise ConflictError(f"job {job_id} is already {job.status}")
+        self.store.add_event(job_id, "cancellation requested")
+        return self.store.get_job(job_id)
+
+    def pause_job(self, job_id: str) -> FineTuneJob:
+        """Stop a running job after saving a checkpoint; ``resume_job`` continues it from there."""
+        if not self.store.transition(job_id, "paused", when=("queued", "running")):
+            raise ConflictError(f"job {job_id} is {self.store.get_job(job_id).status}, not queued or running")
+        self.store.add_event(job_id, "pause requested")
+        return self.store.get_job(job_id)
+
+    def resume_job(self, job_id: str) -> FineTuneJob:
+        if not self.store.transition(job_id, "queued", when=("paused",)):
+            raise ConflictError(f"job {job_id} is {self.store.get_job(job_id).status}, not paused")
+        self.store.add_event(job_id, "resumed: the job continues from its last checkpoint")
+        ensure_worker(self.home)
+        return self.store.get_job(job_id)
+
+    def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
+        return self.store.list_events(job_id, after=after, limit=limit)
+
+    def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return self.store.list_checkpoints(job_id)
+
+    # --------------------------------------------------------------------------------------------------- models
+    def get_model(self, model_id: str) -> ModelObject:
+        stored = self.store.find_model(model_id)
+        if stored is not None:
+            return stored
+        entry = catalog.find(model_id)
+        if entry is not None:
+            if not entry.runs_locally:
+                raise NotFoundError("local model", f"{model_id} ({entry.note})")
+            folder = self.home / "models" / "base" / entry.name
+            return ModelObject(id=entry.name, owned_by="microsoft", path=str(folder) if folder.is_dir() else None)
+        if Path(model_id).expanduser().is_dir():
+            return ModelObject(id=model_id, path=str(Path(model_id).expanduser().resolve()))
+        raise NotFoundError("model", model_id)
+
+    def list_models(self) -> list[ModelObject]:
+        bases = [self.get_model(m.name) for m in catalog.MODELS if m.runs_locally]
+        return bases + self.store.list_models()
+
+    # ---------------------------------------------------------------------------------------------- deployments
+    def create_deployment(self, model: str, name: str, **options: Any) -> Deployment:
+        engine = str(options.pop("engine", "torch"))
+        if options:
+            raise UnsupportedOptionError(f"deployments.create({next(iter(options))}=...)", self.name, "unknown option")
+        if engine != "torch":
+            raise UnsupportedOptionError("engine", self.name, f"engine {engine!r} is not available; use 'torch'")
+        if not _DEPLOYMENT_NAME.match(name):
+            raise SpecError("name", "1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")
+        self.get_model(model)
+        return self.store.add_deployment(name, model, engine).bind(self)
+
+    def get_deployment(self, name: str) -> Deployment:
+        return self.store.get_deployment(name).bind(self)
+
+    def list_deployments(self) -> list[Deployment]:
+        return [d.bind(self) for d in self.store.list_deployments()]
+
+    def delete_deployment(self, name: str) -> None:
+        self.store.delete_deployment(name)
+
+    def served_model(self, name: str) -> ServedModel:
+        """What to load to chat with a deployment name or a model id."""
+        from ..trainer.infer import ServedModel
+        from ..trainer.model import resolve_base
+
+        try:
+            model_id = self.store.get_deployment(name).model
+        except NotFoundError:
+            model_id = name
+        model = self.get_model(model_id)
+        if model.kind == "adapter":
+            assert model.base_model is not None and model.path is not None
+            return ServedModel(model.id, resolve_base(model.base_model, self.home), model.path)
+        if model.kind == "full":
+            assert model.path is not None
+            return ServedModel(model.id, model.path)
+        return ServedModel(model.id, resolve_base(model.id, self.home))
+
+    def _model_pool(self) -> ModelPool:
+        if self._pool is None:
+            if importlib.util.find_spec("torch") is None:
+                raise MissingDependencyError("torch", "local")
+            from ..trainer.infer import ModelPool
+
+            self._pool = ModelPool()
+        return self._pool
+
+    def stream_chat(
+        self,
+        name: str,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> Iterator[str | Generation]:
+        """Text pieces as they are generated, then the final Generation (token counts, finish reason)."""
+        served = self.served_model(name)
+        return self._model_pool().stream(
+            served, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+
+    def chat(
+        self,
+        deployment: str,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> ChatCompletion:
+        served = self.served_model(deployment)
+        result = self._model_pool().generate(
+            served, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        return ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            created=int(time.time()),
+            model=served.model_id,
+            choices=[
+                ChatChoice(
+                    index=0,
+                    message=ChatMessage(role="assistant", content=result.text),
+                    finish_reason=result.finish_reason,
+                )
+            ],
+            usage=Usage(
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                total_tokens=result.prompt_tokens + result.completion_tokens,
+            ),
+        )
+
+    def close(self) -> None:
+        self._pool = None

@@ -1,0 +1,253 @@
+"""The ``phitune`` command: a small CLI over the same :class:`phitune.Client`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import catalog
+from ._client import Client, default_home
+from .errors import PhituneError
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(home=args.home)
+
+
+def _print(args: argparse.Namespace, value: BaseModel | Sequence[BaseModel], columns: Sequence[str] = ()) -> None:
+    """JSON with --json, else a table for lists and indented JSON for one object."""
+    if isinstance(value, BaseModel):
+        print(value.model_dump_json(indent=2, exclude_none=True))
+        return
+    if args.json or not columns:
+        print(json.dumps([v.model_dump(mode="json", exclude_none=True) for v in value], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for item in value:
+        row = item.model_dump(mode="json")
+        table.add_row(*(str(row.get(c, "")) if row.get(c) is not None else "" for c in columns))
+    Console().print(table)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_files(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.files_command == "validate":
+        report = client.files.validate(args.path, model=args.model, epochs=args.epochs)
+        if args.json:
+            print(report.model_dump_json(indent=2))
+        else:
+            print(
+                f"{args.path}: {'ok' if report.ok else 'INVALID'} — {report.examples} examples, format {report.format}"
+            )
+            tokens = report.tokens
+            print(
+                f"tokens ({tokens.tokenizer}{'' if tokens.exact else ', approximate'}): total {tokens.total:,}, "
+                f"trainable {tokens.trainable:,}, max {tokens.max:,}, p95 {tokens.p95:,}; "
+                f"estimated trained tokens for {report.epochs} epoch(s): {report.estimated_trained_tokens:,}"
+            )
+            for issue in report.errors:
+                print(f"  error   {args.path}:{issue.line}: [{issue.category}] {issue.message}")
+            for issue in report.warnings:
+                print(f"  warning {args.path}:{issue.line}: [{issue.category}] {issue.message}")
+            if report.error_count > len(report.errors):
+                print(f"  ... {report.error_count - len(report.errors)} more errors")
+        return 0 if report.ok else 1
+    if args.files_command == "upload":
+        _print(args, client.files.upload(args.path, model=args.model))
+    else:
+        _print(args, client.files.list(), ("id", "filename", "bytes", "format", "examples"))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    command = args.jobs_command
+    if command == "create":
+        hyperparameters = {key: _parse_value(value) for key, value in (kv.split("=", 1) for kv in args.hp)}
+        job = client.finetune.create(
+            model=args.model,
+            training_file=args.training_file,
+            validation_file=args.validation_file,
+            method=args.method,
+            hyperparameters=hyperparameters,
+            suffix=args.suffix,
+        )
+        if args.wait:
+            job = client.finetune.wait(job.id)
+        _print(args, job)
+        return 0 if job.status != "failed" else 1
+    if command == "list":
+        _print(args, client.finetune.list(limit=args.limit), ("id", "status", "model", "step", "fine_tuned_model"))
+    elif command == "show":
+        _print(args, client.finetune.get(args.job_id))
+    elif command == "watch":
+        job = client.finetune.wait(args.job_id, progress=True)
+        _print(args, job)
+        return 0 if job.status == "succeeded" else 1
+    elif command == "cancel":
+        _print(args, client.finetune.cancel(args.job_id))
+    elif command == "events":
+        for event in client.finetune.events(args.job_id):
+            if args.json:
+                print(event.model_dump_json())
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(event.created_at))
+                print(f"{stamp} {event.level:5} {event.message}")
+    elif command == "checkpoints":
+        _print(args, client.finetune.checkpoints(args.job_id), ("step_number", "metrics", "location"))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    client = _client(args)
+    _print(args, client.deployments.create(model=args.model, name=args.name))
+    return 0
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.deployments_command == "delete":
+        client.deployments.delete(args.name)
+    else:
+        _print(args, client.deployments.list(), ("name", "model", "engine", "status"))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    client = _client(args)
+    deployment = client.deployments.get(args.deployment)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.message}
+    ]
+    completion = deployment.chat(messages, max_tokens=args.max_tokens, temperature=args.temperature)
+    print(completion.model_dump_json(indent=2) if args.json else completion.text)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    client = _client(args)
+    _print(args, client.models.list(), ("id", "kind", "base_model", "path"))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .local.worker import main as worker_main
+
+    home = str(args.home or default_home())
+    return worker_main(["--home", home, "--idle-timeout", str(args.idle_timeout)])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(home=Path(args.home) if args.home else None, steps=args.steps)
+
+
+def cmd_kaito(args: argparse.Namespace) -> int:
+    from .kaito import cli
+
+    return cli(args.rest)
+
+
+# -------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phitune", description="Fine-tune Phi-3 models: locally, on Azure, or on any OpenAI-compatible service."
+    )
+    parser.add_argument("--home", help="local state folder (default $PHITUNE_HOME or ~/.phitune)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="offline end-to-end fine-tune of tiny-phi3 on a bundled dataset")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    demo.set_defaults(func=cmd_demo)
+
+    files = sub.add_parser("files", help="validate, upload and list datasets")
+    files_sub = files.add_subparsers(dest="files_command", required=True)
+    validate = files_sub.add_parser("validate", help="report every problem of a JSONL dataset, with line numbers")
+    validate.add_argument("path")
+    validate.add_argument("--model", default=None, help=f"count tokens for this model ({', '.join(catalog.names())})")
+    validate.add_argument("--epochs", type=int, default=1)
+    upload = files_sub.add_parser("upload", help="validate and store a dataset")
+    upload.add_argument("path")
+    upload.add_argument("--model", default=None)
+    files_sub.add_parser("list", help="stored datasets")
+    files.set_defaults(func=cmd_files)
+
+    jobs = sub.add_parser("jobs", help="fine-tuning jobs")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    create = jobs_sub.add_parser("create", help="submit a job")
+    create.add_argument("--model", required=True)
+    create.add_argument("--training-file", required=True, help="a file id or a local JSONL path")
+    create.add_argument("--validation-file")
+    create.add_argument("--method", default="lora", choices=["lora", "qlora", "dora", "full"])
+    create.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
+    create.add_argument("--suffix")
+    create.add_argument("--wait", action="store_true", help="wait for the job and show progress")
+    listing = jobs_sub.add_parser("list")
+    listing.add_argument("--limit", type=int, default=20)
+    for name in ("show", "watch", "cancel", "events", "checkpoints"):
+        jobs_sub.add_parser(name).add_argument("job_id")
+    jobs.set_defaults(func=cmd_jobs)
+
+    deploy = sub.add_parser("deploy", help="deploy a model for chat")
+    deploy.add_argument("model")
+    deploy.add_argument("--name", required=True)
+    deploy.set_defaults(func=cmd_deploy)
+
+    deployments = sub.add_parser("deployments", help="list or delete deployments")
+    deployments_sub = deployments.add_subparsers(dest="deployments_command", required=True)
+    deployments_sub.add_parser("list")
+    deployments_sub.add_parser("delete").add_argument("name")
+    deployments.set_defaults(func=cmd_deployments)
+
+    chat = sub.add_parser("chat", help="send one chat message to a deployment")
+    chat.add_argument("deployment")
+    chat.add_argument("message")
+    chat.add_argument("--system")
+    chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.set_defaults(func=cmd_chat)
+
+    models = sub.add_parser("models", help="base and fine-tuned models")
+    models.set_defaults(func=cmd_models)
+
+    worker = sub.add_parser("worker", help="run the local job worker in the foreground")
+    worker.add_argument("--idle-timeout", type=float, default=3600.0)
+    worker.set_defaults(func=cmd_worker)
+
+    kaito = sub.add_parser("kaito", help="emit Kaito tuning/inference workspaces", add_help=False)
+    kaito.add_argument("rest", nargs=argparse.REMAINDER)
+    kaito.set_defaults(func=cmd_kaito)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PhituneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import builtins
+import os
+from pathlib import Path
+
+from .. import catalog
+from ..errors import DatasetError
+from ..types import DatasetReport, FileObject
+from ._base import Resource
+
+
+class Files(Resource):
+    """Datasets: validate locally, then upload to the backend."""
+
+    def validate(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        epochs: int = 1,
+        max_seq_length: int | None = None,
+    ) -> DatasetReport:
+        """Check every line of a JSONL dataset in one streaming pass: every problem with its line number, token
+        statistics (exact with the model's tokenizer where it is on this machine) and the trained-token estimate."""
+        from ..datasets import counter_for, validate
+
+        return validate(
+            path,
+            model=model,
+            epochs=epochs,
+            max_seq_length=max_seq_length,
+            counter=counter_for(self._tokenizer_dir(model)),
+        )
+
+    def upload(self, path: str | os.PathLike[str], *, model: str | None = None) -> FileObject:
+        """Validate, then store the dataset. A file with any problem raises :class:`~phitune.errors.DatasetError`
+        and is not stored."""
+        report = self.validate(path, model=model)
+        if not report.ok:
+            raise DatasetError(str(path), report.errors, total=max(report.error_count, 1))
+        return self._backend.upload_file(str(path), report=report)
+
+    def get(self, file_id: str) -> FileObject:
+        return self._backend.get_file(file_id)
+
+    def list(self) -> builtins.list[FileObject]:
+        return self._backend.list_files()
+
+    def delete(self, file_id: str) -> None:
+        self._backend.delete_file(file_id)
+
+    def _tokenizer_dir(self, model: str | None) -> Path | None:
+        """A folder holding the model's tokenizer.json on this machine, if there is one (no download)."""
+        if model is None:
+            return None
+        entry = catalog.find(model)
+        if entry is not None and entry.hf_id is None:
+            return self._client.home / "models" / "base" / entry.name
+        folder = Path(model).expanduser()
+        if folder.is_dir():
+            return folder
+        repo = entry.hf_id if entry is not None and entry.hf_id else model
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        cached = try_to_load_from_cache(repo, "tokenizer.json")
+        return Path(cached).parent if isinstance(cached, str) else None

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import builtins
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from ..errors import SpecError, WaitTimeoutError
+from ..types import (
+    AzureCompute,
+    Checkpoint,
+    Distributed,
+    FineTuneJob,
+    Hyperparameters,
+    JobEvent,
+    JobSpec,
+    Method,
+    Task,
+)
+from ._base import Resource
+
+
+def build_spec(**fields: Any) -> JobSpec:
+    """A :class:`JobSpec` from keyword arguments; any invalid or unknown option raises SpecError naming it."""
+    try:
+        return JobSpec.model_validate({k: v for k, v in fields.items() if v is not None})
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-")) or "spec"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: "
+            f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors()
+        )
+        raise SpecError(field, problems) from None
+
+
+class FineTuning(Resource):
+    """Fine-tuning jobs, with the same shapes on every backend."""
+
+    def create(
+        self,
+        *,
+        model: str,
+        training_file: str | os.PathLike[str],
+        validation_file: str | os.PathLike[str] | None = None,
+        method: str | Method = "lora",
+        hyperparameters: Hyperparameters | Mapping[str, Any] | None = None,
+        distributed: Distributed | Mapping[str, Any] | None = None,
+        suffix: str | None = None,
+        task: Task | None = None,
+        compute: AzureCompute | Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> FineTuneJob:
+        """Submit a job and return it at once (``queued``). Files may be ids or local paths (uploaded first).
+
+        Every option is checked before anything is sent: invalid values and options the backend cannot honour
+        raise :class:`~phitune.errors.SpecError` naming the field. A retried call with the same
+        ``idempotency_key`` returns the first job instead of starting a second one.
+        """
+        spec = build_spec(
+            model=model,
+            training_file=self._file_id(training_file, model),
+            validation_file=self._file_id(validation_file, model) if validation_file is not None else None,
+            method=method,
+            hyperparameters=hyperparameters,
+            distributed=distributed,
+            suffix=suffix,
+            task=task,
+            compute=compute,
+        )
+        return self.submit(spec, idempotency_key=idempotency_key)
+
+    def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> FineTuneJob:
+        """Submit a ready :class:`JobSpec`."""
+        self._backend.check_spec(spec)
+        return self._backend.create_job(spec, idempotency_key=idempotency_key or uuid.uuid4().hex)
+
+    def get(self, job_id: str) -> FineTuneJob:
+        return self._backend.get_job(job_id)
+
+    def list(self, *, limit: int = 20, after: str | None = None) -> builtins.list[FineTuneJob]:
+        """Jobs, newest first; ``after`` is the last id of the previous page."""
+        return self._backend.list_jobs(limit=limit, after=after)
+
+    def cancel(self, job_id: str) -> FineTuneJob:
+        """Stop a job; what it produced (events, checkpoints, logs) is kept."""
+        return self._backend.cancel_job(job_id)
+
+    def events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> builtins.list[JobEvent]:
+        """Events oldest first; metrics events carry step, train_loss, learning_rate, tokens_per_second."""
+        return self._backend.list_events(job_id, after=after, limit=limit)
+
+    def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:
+        return self._backend.list_checkpoints(job_id)
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+        progress: bool | None = None,
+    ) -> FineTuneJob:
+        """Block until the job succeeds, fails or is cancelled, and return it. A progress bar shows on a TTY
+        (``progress=`` forces it on or off). Raises :class:`~phitune.errors.WaitTimeoutError` after ``timeout``."""
+        show = sys.stderr.isatty() if progress is None else progress
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with _Progress(job_id, enabled=show) as bar:
+            cursor: str | None = None
+            while True:
+                job = self._backend.get_job(job_id)
+                if show:
+                    events = self._backend.list_events(job_id, after=cursor)
+                    cursor = events[-1].id if events else cursor
+                    bar.update(job, events)
+                if job.done:
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WaitTimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
+                time.sleep(poll_interval)
+
+    def _file_id(self, value: str | os.PathLike[str], model: str) -> str:
+        """A file id as is; an existing local path is validated and uploaded first."""
+        if isinstance(value, os.PathLike) or Path(value).is_file():
+            return self._client.files.upload(value, model=model).id
+        return value
+
+
+class _Progress:
+    """A rich progress bar over a job's steps, with the latest loss and the ETA."""
+
+    def __init__(self, job_id: str, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.job_id = job_id
+        self._progress: Any = None
+        self._task: Any = None
+        self._loss = ""
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[loss]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.job_id, total=None, loss="")
+        return self
+
+    def update(self, job: FineTuneJob, events: list[JobEvent]) -> None:
+        for event in events:
+            if event.type == "metrics" and event.data and "train_loss" in event.data:
+                self._loss = f"loss {event.data['train_loss']:.4f}"
+        self._progress.update(
+            self._task, completed=job.step, total=job.total_steps, description=f"{job.id} {job.status}", loss=self._loss
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,220 @@
+"""Training examples: token ids plus labels that carry loss only where the model should learn to write.
+
+Chat data is rendered with the model's own chat template; loss falls on each assistant message's content and the
+end-of-turn token that closes it (``<|end|>`` for Phi-3), so the model learns both what to say and when to stop.
+The assistant spans are found by rendering the conversation up to each assistant message, so templates without
+``{% generation %}`` tags (such as Phi-3's own) work, and a template that breaks the method is an error, never a
+silently all-masked or all-trained example.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from ..errors import DatasetError, PhituneError, SpecError
+from ..types import DatasetIssue
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+"""The label of a position that carries no loss."""
+
+END_OF_TURN = "<|end|>"
+_TEMPLATE_FIELD = "model.chat_template"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised training example. ``labels`` align with ``input_ids`` (the loss shifts them by one) and hold
+    ``IGNORE_INDEX`` where there is no loss."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"{len(self.input_ids)} input ids but {len(self.labels)} labels")
+
+    @property
+    def trainable_tokens(self) -> int:
+        """How many positions carry loss."""
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+class ExampleError(PhituneError, ValueError):
+    """One example cannot be trained on. ``category`` is the matching ``DatasetIssue`` category."""
+
+    def __init__(self, category: Literal["too_long", "no_assistant", "turn_order"], message: str) -> None:
+        self.category = category
+        super().__init__(message)
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of ``<|end|>`` where the tokenizer has it (Phi-3), else the eos id."""
+    found = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(found, int) and found != tokenizer.unk_token_id:
+        return found
+    return _eos_id(tokenizer)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, max_seq_length: int) -> Example:
+    """Tokenise a conversation with the tokenizer's chat template; loss on assistant content and its end-of-turn.
+
+    Assistant messages with ``"weight": 0`` (OpenAI's format) carry no loss. Each assistant span starts where the
+    rendering of the messages before it, with the generation prompt, ends; that rendering must be a token prefix of
+    the whole conversation's, and the span must hold the message's content followed by the end-of-turn token,
+    else :class:`SpecError` (``model.chat_template``). Sequences longer than ``max_seq_length`` keep their start;
+    :class:`ExampleError` when no position is left with loss.
+    """
+    eot = end_of_turn_id(tokenizer)
+    input_ids = _render(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        if index == 0:
+            raise ExampleError("turn_order", "the conversation starts with an assistant message: it has no prompt")
+        prompt = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        turn = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        start = len(prompt)
+        if input_ids[:start] != prompt or turn[:start] != prompt:
+            raise SpecError(
+                _TEMPLATE_FIELD,
+                f"the chat template is not prefix-stable: the tokens of messages[:{index}] with the generation "
+                "prompt are not a prefix of the conversation's, so the assistant turns cannot be located",
+            )
+        turn_end = _common_prefix_length(turn, input_ids)  # where this turn's rendering stops matching the whole
+        try:
+            end = input_ids.index(eot, start, turn_end)
+        except ValueError:
+            raise SpecError(
+                _TEMPLATE_FIELD,
+                f"the chat template does not close assistant message {index} with "
+                f"{tokenizer.convert_ids_to_tokens(eot)!r}; the model would never learn to stop",
+            ) from None
+        content = message.get("content")
+        rendered = tokenizer.decode(input_ids[start:end], clean_up_tokenization_spaces=False)
+        if isinstance(content, str) and content.strip() not in rendered:
+            raise SpecError(
+                _TEMPLATE_FIELD,
+                f"the content of assistant message {index} is not where the chat template's generation prompt "
+                f"ends; rendered there: {rendered[:80]!r}",
+            )
+        if message.get("weight", 1) != 0:
+            labels[start : end + 1] = input_ids[start : end + 1]
+    return _truncated(input_ids, labels, max_seq_length, "no assistant message carries loss (none, or all weight 0)")
+
+
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *, max_seq_length: int
+) -> Example:
+    """Tokenise a prompt/completion pair (or Azure's text/ground_truth); loss on the completion and eos."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    completion_ids = [*tokenizer.encode(completion, add_special_tokens=False), _eos_id(tokenizer)]
+    return _truncated(
+        prompt_ids + completion_ids,
+        [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+        max_seq_length,
+        "the prompt and the completion are both empty",
+    )
+
+
+def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> list[Example]:
+    """Encode a JSONL dataset whose lines are chat (``messages``), ``prompt``/``completion`` or
+    ``text``/``ground_truth`` records. Every unusable line is collected into one :class:`DatasetError`."""
+    examples: list[Example] = []
+    issues: list[DatasetIssue] = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(_encode_record(json.loads(line), tokenizer, max_seq_length))
+            except json.JSONDecodeError as error:
+                issues.append(DatasetIssue(line=number, category="invalid_json", message=str(error)))
+            except ExampleError as error:
+                issues.append(DatasetIssue(line=number, category=error.category, message=error.message))
+            except _UnknownFormat as error:
+                issues.append(DatasetIssue(line=number, category="unknown_format", message=str(error)))
+    if issues:
+        raise DatasetError(str(path), issues)
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest: ``input_ids``, ``attention_mask`` and ``labels`` (pads ignored), int64."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    shape = (len(examples), max(len(example.input_ids) for example in examples))
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class _UnknownFormat(ValueError):
+    pass
+
+
+def _encode_record(record: Any, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Example:
+    if isinstance(record, dict):
+        if isinstance(record.get("messages"), list):
+            return encode_chat(tokenizer, record["messages"], max_seq_length=max_seq_length)
+        for prompt_key, completion_key in (("prompt", "completion"), ("text", "ground_truth")):
+            prompt, completion = record.get(prompt_key), record.get(completion_key)
+            if isinstance(prompt, str) and isinstance(completion, str):
+                return encode_completion(tokenizer, prompt, completion, max_seq_length=max_seq_length)
+    raise _UnknownFormat("expected messages, prompt and completion, or text and ground_truth")
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, add_generation_prompt: bool
+) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _truncated(input_ids: list[int], labels: list[int], max_seq_length: int, why_empty: str) -> Example:
+    """Cut to ``max_seq_length`` keeping the start; the first token never carries loss (nothing predicts it)."""
+    labels = [IGNORE_INDEX if position == 0 else label for position, label in enumerate(labels)]
+    example = Example(input_ids[:max_seq_length], labels[:max_seq_length])
+    if example.trainable_tokens == 0:
+        if any(label != IGNORE_INDEX for label in labels):
+            first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+            raise ExampleError(
+                "too_long",
+                f"no token with loss within max_seq_length={max_seq_length}: the example has {len(input_ids)} "
+                f"tokens and its first trainable token is at position {first}",
+            )
+        raise ExampleError("no_assistant", why_empty)
+    return example
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    eos = tokenizer.eos_token_id
+    if not isinstance(eos, int):
+        raise SpecError("model", "the tokenizer has no eos token, so examples cannot end")
+    return eos

@@ -1,0 +1,163 @@
+"""Chat generation for local models: one loaded base per base model, adapters switched on it by name."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache
+
+from .model import load_tokenizer
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What to load for a model id: a base folder/hub id, plus an adapter folder for LoRA-style fine-tunes."""
+
+    model_id: str
+    base_path: str
+    adapter_path: str | None = None
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class ModelPool:
+    """Loaded models of one process. Several adapters on one base share a single copy of the base weights."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._bases: dict[str, tuple[Any, Any]] = {}  # base path -> (model or PeftModel, tokenizer)
+        self._adapters: dict[str, set[str]] = {}  # base path -> adapter names loaded on it
+
+    def _load(self, served: ServedModel) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM
+
+        if served.base_path not in self._bases:
+            model = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=torch.float32)
+            model.eval()
+            self._bases[served.base_path] = (model, load_tokenizer(served.base_path))
+            self._adapters[served.base_path] = set()
+        model, tokenizer = self._bases[served.base_path]
+        if served.adapter_path is not None:
+            name = _adapter_name(served.model_id)
+            if name not in self._adapters[served.base_path]:
+                from peft import PeftModel
+
+                if isinstance(model, PeftModel):
+                    model.load_adapter(served.adapter_path, adapter_name=name)
+                else:
+                    model = PeftModel.from_pretrained(model, served.adapter_path, adapter_name=name)
+                    model.eval()
+                    self._bases[served.base_path] = (model, tokenizer)
+                self._adapters[served.base_path].add(name)
+        return model, tokenizer
+
+    def stream(
+        self,
+        served: ServedModel,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> Iterator[str | Generation]:
+        """Yield text pieces as they are generated, then one final :class:`Generation`."""
+        with self._lock:
+            model, tokenizer = self._load(served)
+            prompt = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            prompt_ids: list[int] = list(prompt["input_ids"])
+            stop_ids = _stop_ids(model, tokenizer)
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            with _active_adapter(model, served):
+                out_ids: list[int] = []
+                finish: Literal["stop", "length"] = "length"
+                emitted = ""
+                cache = DynamicCache(config=model.config)
+                inputs = torch.tensor([prompt_ids])
+                with torch.no_grad():
+                    for _ in range(max_tokens):
+                        out = model(input_ids=inputs, cache=cache, use_cache=True)
+                        next_id = _pick(out.logits[0, -1].float(), temperature, top_p, generator)
+                        if next_id in stop_ids:
+                            finish = "stop"
+                            break
+                        out_ids.append(next_id)
+                        text = tokenizer.decode(out_ids, skip_special_tokens=True)
+                        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                            yield text[len(emitted) :]
+                            emitted = text
+                        inputs = torch.tensor([[next_id]])
+            final = tokenizer.decode(out_ids, skip_special_tokens=True)
+            if len(final) > len(emitted):
+                yield final[len(emitted) :]
+            yield Generation(final, len(prompt_ids), len(out_ids), finish)
+
+    def generate(self, served: ServedModel, messages: list[dict[str, str]], **options: Any) -> Generation:
+        """Generate a whole reply."""
+        for piece in self.stream(served, messages, **options):
+            if isinstance(piece, Generation):
+                return piece
+        raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+
+def _adapter_name(model_id: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in model_id)
+
+
+class _active_adapter:
+    """Select the adapter of ``served`` on a PeftModel, or disable adapters to run the bare base."""
+
+    def __init__(self, model: Any, served: ServedModel) -> None:
+        self.model = model
+        self.served = served
+        self._disabled: Any = None
+
+    def __enter__(self) -> None:
+        if not hasattr(self.model, "set_adapter"):
+            return
+        if self.served.adapter_path is None:
+            self._disabled = self.model.disable_adapter()
+            self._disabled.__enter__()
+        else:
+            self.model.set_adapter(_adapter_name(self.served.model_id))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._disabled is not None:
+            self._disabled.__exit__(*exc)
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(eos)
+    for token in ("<|end|>", tokenizer.eos_token):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token else None
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,133 @@
+"""Loading base models and applying a fine-tuning method to them.
+
+``resolve_base`` is light (no torch); the loaders import torch, transformers and peft when called.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import catalog
+from ..errors import MissingDependencyError, SpecError, UnsupportedOptionError
+from ..types import PEFT, DoRA, Full, LoRA, Method, QLoRA
+from .tiny import ensure_tiny_phi3
+
+
+def resolve_base(model: str, home: Path) -> str:
+    """What ``from_pretrained`` should load for a model argument: a local folder or a Hugging Face id."""
+    if model == catalog.TINY_MODEL:
+        return str(ensure_tiny_phi3(home / "models" / "base"))
+    entry = catalog.find(model)
+    if entry is not None:
+        if not entry.runs_locally:
+            raise UnsupportedOptionError("model", "local", entry.note or f"{entry.name} does not run locally")
+        assert entry.hf_id is not None
+        return entry.hf_id
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise SpecError("model", f"{folder} is a folder without config.json (not a transformers model folder)")
+        return str(folder.resolve())
+    return model
+
+
+def bf16_supported() -> bool:
+    """True where bf16 matmuls are fast: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, method: Method, *, device: str) -> Any:
+    """Load a causal LM for training with ``method`` (QLoRA quantises to 4 bits while loading)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if isinstance(method, QLoRA):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise MissingDependencyError("bitsandbytes", "qlora") from exc
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=method.quant_type,
+            bnb_4bit_use_double_quant=method.double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float32,
+        )
+        kwargs["device_map"] = {"": device}
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not Path(path).is_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        hint = " (no network here: use a local folder or pre-download it)" if offline else ""
+        raise SpecError("model", f"cannot load {path!r}: {exc}{hint}") from exc
+    if not isinstance(method, QLoRA):
+        model.to(device)
+    return model
+
+
+def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool) -> Any:
+    """Wrap ``model`` for training with ``method``; returns the model whose trainable parameters are optimised."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if isinstance(method, Full):
+        model.requires_grad_(True)
+        return model
+    import peft
+
+    config: Any
+    if isinstance(method, LoRA | QLoRA | DoRA):
+        if isinstance(method, QLoRA):
+            model = peft.prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing
+            )
+        config = peft.LoraConfig(
+            r=method.r,
+            lora_alpha=method.alpha,
+            lora_dropout=method.dropout,
+            target_modules=list(method.targets),
+            use_dora=isinstance(method, DoRA),
+            task_type="CAUSAL_LM",
+        )
+    elif isinstance(method, PEFT):
+        config = peft_config(method)
+    else:  # pragma: no cover - the Method union is closed
+        raise SpecError("method", f"unknown method {method!r}")
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return peft.get_peft_model(model, config)
+
+
+def peft_config(method: PEFT) -> Any:
+    """Validate a peft config dict and build it (errors name the offending key)."""
+    import peft
+
+    try:
+        config = peft.PeftConfig.from_peft_type(**{"task_type": "CAUSAL_LM", **method.config})
+    except (TypeError, ValueError, KeyError) as exc:
+        raise SpecError("method.config", f"not a valid peft config: {exc}") from exc
+    return config
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,125 @@
+"""The trainer process: runs one attempt of one job from the local store (``python -m phitune.trainer.run``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..local.store import Store, fine_tuned_model_id
+from ..types import JobError, ModelObject
+from .loop import StopReason, TrainRun, iter_checkpoints, train
+from .model import resolve_base
+
+
+class StoreControl:
+    """The loop's :class:`~phitune.trainer.loop.Control` backed by the local store, fenced by the attempt number."""
+
+    def __init__(self, store: Store, job_id: str, attempt: int) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.attempt = attempt
+
+    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self.store.add_event(self.job_id, text, level=level, data=data)
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items()]
+        self.store.add_event(self.job_id, "metrics: " + " ".join(parts), type="metrics", data=data)
+
+    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
+        self.store.add_checkpoint(self.job_id, step, metrics, path)
+        self.message(f"checkpoint saved at step {step}", data={"step": step, "location": str(path)})
+
+    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
+        finish = int(time.time() + eta_seconds) if eta_seconds is not None else None
+        self.store.update_progress(
+            self.job_id,
+            self.attempt,
+            step=step,
+            total_steps=total_steps,
+            trained_tokens=trained_tokens,
+            heartbeat_at=time.time(),
+            estimated_finish=finish,
+        )
+
+    def should_stop(self) -> StopReason | None:
+        status, attempt = self.store.job_attempt(self.job_id)
+        if attempt != self.attempt:
+            return "superseded"
+        if status in ("cancelled", "paused"):
+            return status  # type: ignore[return-value]
+        return None
+
+
+def run_attempt(store: Store, job_id: str, attempt: int) -> int:
+    """Train one attempt; record the outcome in the store. Returns the process exit code."""
+    job = store.get_job(job_id)
+    assert job.spec is not None
+    spec = job.spec
+    control = StoreControl(store, job_id, attempt)
+    job_dir = store.job_dir(job_id)
+    checkpoints = list(iter_checkpoints(job_dir / "checkpoints"))
+    model_id = fine_tuned_model_id(spec, job_id)
+    output_dir = store.home / "models" / "fine-tuned" / model_id.replace(":", "_")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    (job_dir / "checkpoints").mkdir(exist_ok=True)
+    try:
+        base_path = resolve_base(spec.model, store.home)
+        run = TrainRun(
+            spec=spec,
+            base_path=base_path,
+            train_path=store.file_blob(spec.training_file),
+            valid_path=store.file_blob(spec.validation_file) if spec.validation_file else None,
+            output_dir=output_dir,
+            checkpoint_dir=job_dir / "checkpoints",
+            resume_from=checkpoints[-1] if checkpoints else None,
+        )
+        if control.should_stop() is not None:
+            return 0
+        control.message(f"attempt {attempt} started", data={"attempt": attempt})
+        result = train(run, control)
+    except Exception as exc:  # the job fails with the reason; logs and checkpoints stay
+        traceback.print_exc()
+        message = f"{type(exc).__name__}: {exc}"
+        if store.transition(
+            job_id, "failed", when=("running",), error=JobError(code="training_failed", message=message)
+        ):
+            control.message(f"job failed: {message}", level="error")
+        return 1
+    if result.status == "succeeded":
+        store.add_model(
+            ModelObject(
+                id=model_id,
+                kind="full" if spec.method.type == "full" else "adapter",
+                base_model=spec.model,
+                job_id=job_id,
+                path=str(output_dir),
+            )
+        )
+        if store.transition(
+            job_id, "succeeded", when=("running",), fine_tuned_model=model_id, trained_tokens=result.trained_tokens
+        ):
+            control.message(
+                f"job succeeded: {model_id} after {result.step} steps",
+                data={"step": result.step, "train_loss": result.train_loss, "valid_loss": result.valid_loss},
+            )
+    elif result.status in ("cancelled", "paused"):
+        control.message(f"job {result.status} at step {result.step}; checkpoints kept", data={"step": result.step})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m phitune.trainer.run")
+    parser.add_argument("--home", required=True)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    args = parser.parse_args(argv)
+    return run_attempt(Store(args.home), args.job, args.attempt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

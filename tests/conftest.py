@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CHAT_EXAMPLES = [
+    ("What is the capital of France?", "Paris."),
+    ("How many legs does a spider have?", "Eight."),
+    ("What color is the sky?", "Blue."),
+    ("What do bees make?", "Honey."),
+    ("What is two plus two?", "Four."),
+    ("What is frozen water called?", "Ice."),
+    ("Which planet is red?", "Mars."),
+    ("How many days are in a week?", "Seven."),
+]
+
+
+def write_chat(path: Path, pairs: list[tuple[str, str]] = CHAT_EXAMPLES) -> Path:
+    with open(path, "w") as fh:
+        for question, answer in pairs:
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-phi3 built once per test session."""
+    from phitune.trainer.tiny import ensure_tiny_phi3
+
+    return ensure_tiny_phi3(tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture
+def home(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh phitune home with tiny-phi3 already built; workers started from it exit soon after going idle."""
+    monkeypatch.setenv("PHITUNE_WORKER_IDLE_TIMEOUT", "4")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "home"
+    shutil.copytree(tiny_model_dir, folder / "models" / "base" / "tiny-phi3")
+    yield folder
+
+
+@pytest.fixture
+def chat_file(tmp_path: Path) -> Path:
+    return write_chat(tmp_path / "train.jsonl")
