@@ -1,0 +1,77 @@
+"""Fine-tune Phi-3-mini with Azure serverless fine-tuning (Models as a Service), deploy it, and chat with it.
+
+The flow of Microsoft's notebook azureml-examples/sdk/python/jobs/finetuning/standalone/model-as-a-service/
+chat-completion/chat_completion_with_model_as_service.ipynb, through phitune: upload → job → wait → deploy → chat.
+
+It needs a real Azure AI Foundry hub-based project in East US 2 and credentials (``az login`` or any
+``DefaultAzureCredential`` source); it cannot run offline and was not run in phitune's test environment (the same
+calls are exercised offline by tests/test_azure.py against a fake Azure). It creates billable resources: a
+fine-tuning job and a serverless endpoint (deleted at the end unless ``KEEP_DEPLOYMENT=1``). Usage::
+
+    export AZURE_SUBSCRIPTION_ID=... AZURE_RESOURCE_GROUP=... AZURE_WORKSPACE=...   # the project
+    python samples/azure_maas.py TRAIN.jsonl [VALIDATION.jsonl]
+
+TRAIN/VALIDATION are chat JSONL files (``{"messages": [...]}`` per line), e.g. the notebook's train.jsonl and
+validation.jsonl.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import phitune
+
+MODEL = "Phi-3-mini-4k-instruct"
+
+
+def main(train: str, validation: str | None) -> None:
+    client = phitune.Client.azure(
+        subscription_id=os.environ["AZURE_SUBSCRIPTION_ID"],
+        resource_group=os.environ["AZURE_RESOURCE_GROUP"],
+        workspace=os.environ["AZURE_WORKSPACE"],
+    )
+    with client:
+        # 1. Data: validated locally (every problem with its line number), then registered as uri_file assets.
+        train_file = client.files.upload(train, model=MODEL)
+        valid_file = client.files.upload(validation, model=MODEL) if validation else None
+        print(f"training data {train_file.id}: {train_file.examples} examples")
+
+        # 2. The job: the notebook's hyperparameters; region and options are checked before it is submitted.
+        job = client.finetune.create(
+            model=MODEL,
+            training_file=train_file.id,
+            validation_file=valid_file.id if valid_file else None,
+            hyperparameters={"epochs": 1, "batch_size": 1, "learning_rate": 2e-5},
+            suffix="samsum",
+        )
+        print(f"job {job.id}: {job.status}")
+
+        # 3. Wait: serverless fine-tuning takes from tens of minutes to hours.
+        job = client.finetune.wait(job.id, poll_interval=60)
+        for event in client.finetune.events(job.id):
+            print(f"  [{event.level}] {event.message}")
+        if job.status != "succeeded" or job.fine_tuned_model is None:
+            sys.exit(f"job {job.id} ended {job.status}: {job.error.message if job.error else ''}")
+        print(f"fine-tuned model: {job.fine_tuned_model}")
+
+        # 4. Deploy the registered model as a serverless endpoint (waits until it is provisioned).
+        deployment = client.deployments.create(model=job.fine_tuned_model, name=f"phi3-ft-{job.id[-8:]}")
+        print(f"deployment {deployment.name}: {deployment.status} at {deployment.endpoint}")
+
+        # 5. Chat through the endpoint's OpenAI-compatible route.
+        reply = deployment.chat(
+            [{"role": "user", "content": "Summarize: Amanda baked cookies and will bring Jerry some tomorrow."}],
+            max_tokens=128,
+        )
+        print(reply.text)
+
+        if os.environ.get("KEEP_DEPLOYMENT") != "1":
+            client.deployments.delete(deployment.name)
+            print(f"deleted {deployment.name} (the fine-tuned model stays registered)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None)

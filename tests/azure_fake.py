@@ -1,0 +1,542 @@
+"""A fake Azure for offline tests, played under the real azure-ai-ml code.
+
+:class:`FakeAzure` is an azure-core ``HttpTransport`` that answers the ARM and Azure ML REST calls azure-ai-ml makes
+(workspace, registry discovery and models, data assets, FineTuning jobs, run history, registered models, serverless
+endpoints and their keys) from in-memory state that tests drive (``set_job_status``), records every request, and can
+inject faults (``fail``). :class:`ChatServer` is a real HTTP server on 127.0.0.1 standing in for a serverless
+endpoint's OpenAI-compatible ``/v1/chat/completions`` route, checking the endpoint key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from azure.core.credentials import AccessToken, AccessTokenInfo
+from azure.core.exceptions import ServiceResponseError
+from azure.core.pipeline.transport import HttpTransport
+from azure.core.rest import HttpRequest
+from azure.core.rest._http_response_impl import HttpResponseImpl
+
+SUBSCRIPTION = "00000000-0000-0000-0000-0000000000a1"
+RESOURCE_GROUP = "rg-phitune"
+WORKSPACE = "proj-phitune"
+WORKSPACE_GUID = "6f1d3c2b-0000-4000-8000-00000000c0de"
+WORKSPACE_PATH = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
+    f"/providers/Microsoft.MachineLearningServices/workspaces/{WORKSPACE}"
+)
+REGISTRY_SUBSCRIPTION = "00000000-0000-0000-0000-0000000000b2"
+REGISTRY_HOST = "https://cert-eastus.experiments.azureml.net"
+REGISTRY_PATH = (
+    f"/mferp/managementfrontend/subscriptions/{REGISTRY_SUBSCRIPTION}/resourceGroups/registry-rg"
+    "/providers/Microsoft.MachineLearningServices/registries/azureml"
+)
+AAD_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJmYWtlLWF1ZGllbmNlIn0.c2lnbmF0dXJlLWZha2U"
+ENDPOINT_KEY = "fake-endpoint-key-7f3a9c21d4e84b6b"
+PHI3_TAGS = {"maas-finetuning-deploy-regions": "eastus2", "task": "chat-completion"}
+_FLAVORS = {"python_function": {"data": {"loader_module": "mlflow.transformers"}}}
+_EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+class FakeCredential:
+    """A ``TokenCredential`` handing out a fixed, fake AAD token."""
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken(AAD_TOKEN, int(time.time()) + 3600)
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> AccessTokenInfo:
+        return AccessTokenInfo(AAD_TOKEN, int(time.time()) + 3600)
+
+
+@dataclass
+class Recorded:
+    """One request as it reached the wire."""
+
+    method: str
+    url: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Fault:
+    method: str
+    pattern: re.Pattern[str]
+    status: int
+    headers: dict[str, str]
+    times: int
+    after_processing: bool = False
+    message: str = "fault"
+
+
+class _Raw:
+    def close(self) -> None:
+        pass
+
+
+def _response(request: HttpRequest, status: int, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    response = HttpResponseImpl(
+        request=request,
+        internal_response=_Raw(),
+        status_code=status,
+        reason="fake",
+        content_type="application/json",
+        headers={"Content-Type": "application/json", "x-ms-request-id": "req-0001", **(headers or {})},
+        stream_download_generator=None,
+    )
+    response._content = b"" if body is None else json.dumps(body).encode()
+    return response
+
+
+def _error(request: HttpRequest, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    return _response(request, status, {"error": {"code": code, "message": message}}, headers)
+
+
+@dataclass
+class FakeAzure(HttpTransport):  # type: ignore[misc]
+    """The Azure services azure-ai-ml talks to, in memory. ``location`` is the workspace region."""
+
+    location: str = "eastus2"
+    kind: str = "Project"
+    registry_models: dict[str, dict[str, dict[str, str]]] = field(
+        default_factory=lambda: {
+            name: {"12": dict(PHI3_TAGS), "14": dict(PHI3_TAGS)}
+            for name in ("Phi-3-mini-4k-instruct", "Phi-3-mini-128k-instruct", "Phi-3-medium-4k-instruct")
+        }
+    )
+    scoring_uri: str = "https://phitune-ep.eastus2.models.ai.azure.com"
+    endpoint_polls: int = 1
+    requests: list[Recorded] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    data: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _ticks: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------------------------------- test controls
+    def fail(
+        self,
+        method: str,
+        pattern: str,
+        *,
+        status: int = 429,
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+        after_processing: bool = False,
+        message: str = "fault",
+    ) -> None:
+        """Answer the next ``times`` matching requests with ``status`` (0: drop the connection). With
+        ``after_processing`` the request takes effect first and only the answer is lost."""
+        self.faults.append(Fault(method, re.compile(pattern), status, headers or {}, times, after_processing, message))
+
+    def sent(self, method: str, pattern: str) -> list[Recorded]:
+        """Recorded requests with this method whose path matches ``pattern``."""
+        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+    def set_job_status(
+        self, name: str, status: str, *, error: dict[str, Any] | None = None, warnings: Sequence[dict[str, str]] = ()
+    ) -> None:
+        """Move a job to an Azure status; Completed registers its output model (version 1)."""
+        job, run = self.jobs[name], self.runs[name]
+        now = self._now()
+        job["properties"]["status"] = status
+        run.update(status=status, lastModifiedUtc=now)
+        if status == "Running" and "startTimeUtc" not in run:
+            run["startTimeUtc"] = now
+        if status in ("Completed", "Failed", "Canceled", "NotResponding"):
+            run["endTimeUtc"] = now
+        if error is not None:
+            run["error"] = {"error": error}
+        if warnings:
+            run["warnings"] = list(warnings)
+        if status == "Completed":
+            output = job["properties"]["outputs"]["registered_model"]["assetName"]
+            model_id = f"{WORKSPACE_PATH}/models/{output}/versions/1"
+            self.models[(output, "1")] = {
+                "id": model_id,
+                "name": "1",
+                "type": "Microsoft.MachineLearningServices/workspaces/models/versions",
+                "properties": {
+                    "modelType": "mlflow_model",
+                    "modelUri": f"azureml://jobs/{name}/outputs/registered_model",
+                    "flavors": _FLAVORS,
+                    "jobName": name,
+                    "tags": {},
+                    "properties": {},
+                    "isArchived": False,
+                },
+                "systemData": self._system_data(),
+            }
+
+    # ---------------------------------------------------------------------------------------- transport
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> FakeAzure:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        pass
+
+    def send(self, request: HttpRequest, **kwargs: Any) -> Any:
+        with self._lock:
+            parts = urlsplit(request.url)
+            content = request.content
+            body = json.loads(content) if content else None
+            self.requests.append(
+                Recorded(
+                    request.method,
+                    request.url,
+                    parts.path,
+                    dict(parse_qsl(parts.query)),
+                    dict(request.headers),
+                    body,
+                )
+            )
+            fault = self._fault(request.method, parts.path)
+            if fault is not None and not fault.after_processing:
+                return self._fault_response(request, fault)
+            response = self._route(request, parts.scheme + "://" + parts.netloc, parts.path, body)
+            if fault is not None:
+                return self._fault_response(request, fault)
+            return response
+
+    def _fault(self, method: str, path: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.times > 0 and fault.method == method and fault.pattern.search(path):
+                fault.times -= 1
+                return fault
+        return None
+
+    def _fault_response(self, request: HttpRequest, fault: Fault) -> Any:
+        if fault.status == 0:
+            raise ServiceResponseError("Connection reset by peer")
+        code = "TooManyRequests" if fault.status == 429 else "Fault"
+        return _error(request, fault.status, code, fault.message, fault.headers)
+
+    # ------------------------------------------------------------------------------------------- routing
+    def _route(self, request: HttpRequest, host: str, path: str, body: Any) -> Any:
+        method = request.method
+        if path.endswith("/registrymanagement/v1.0/registries/azureml/discovery"):
+            return _response(
+                request,
+                200,
+                {
+                    "registryName": "azureml",
+                    "primaryRegion": "eastus",
+                    "regions": ["eastus"],
+                    "primaryRegionResourceProviderUri": f"{REGISTRY_HOST}/",
+                    "subscriptionId": REGISTRY_SUBSCRIPTION,
+                    "resourceGroup": "registry-rg",
+                },
+            )
+        if path == "/discovery":
+            urls = {key: host for key in ("api", "history", "catalog", "experimentation", "modelmanagement")}
+            return _response(request, 200, urls)
+        if path.startswith(REGISTRY_PATH + "/models/"):
+            return self._registry(request, path[len(REGISTRY_PATH + "/models/") :].split("/"))
+        history = f"/history/v1.0{WORKSPACE_PATH}/runs/"
+        if path.startswith(history) and path.endswith("/details"):
+            run = self.runs.get(path[len(history) : -len("/details")])
+            return _response(request, 200, run) if run else _error(request, 404, "RunNotFound", "no such run")
+        if path == WORKSPACE_PATH and method == "GET":
+            return _response(request, 200, self._workspace())
+        if not path.startswith(WORKSPACE_PATH + "/"):
+            return _error(request, 404, "NotFound", f"fake Azure has no route for {method} {path}")
+        segments = path[len(WORKSPACE_PATH) + 1 :].split("/")
+        handler = {
+            "data": self._data,
+            "jobs": self._jobs,
+            "models": self._models,
+            "serverlessEndpoints": self._endpoints,
+        }.get(segments[0])
+        if handler is None:
+            return _error(request, 404, "NotFound", f"fake Azure has no route for {method} {path}")
+        return handler(request, segments[1:], body)
+
+    def _workspace(self) -> dict[str, Any]:
+        properties = {
+            "workspaceId": WORKSPACE_GUID,
+            "friendlyName": WORKSPACE,
+            "discoveryUrl": f"https://{self.location}.api.azureml.ms/discovery",
+        }
+        if self.kind == "Project":
+            properties["hubResourceId"] = (
+                f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
+                "/providers/Microsoft.MachineLearningServices/workspaces/hub-phitune"
+            )
+        return {
+            "id": WORKSPACE_PATH,
+            "name": WORKSPACE,
+            "type": "Microsoft.MachineLearningServices/workspaces",
+            "location": self.location,
+            "kind": self.kind,
+            "properties": properties,
+        }
+
+    def _registry(self, request: HttpRequest, segments: list[str]) -> Any:
+        name = segments[0]
+        versions = self.registry_models.get(name)
+        if versions is None:
+            return _error(request, 404, "NotFound", f"model {name} not in registry azureml")
+
+        def body(version: str) -> dict[str, Any]:
+            return {
+                "id": f"azureml://registries/azureml/models/{name}/versions/{version}",
+                "name": version,
+                "type": "Microsoft.MachineLearningServices/registries/models/versions",
+                "properties": {
+                    "modelType": "mlflow_model",
+                    "modelUri": f"azureml://registries/azureml/models/{name}/versions/{version}",
+                    "flavors": _FLAVORS,
+                    "tags": versions[version],
+                    "properties": {},
+                    "isArchived": False,
+                },
+                "systemData": self._system_data(),
+            }
+
+        if len(segments) == 2:  # versions, newest first ($orderBy=createdtime desc, $top=1)
+            ordered = sorted(versions, key=int, reverse=True)
+            return _response(request, 200, {"value": [body(v) for v in ordered[:1]]})
+        if segments[2] not in versions:
+            return _error(request, 404, "NotFound", f"model {name} has no version {segments[2]}")
+        return _response(request, 200, body(segments[2]))
+
+    def _data(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
+        method = request.method
+        if not segments:  # containers
+            names = sorted({n for n, _ in self.data})
+            value = []
+            for name in names:
+                versions = {v: d for (n, v), d in self.data.items() if n == name}
+                if all(d["properties"].get("isArchived") for d in versions.values()):
+                    continue
+                value.append(
+                    {
+                        "id": f"{WORKSPACE_PATH}/data/{name}",
+                        "name": name,
+                        "properties": {"latestVersion": max(versions, key=int), "dataType": "uri_file"},
+                        "systemData": self._system_data(),
+                    }
+                )
+            return _response(request, 200, {"value": value})
+        name = segments[0]
+        if len(segments) == 2:
+            value = [d for (n, _), d in self.data.items() if n == name and not d["properties"].get("isArchived")]
+            return _response(request, 200, {"value": value})
+        key = (name, segments[2])
+        if method == "PUT":
+            existing = self.data.get(key)
+            stored = {
+                "id": f"{WORKSPACE_PATH}/data/{name}/versions/{segments[2]}",
+                "name": segments[2],
+                "type": "Microsoft.MachineLearningServices/workspaces/data/versions",
+                "properties": body["properties"],
+                "systemData": existing["systemData"] if existing else self._system_data(),
+            }
+            self.data[key] = stored
+            return _response(request, 200 if existing else 201, stored)
+        if key not in self.data:
+            return _error(request, 404, "UserError", f"data {name}:{segments[2]} not found")
+        return _response(request, 200, self.data[key])
+
+    def _jobs(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
+        method = request.method
+        if not segments:
+            value = sorted(self.jobs.values(), key=lambda j: j["systemData"]["createdAt"], reverse=True)
+            return _response(request, 200, {"value": value})
+        name = segments[0]
+        if method == "PUT":
+            if name in self.jobs:
+                return _error(request, 400, "UserError", f"job {name} exists and cannot be replaced")
+            job = dict(body)
+            job["properties"] = {**body["properties"], "status": "NotStarted"}
+            job.update(
+                id=f"{WORKSPACE_PATH}/jobs/{name}",
+                name=name,
+                type="Microsoft.MachineLearningServices/workspaces/jobs",
+                systemData=self._system_data(),
+            )
+            self.jobs[name] = job
+            self.runs[name] = {
+                "runId": name,
+                "status": "NotStarted",
+                "createdTimeUtc": job["systemData"]["createdAt"],
+                "lastModifiedUtc": job["systemData"]["createdAt"],
+            }
+            return _response(request, 201, job)
+        if name not in self.jobs:
+            return _error(request, 404, "UserError", f"job {name} not found")
+        if method == "POST" and segments[1:] == ["cancel"]:
+            self.set_job_status(name, "CancelRequested")
+            return _response(request, 202, None, {"Location": f"https://management.azure.com{WORKSPACE_PATH}/ops/1"})
+        return _response(request, 200, self.jobs[name])
+
+    def _models(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
+        if not segments:
+            value = [
+                {
+                    "id": f"{WORKSPACE_PATH}/models/{name}",
+                    "name": name,
+                    "properties": {"latestVersion": max(v for n, v in self.models if n == name)},
+                    "systemData": self._system_data(),
+                }
+                for name in sorted({n for n, _ in self.models})
+            ]
+            return _response(request, 200, {"value": value})
+        name = segments[0]
+        versions = sorted((v for n, v in self.models if n == name), key=int, reverse=True)
+        if len(segments) == 2:
+            return _response(request, 200, {"value": [self.models[(name, v)] for v in versions[:1]]})
+        if (name, segments[2]) not in self.models:
+            return _error(request, 404, "UserError", f"model {name}:{segments[2]} not found")
+        return _response(request, 200, self.models[(name, segments[2])])
+
+    def _endpoints(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
+        method = request.method
+        if not segments:
+            return _response(request, 200, {"value": [e for e in self.endpoints.values()]})
+        name = segments[0]
+        if method == "PUT":
+            endpoint = {
+                "id": f"{WORKSPACE_PATH}/serverlessEndpoints/{name}",
+                "name": name,
+                "type": "Microsoft.MachineLearningServices/workspaces/serverlessEndpoints",
+                "location": body["location"],
+                "sku": body["sku"],
+                "properties": {
+                    **body["properties"],
+                    "authMode": "Key",
+                    "provisioningState": "Creating",
+                    "inferenceEndpoint": {"uri": self.scoring_uri, "headers": {}},
+                },
+                "systemData": self._system_data(),
+                "_polls": self.endpoint_polls,
+            }
+            self.endpoints[name] = endpoint
+            return _response(request, 201, _public(endpoint))
+        if name not in self.endpoints:
+            return _error(request, 404, "NotFound", f"serverless endpoint {name} not found")
+        endpoint = self.endpoints[name]
+        if method == "POST" and segments[1:] == ["listKeys"]:
+            return _response(request, 200, {"primaryKey": ENDPOINT_KEY, "secondaryKey": ENDPOINT_KEY[::-1]})
+        if method == "DELETE":
+            endpoint["properties"]["provisioningState"] = "Deleting"
+            return _response(request, 202, None)
+        state = endpoint["properties"]["provisioningState"]
+        if state == "Deleting":
+            del self.endpoints[name]
+        elif state == "Creating":
+            endpoint["_polls"] -= 1
+            if endpoint["_polls"] < 0:
+                endpoint["properties"]["provisioningState"] = "Succeeded"
+        return _response(request, 200, _public(endpoint))
+
+    def _now(self) -> str:
+        self._ticks += 1
+        return (_EPOCH + timedelta(seconds=self._ticks)).isoformat().replace("+00:00", "Z")
+
+    def _system_data(self) -> dict[str, str]:
+        now = self._now()
+        return {
+            "createdAt": now,
+            "createdBy": "tester@example.com",
+            "createdByType": "User",
+            "lastModifiedAt": now,
+            "lastModifiedBy": "tester@example.com",
+            "lastModifiedByType": "User",
+        }
+
+
+def _public(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------------------------------- chat endpoint
+@dataclass
+class ChatServer:
+    """A loopback HTTP server speaking the OpenAI chat completions shape, as a serverless endpoint does."""
+
+    key: str = ENDPOINT_KEY
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    throttle: int = 0
+
+    def __post_init__(self) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                headers = {key.lower(): value for key, value in self.headers.items()}
+                server.requests.append({"path": self.path, "headers": headers, "body": payload})
+                if self.headers.get("Authorization") != f"Bearer {server.key}":
+                    # Real services echo nothing secret; this one does, to prove phitune redacts what it shows.
+                    self._send(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
+                elif self.path != "/v1/chat/completions":
+                    self._send(404, {"error": {"message": f"no route {self.path}"}})
+                elif server.throttle > 0:
+                    server.throttle -= 1
+                    self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.01"})
+                else:
+                    question = payload["messages"][-1]["content"]
+                    self._send(
+                        200,
+                        {
+                            "id": "chatcmpl-fake-1",
+                            "object": "chat.completion",
+                            "created": 1735689600,
+                            "model": "phi-3-mini-4k-instruct-ft",
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": f"echo: {question}"},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                            "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+                        },
+                    )
+
+            def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

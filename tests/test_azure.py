@@ -1,0 +1,604 @@
+"""The Azure backend, offline, under the real azure-ai-ml code: azure_fake.FakeAzure plays the REST services as an
+azure-core transport and azure_fake.ChatServer is a loopback serverless endpoint. Nothing of phitune is mocked."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import phitune
+from azure_fake import (
+    AAD_TOKEN,
+    ENDPOINT_KEY,
+    RESOURCE_GROUP,
+    SUBSCRIPTION,
+    WORKSPACE,
+    WORKSPACE_GUID,
+    ChatServer,
+    FakeAzure,
+    FakeCredential,
+)
+from phitune._retry import RetryPolicy, retry_after
+from phitune.backends.azure import AzureBackend
+from phitune.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    RateLimitError,
+    SpecError,
+    UnsupportedOptionError,
+)
+from phitune.types import PEFT, AzureCompute, DatasetReport, DoRA, Full, Hyperparameters, JobSpec, LoRA, QLoRA
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # azure-ai-ml's marshmallow schemas warn by the hundred at import
+    from azure.ai.ml import MLClient
+
+JOB_PUT = r"/workspaces/proj-phitune/jobs/phitune-"
+MODEL = "Phi-3-mini-4k-instruct"
+
+
+class Uploads:
+    """The upload seam: records each file and hands back a datastore URI, as the blob upload would."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def __call__(self, path: str, name: str) -> str:
+        self.files[name] = Path(path).read_bytes()
+        return f"azureml://datastores/workspaceblobstore/paths/phitune/{name}/{Path(path).name}"
+
+
+@pytest.fixture
+def fake() -> FakeAzure:
+    return FakeAzure()
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def uploads() -> Uploads:
+    return Uploads()
+
+
+def ml_client(fake: FakeAzure) -> MLClient:
+    return MLClient(
+        FakeCredential(),
+        subscription_id=SUBSCRIPTION,
+        resource_group_name=RESOURCE_GROUP,
+        workspace_name=WORKSPACE,
+        transport=fake,
+        retry_total=0,
+    )
+
+
+@pytest.fixture
+def backend(fake: FakeAzure, sleeps: list[float], uploads: Uploads) -> Iterator[AzureBackend]:
+    azure = AzureBackend(
+        ml_client=ml_client(fake),
+        uploader=uploads,
+        retry=RetryPolicy(sleep=sleeps.append, backoff=0.001),
+        poll_interval=0.0,
+    )
+    yield azure
+    azure.close()
+
+
+@pytest.fixture
+def chat_server() -> Iterator[ChatServer]:
+    server = ChatServer()
+    yield server
+    server.close()
+
+
+def upload(backend: AzureBackend, folder: Path, fmt: str = "chat", name: str = "train.jsonl") -> str:
+    path = folder / name
+    line: dict[str, Any] = {"prompt": "2+2=", "completion": "4"}
+    if fmt == "chat":
+        line = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    path.write_text(json.dumps(line) + "\n")
+    report = DatasetReport(path=str(path), ok=True, format=fmt, examples=1)
+    return backend.upload_file(str(path), report=report).id
+
+
+def submit(backend: AzureBackend, folder: Path, key: str = "key-1", **fields: Any) -> str:
+    spec = JobSpec(model=fields.pop("model", MODEL), training_file=upload(backend, folder), **fields)
+    return backend.create_job(spec, idempotency_key=key).id
+
+
+# ------------------------------------------------------------------------------------------------------- import
+def test_import_phitune_never_imports_azure() -> None:
+    code = "import sys, phitune, phitune.backends.azure; print(sorted(m for m in sys.modules if m.startswith('azure')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# -------------------------------------------------------------------------------------------------------- files
+def test_upload_registers_a_uri_file_asset_once(
+    backend: AzureBackend, fake: FakeAzure, uploads: Uploads, tmp_path: Path
+) -> None:
+    file_id = upload(backend, tmp_path)
+    (put,) = fake.sent("PUT", r"/data/phitune-train-[0-9a-f]{12}/versions/1$")
+    assert put.query["api-version"] == "2023-04-01-preview"
+    name = put.path.split("/data/")[1].split("/")[0]
+    props = put.body["properties"]
+    assert props["dataType"] == "uri_file"
+    assert props["dataUri"] == f"azureml://datastores/workspaceblobstore/paths/phitune/{name}/train.jsonl"
+    assert props["tags"]["phitune.format"] == "chat" and props["tags"]["phitune.examples"] == "1"
+    assert uploads.files[name] == (tmp_path / "train.jsonl").read_bytes()
+    assert file_id == f"azureml:{name}:1"
+
+    assert upload(backend, tmp_path) == file_id  # same content: the existing asset, no second PUT
+    assert len(fake.sent("PUT", r"/data/")) == 1
+    got = backend.get_file(file_id)
+    assert (got.filename, got.format, got.examples, got.bytes) == ("train.jsonl", "chat", 1, len(uploads.files[name]))
+    assert [f.id for f in backend.list_files()] == [file_id]
+
+    backend.delete_file(file_id)
+    assert fake.sent("PUT", r"/data/")[-1].body["properties"]["isArchived"] is True
+    assert backend.list_files() == []
+    with pytest.raises(NotFoundError):
+        backend.get_file("azureml:phitune-nothing:1")
+    with pytest.raises(SpecError) as err:
+        backend.get_file("train.jsonl")
+    assert err.value.field == "file_id"
+
+
+# --------------------------------------------------------------------------------------------------------- jobs
+def test_create_job_puts_a_finetuning_job(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    hp = Hyperparameters(epochs=3, learning_rate=2e-5, batch_size=2, gradient_accumulation_steps=4, max_steps=50)
+    job_id = submit(backend, tmp_path, hyperparameters=hp, suffix="support")
+    # the registry model is resolved to its latest version before anything is submitted
+    assert fake.sent("GET", r"/registries/azureml/models/Phi-3-mini-4k-instruct/versions$")
+    (put,) = fake.sent("PUT", JOB_PUT)
+    assert put.query["api-version"] == "2024-10-01-preview"
+    props = put.body["properties"]
+    assert props["jobType"] == "FineTuning"
+    assert props["experimentName"] == "phitune"
+    details = props["fineTuningDetails"]
+    assert details["taskType"] == "chatCompletion"
+    assert details["modelProvider"] == "Custom"
+    assert details["model"] == {
+        "uri": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14",
+        "jobInputType": "mlflow_model",
+    }
+    assert details["trainingData"]["jobInputType"] == "uri_file"
+    assert "/data/phitune-train-" in details["trainingData"]["uri"]
+    assert "validationData" not in details
+    assert details["hyperParameters"] == {
+        "num_train_epochs": "3",
+        "learning_rate": "0.00002",
+        "per_device_train_batch_size": "2",
+        "gradient_accumulation_steps": "4",
+        "max_steps": "50",
+        "warmup_ratio": "0",
+        "lr_scheduler_type": "linear",
+        "weight_decay": "0",
+        "seed": "0",
+    }
+    output = props["outputs"]["registered_model"]
+    assert output["jobOutputType"] == "mlflow_model"
+    assert output["assetName"].startswith("Phi-3-mini-4k-instruct-ft-support-")
+    assert "computeId" not in props and "resources" not in props  # serverless
+
+    job = backend.get_job(job_id)
+    assert (job.status, job.backend, job.model, job.suffix) == ("queued", "azure", MODEL, "support")
+    assert job.spec is not None and job.spec.hyperparameters == hp
+
+
+def test_text_data_validation_file_and_task_checks(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    train = upload(backend, tmp_path, fmt="prompt_completion")
+    valid = upload(backend, tmp_path, fmt="prompt_completion", name="valid.jsonl")
+    backend.create_job(JobSpec(model=MODEL, training_file=train, validation_file=valid), idempotency_key="k")
+    details = fake.sent("PUT", JOB_PUT)[0].body["properties"]["fineTuningDetails"]
+    assert details["taskType"] == "textCompletion"
+    assert "/data/phitune-valid-" in details["validationData"]["uri"]
+
+    with pytest.raises(SpecError) as err:
+        backend.create_job(JobSpec(model=MODEL, training_file=train, task="chat_completion"), idempotency_key="k2")
+    assert err.value.field == "task"
+    with pytest.raises(SpecError) as err:
+        backend.create_job(JobSpec(model=MODEL, training_file=str(tmp_path / "train.jsonl")), idempotency_key="k3")
+    assert err.value.field == "training_file"
+    assert len(fake.sent("PUT", JOB_PUT)) == 1
+
+
+def test_managed_compute_sends_compute_and_lora(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    fake.location = "westeurope"  # no serverless region check on managed compute
+    compute = AzureCompute(instance_types=("Standard_NC24ads_A100_v4",), job_tier="Standard")
+    submit(backend, tmp_path, compute=compute, method=LoRA(r=8, alpha=16, dropout=0.1))
+    props = fake.sent("PUT", JOB_PUT)[0].body["properties"]
+    assert props["resources"]["instanceTypes"] == ["Standard_NC24ads_A100_v4"]
+    assert props["queueSettings"]["jobTier"] == "Standard"
+    hp = props["fineTuningDetails"]["hyperParameters"]
+    assert {k: hp[k] for k in ("apply_lora", "lora_r", "lora_alpha", "lora_dropout", "max_seq_length")} == {
+        "apply_lora": "true",
+        "lora_r": "8",
+        "lora_alpha": "16",
+        "lora_dropout": "0.1",
+        "max_seq_length": "1024",
+    }
+
+    submit(backend, tmp_path, key="key-2", compute=AzureCompute(compute="gpu-cluster"))
+    assert fake.sent("PUT", JOB_PUT)[1].body["properties"]["computeId"].endswith("gpu-cluster")
+
+
+def test_same_idempotency_key_starts_one_job(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    # the first PUT lands but its answer is lost: the retry finds the job instead of starting a second one
+    fake.fail("PUT", JOB_PUT, status=0, after_processing=True)
+    first = submit(backend, tmp_path, key="same")
+    second = submit(backend, tmp_path, key="same")
+    assert first == second
+    assert len(fake.sent("PUT", JOB_PUT)) == 1 and len(fake.jobs) == 1
+    assert submit(backend, tmp_path, key="other") != first
+
+
+def test_throttling_is_retried_after_retry_after(
+    backend: AzureBackend, fake: FakeAzure, sleeps: list[float], tmp_path: Path
+) -> None:
+    job_id = submit(backend, tmp_path)
+    fake.fail("GET", rf"/jobs/{job_id}$", status=429, headers={"Retry-After": "0.01"})
+    fake.fail("GET", rf"/jobs/{job_id}$", status=503, headers={"x-ms-retry-after-ms": "20"})
+    fake.fail("GET", rf"/jobs/{job_id}$", status=0)  # connection reset: exponential backoff
+    assert backend.get_job(job_id).id == job_id
+    assert sleeps[:2] == [0.01, 0.02] and len(sleeps) == 3 and 0 < sleeps[2] <= 0.004
+
+    fake.fail("GET", rf"/jobs/{job_id}$", status=429, headers={"Retry-After": "0.01"}, times=5)
+    with pytest.raises(RateLimitError) as err:
+        backend.get_job(job_id)
+    assert err.value.status_code == 429 and err.value.request_id == "req-0001"
+    assert len(sleeps) == 3 + 4  # five attempts, then the 429 surfaces
+
+    fake.fail("GET", rf"/jobs/{job_id}$", status=400, message="bad request")
+    with pytest.raises(BadRequestError):
+        backend.get_job(job_id)
+    assert len(sleeps) == 7  # a 400 is not retried
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after({"Retry-After": "2.5"}) == 2.5
+    assert retry_after({"retry-after-ms": "150"}) == 0.15
+    assert retry_after({"x-ms-retry-after-ms": "40", "Retry-After": "9"}) == 0.04
+    date = email.utils.formatdate(1_000_030.0, usegmt=True)
+    assert retry_after({"Retry-After": date}, now=1_000_000.0) == 30.0
+    assert retry_after({"Retry-After": "soon"}) is None and retry_after({}) is None
+    # the same policy serves an httpx-based backend
+    waits: list[float] = []
+    policy = RetryPolicy(sleep=waits.append, transient=(httpx.TransportError,))
+    answers = iter([httpx.Response(503, headers={"Retry-After": "0.01"}), httpx.Response(200)])
+
+    def call() -> int:
+        response = next(answers)
+        response.request = httpx.Request("GET", "https://example.invalid")
+        return response.raise_for_status().status_code
+
+    assert policy.call(call) == 200 and waits == [0.01]
+    # a hint beyond max_retry_after is not waited out
+    slow = RetryPolicy(sleep=waits.append, max_retry_after=1.0)
+    too_long = httpx.Response(429, headers={"Retry-After": "60"}, request=httpx.Request("GET", "https://x.invalid"))
+    with pytest.raises(httpx.HTTPStatusError):
+        slow.call(too_long.raise_for_status)
+    assert waits == [0.01]
+
+
+def test_states_map_and_the_output_model_is_reported(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    job_id = submit(backend, tmp_path)
+    expected = {
+        "NotStarted": "queued",
+        "Queued": "queued",
+        "Preparing": "queued",
+        "Starting": "queued",
+        "Provisioning": "queued",
+        "Running": "running",
+        "Finalizing": "running",
+        "Paused": "paused",
+        "Completed": "succeeded",
+    }
+    for azure_status, status in expected.items():
+        fake.set_job_status(job_id, azure_status)
+        job = backend.get_job(job_id)
+        assert (job.status, job.done) == (status, status == "succeeded"), azure_status
+        assert job.fine_tuned_model is None or status == "succeeded"
+    output = fake.jobs[job_id]["properties"]["outputs"]["registered_model"]["assetName"]
+    assert job.fine_tuned_model == output
+    assert job.started_at is not None and job.finished_at is not None and job.finished_at >= job.started_at
+    assert job.trained_tokens is None  # Azure does not report it
+    assert backend.list_checkpoints(job_id) == []
+
+    events = backend.list_events(job_id)
+    assert [e.id.split(":", 1)[1] for e in events] == ["metrics-unavailable", "created", "started", "ended"]
+    assert all(e.type == "message" for e in events)  # no invented metrics
+    assert "per-step metrics" in events[0].message
+    assert [e.id for e in backend.list_events(job_id, after=events[1].id)] == [events[2].id, events[3].id]
+
+
+def test_failed_job_surfaces_azure_error_redacted(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    job_id = submit(backend, tmp_path)
+    fake.set_job_status(job_id, "Running")
+    message = "cannot read https://acct.blob.core.windows.net/d/train.jsonl?sv=2022-11-02&sig=S3CRETsasSIG: bad row 7"
+    fake.set_job_status(
+        job_id,
+        "Failed",
+        error={"code": "UserError", "message": message, "target": "training_data"},
+        warnings=[{"source": "preprocess", "message": "row 3 is long"}],
+    )
+    job = backend.get_job(job_id)
+    assert job.status == "failed" and job.error is not None
+    assert (job.error.code, job.error.param) == ("UserError", "training_data")
+    assert "bad row 7" in job.error.message and "S3CRETsasSIG" not in job.error.message
+    events = backend.list_events(job_id)
+    assert [e.level for e in events][-3:] == ["warn", "error", "error"]
+    assert "bad row 7" in events[-1].message and "S3CRETsasSIG" not in events[-1].message
+
+    fake.set_job_status(job_id, "NotResponding")
+    fake.runs[job_id].pop("error")
+    job = backend.get_job(job_id)
+    assert job.status == "failed" and job.error is not None and job.error.code == "NotResponding"
+
+
+def test_cancel(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    job_id = submit(backend, tmp_path)
+    fake.set_job_status(job_id, "Running")
+    job = backend.cancel_job(job_id)
+    (post,) = fake.sent("POST", rf"/jobs/{job_id}/cancel$")
+    assert post.query["api-version"] == "2023-04-01-preview"
+    assert job.status == "running"  # CancelRequested: still running until Azure says Canceled
+    fake.set_job_status(job_id, "Canceled")
+    assert backend.get_job(job_id).status == "cancelled"
+    with pytest.raises(ConflictError):
+        backend.cancel_job(job_id)
+    with pytest.raises(NotFoundError):
+        backend.cancel_job("phitune-nope")
+
+
+def test_list_jobs_pages(backend: AzureBackend, tmp_path: Path) -> None:
+    ids = [submit(backend, tmp_path, key=f"k{i}") for i in range(3)]
+    newest_first = list(reversed(ids))
+    assert [j.id for j in backend.list_jobs()] == newest_first
+    page = backend.list_jobs(limit=2)
+    assert [j.id for j in page] == newest_first[:2]
+    assert [j.id for j in backend.list_jobs(limit=2, after=page[-1].id)] == newest_first[2:]
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"method": QLoRA()}, "method"),
+        ({"method": DoRA()}, "method"),
+        ({"method": Full()}, "method"),
+        ({"method": PEFT(config={"peft_type": "IA3"})}, "method"),
+        ({"method": LoRA(target_modules=("qkv_proj",))}, "method.target_modules"),
+        ({"method": LoRA(r=8)}, "method.r"),
+        ({"method": LoRA(dropout=0.2)}, "method.dropout"),
+        ({"distributed": {"strategy": "ddp", "nproc": 2}}, "distributed"),
+        ({"hyperparameters": Hyperparameters(gradient_checkpointing=True)}, "hyperparameters.gradient_checkpointing"),
+        ({"hyperparameters": Hyperparameters(precision="bf16")}, "hyperparameters.precision"),
+        ({"hyperparameters": Hyperparameters(max_seq_length=2048)}, "hyperparameters.max_seq_length"),
+        ({"hyperparameters": Hyperparameters(checkpoint_every=10)}, "hyperparameters.checkpoint_every"),
+        ({"model": "Phi-3-small-8k-instruct"}, "model"),
+        ({"model": "tiny-phi3"}, "model"),
+        ({"model": "gpt2"}, "model"),
+        ({"model": "azureml://registries/azureml-meta/models/Llama-2-7b"}, "model"),
+    ],
+)
+def test_unsupported_options_are_refused_before_any_request(
+    backend: AzureBackend, fake: FakeAzure, fields: dict[str, Any], field: str
+) -> None:
+    spec = JobSpec.model_validate({"model": MODEL, "training_file": "azureml:phitune-train-0:1", **fields})
+    with pytest.raises(UnsupportedOptionError) as err:
+        backend.create_job(spec, idempotency_key="k")
+    assert err.value.field == field and err.value.backend == "azure"
+    assert fake.requests == []
+
+
+def test_managed_compute_allows_what_serverless_refuses(backend: AzureBackend, fake: FakeAzure) -> None:
+    compute = AzureCompute(compute="gpu-cluster")
+    for fields in ({"method": LoRA(r=8)}, {"hyperparameters": Hyperparameters(max_seq_length=2048)}):
+        backend.check_spec(JobSpec.model_validate({"model": MODEL, "training_file": "f", "compute": compute, **fields}))
+    with pytest.raises(UnsupportedOptionError):
+        backend.check_spec(JobSpec(model=MODEL, training_file="f", compute=compute, method=QLoRA()))
+    assert fake.requests == []
+
+
+def test_region_is_checked_before_the_job_is_sent(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    fake.location = "westeurope"
+    with pytest.raises(UnsupportedOptionError) as err:
+        submit(backend, tmp_path)
+    assert "westeurope" in str(err.value) and "eastus2" in str(err.value)
+    assert fake.sent("PUT", JOB_PUT) == []
+
+
+def test_region_falls_back_to_the_catalog(
+    fake: FakeAzure, sleeps: list[float], uploads: Uploads, tmp_path: Path
+) -> None:
+    fake.registry_models["Phi-3-mini-4k-instruct"] = {"15": {}}  # no maas-finetuning-deploy-regions tag
+    fake.location = "swedencentral"
+    policy = RetryPolicy(sleep=sleeps.append)
+    azure = AzureBackend(ml_client=ml_client(fake), uploader=uploads, retry=policy)
+    with pytest.raises(UnsupportedOptionError) as err:
+        submit(azure, tmp_path)
+    assert "swedencentral" in str(err.value) and "eastus2" in str(err.value)
+    fake.location = "eastus2"  # a workspace in a supported region (its location is read once per backend)
+    submit(AzureBackend(ml_client=ml_client(fake), uploader=uploads, retry=policy), tmp_path)
+    uri = fake.sent("PUT", JOB_PUT)[0].body["properties"]["fineTuningDetails"]["model"]["uri"]
+    assert uri.endswith("/Phi-3-mini-4k-instruct/versions/15")
+
+
+def test_serverless_needs_a_project(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    fake.kind = "Default"
+    with pytest.raises(ConflictError, match="hub-based project"):
+        submit(backend, tmp_path)
+    assert fake.sent("PUT", JOB_PUT) == []
+
+
+# ------------------------------------------------------------------------------------- models, deployments, chat
+def finished_model(backend: AzureBackend, fake: FakeAzure, folder: Path) -> str:
+    job_id = submit(backend, folder)
+    fake.set_job_status(job_id, "Running")
+    fake.set_job_status(job_id, "Completed")
+    model = backend.get_job(job_id).fine_tuned_model
+    assert model is not None
+    return model
+
+
+def test_deploy_and_chat(backend: AzureBackend, fake: FakeAzure, chat_server: ChatServer, tmp_path: Path) -> None:
+    fake.scoring_uri = chat_server.url
+    fake.endpoint_polls = 2
+    model = finished_model(backend, fake, tmp_path)
+    info = backend.get_model(model)
+    assert (info.id, info.owned_by, info.job_id) == (model, "azure", fake.jobs[next(iter(fake.jobs))]["name"])
+    assert info.base_model == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14"
+    assert [m.id for m in backend.list_models()] == [model]
+
+    deployment = backend.create_deployment(model, "phi3-support")
+    (put,) = fake.sent("PUT", r"/serverlessEndpoints/phi3-support$")
+    assert put.query["api-version"] == "2024-01-01-preview"
+    assert put.body == {
+        "properties": {
+            "modelSettings": {
+                "modelId": f"azureml://locations/eastus2/workspaces/{WORKSPACE_GUID}/models/{model}/versions/1"
+            }
+        },
+        "sku": {"name": "Consumption"},
+        "location": "eastus2",
+    }
+    assert len(fake.sent("GET", r"/serverlessEndpoints/phi3-support$")) == 3  # polled until Succeeded
+    assert (deployment.name, deployment.model, deployment.status) == ("phi3-support", model, "succeeded")
+    assert (deployment.endpoint, deployment.backend) == (chat_server.url, "azure")
+    assert [d.name for d in backend.list_deployments()] == ["phi3-support"]
+
+    chat_server.throttle = 1
+    reply = backend.chat(
+        "phi3-support", [{"role": "user", "content": "hello"}], max_tokens=16, temperature=0.0, top_p=1.0, seed=7
+    )
+    assert reply.text == "echo: hello" and reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.total_tokens == 12
+    sent = chat_server.requests[-1]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["headers"]["authorization"] == f"Bearer {ENDPOINT_KEY}"
+    assert {k: sent["body"][k] for k in ("max_tokens", "temperature", "top_p", "seed")} == {
+        "max_tokens": 16,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 7,
+    }
+    assert len(chat_server.requests) == 2  # the 429 was retried
+    assert len(fake.sent("POST", r"/serverlessEndpoints/phi3-support/listKeys$")) == 1
+
+    client = backend.openai_client("phi3-support")
+    assert str(client.base_url).rstrip("/") == f"{chat_server.url}/v1"
+
+    backend.delete_deployment("phi3-support")
+    assert fake.sent("DELETE", r"/serverlessEndpoints/phi3-support$") and fake.endpoints == {}
+    with pytest.raises(NotFoundError):
+        backend.get_deployment("phi3-support")
+
+
+def test_deploy_checks_the_region_first(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    model = finished_model(backend, fake, tmp_path)
+    fake.registry_models["Phi-3-mini-4k-instruct"]["14"]["maas-finetuning-deploy-regions"] = "eastus,westus3"
+    with pytest.raises(UnsupportedOptionError) as err:
+        backend.create_deployment(model, "phi3-support")
+    assert "eastus2" in str(err.value) and "westus3" in str(err.value)
+    assert fake.sent("PUT", r"/serverlessEndpoints/") == []
+    with pytest.raises(UnsupportedOptionError) as err:
+        backend.create_deployment(model, "phi3-support", instance_type="x")
+    assert err.value.field == "options.instance_type"
+    with pytest.raises(NotFoundError):
+        backend.create_deployment("no-such-model", "phi3-support")
+
+
+def test_no_secret_in_reprs_logs_or_errors(
+    backend: AzureBackend, fake: FakeAzure, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    wrong_key = ChatServer(key="another-key")
+    try:
+        fake.scoring_uri = wrong_key.url
+        model = finished_model(backend, fake, tmp_path)
+        deployment = backend.create_deployment(model, "phi3-support")
+        with pytest.raises(AuthenticationError) as err:
+            backend.chat(
+                "phi3-support", [{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, top_p=1, seed=None
+            )
+        assert "bad key" in str(err.value)
+    finally:
+        wrong_key.close()
+    fake.fail("GET", r"/serverlessEndpoints/phi3-support$", status=403, message=f"Authorization: Bearer {AAD_TOKEN}")
+    with pytest.raises(phitune.errors.PermissionDeniedError) as denied:
+        backend.get_deployment("phi3-support")
+    shown = " ".join(
+        [repr(backend), repr(deployment), deployment.model_dump_json(), str(err.value), repr(err.value)]
+        + [str(denied.value)]
+        + [r.getMessage() for r in caplog.records if r.name.startswith("phitune")]
+    )
+    assert ENDPOINT_KEY not in shown and AAD_TOKEN not in shown
+
+
+# --------------------------------------------------------------------------------------------- through Client
+def test_end_to_end_through_the_client(
+    fake: FakeAzure, sleeps: list[float], uploads: Uploads, chat_server: ChatServer, tmp_path: Path
+) -> None:
+    from conftest import write_chat
+
+    fake.scoring_uri = chat_server.url
+    with phitune.Client.azure(
+        ml_client=ml_client(fake), uploader=uploads, retry=RetryPolicy(sleep=sleeps.append), poll_interval=0.0
+    ) as client:
+        assert client.backend.name == "azure"
+        job = client.finetune.create(model=MODEL, training_file=write_chat(tmp_path / "chat.jsonl"), suffix="e2e")
+        assert job.status == "queued" and job.training_file.startswith("azureml:phitune-chat-")
+        assert fake.sent("PUT", JOB_PUT)[0].body["properties"]["fineTuningDetails"]["taskType"] == "chatCompletion"
+        fake.set_job_status(job.id, "Running")
+        fake.set_job_status(job.id, "Completed")
+        done = client.finetune.wait(job.id, poll_interval=0, progress=False)
+        assert done.status == "succeeded" and done.fine_tuned_model is not None
+        deployment = client.deployments.create(model=done.fine_tuned_model, name="e2e")
+        assert deployment.chat([{"role": "user", "content": "ping"}]).text == "echo: ping"
+        assert (
+            deployment.openai_client()
+            .chat.completions.create(model="e2e", messages=[{"role": "user", "content": "pong"}])
+            .choices[0]
+            .message.content
+            == "echo: pong"
+        )
+
+
+MAAS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "azureml-examples-maas"
+
+
+@pytest.mark.skipif(not MAAS_DATA.is_dir(), reason="the azureml-examples MaaS sample data is not on this machine")
+@pytest.mark.parametrize(
+    ("stem", "task"), [("chat-completion", "chatCompletion"), ("text-generation", "textCompletion")]
+)
+def test_official_maas_sample_data(
+    fake: FakeAzure, sleeps: list[float], uploads: Uploads, stem: str, task: str
+) -> None:
+    client = phitune.Client.azure(ml_client=ml_client(fake), uploader=uploads, retry=RetryPolicy(sleep=sleeps.append))
+    job = client.finetune.create(
+        model=MODEL,
+        training_file=MAAS_DATA / f"{stem}_train.jsonl",
+        validation_file=MAAS_DATA / f"{stem}_validation.jsonl",
+        hyperparameters={"epochs": 1, "batch_size": 1, "learning_rate": 2e-5},
+    )
+    details = fake.sent("PUT", JOB_PUT)[0].body["properties"]["fineTuningDetails"]
+    assert details["taskType"] == task
+    assert "/data/phitune-" in details["validationData"]["uri"]
+    assert details["hyperParameters"]["per_device_train_batch_size"] == "1"
+    assert client.files.get(job.training_file).examples == len(
+        (MAAS_DATA / f"{stem}_train.jsonl").read_text().splitlines()
+    )
