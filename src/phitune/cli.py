@@ -59,7 +59,7 @@ def cmd_files(args: argparse.Namespace) -> int:
             )
             tokens = report.tokens
             print(
-                f"tokens ({tokens.tokenizer}{'' if tokens.exact else ', approximate'}): total {tokens.total:,}, "
+                f"tokens ({tokens.tokenizer if tokens.exact else 'approximate: no tokenizer on this machine'}): total {tokens.total:,}, "
                 f"trainable {tokens.trainable:,}, max {tokens.max:,}, p95 {tokens.p95:,}; "
                 f"estimated trained tokens for {report.epochs} epoch(s): {report.estimated_trained_tokens:,}"
             )

@@ -11,7 +11,7 @@ from typing import Any
 from ._client import Client, default_home
 from .types import FineTuneJob, LoRA
 
-DEMO_STEPS = 120
+DEMO_STEPS = 80
 HYPERPARAMETERS: dict[str, Any] = {
     "epochs": 100,
     "batch_size": 10,

@@ -125,7 +125,9 @@ class _active_adapter:
         self._disabled: Any = None
 
     def __enter__(self) -> None:
-        if not hasattr(self.model, "set_adapter"):
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
             return
         if self.served.adapter_path is None:
             self._disabled = self.model.disable_adapter()

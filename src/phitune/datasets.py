@@ -1,0 +1,678 @@
+"""Streaming validation of fine-tuning datasets (JSON Lines), with token statistics and a trained-token estimate.
+
+:func:`validate` reads a file once, in 256 KiB chunks of whole lines, and keeps only running aggregates, so memory
+stays bounded whatever the file size. Every problem is collected, each with its 1-based line and a category:
+
+======================  ===================================================================================
+``empty_file``          no non-blank line (reported on line 0)
+``invalid_utf8``        the line's bytes are not strict UTF-8
+``invalid_json``        the line is not one JSON value
+``not_an_object``       the value is not a JSON object
+``unknown_format``      no known format's keys (or a completion format's key is missing)
+``mixed_formats``       the line's format differs from the file's (that of its first well-formed line)
+``missing_messages``    a chat line without a ``messages`` list
+``empty_messages``      ``messages`` is empty
+``invalid_message``     a message is not an object or lacks ``role``/``content``; a bad ``weight``
+``unknown_role``        a role other than system, user, assistant, tool
+``turn_order``          not [system] user, assistant, user, ... ; ``tool`` messages only right after an
+                        assistant message (or another tool message)
+``no_assistant``        no assistant message, or every assistant message has ``weight`` 0
+``non_string_content``  ``content`` (or ``prompt``, ``completion``, ``text``, ``ground_truth``) not a string
+``empty_content``       an empty or whitespace-only message content or completion
+``too_long``            more tokens than the model's context (error); than ``max_seq_length`` (warning)
+======================  ===================================================================================
+
+Formats: ``chat`` (``{"messages": [{"role", "content"}, ...]}``, extra keys allowed, assistant messages may carry
+OpenAI's ``weight`` 0 or 1), ``prompt_completion`` and Azure's ``text_ground_truth`` columns. Blank lines are skipped.
+
+JSON is parsed with msgspec straight into typed structs (the message classes check roles and types in C), a chunk
+at a time while every line is well formed; a chunk with a malformed line is parsed again line by line to name each
+problem. Token counts go through a :class:`TokenCounter`, a chunk's examples at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, ClassVar, Literal, Protocol
+
+import msgspec
+
+from .catalog import find
+from .errors import MissingDependencyError, SpecError
+from .types import DatasetFormat, DatasetIssue, DatasetIssueCategory, DatasetReport, TokenStats
+
+__all__ = [
+    "AnyMessage",
+    "ApproximateCounter",
+    "AssistantMessage",
+    "ChatExample",
+    "CompletionExample",
+    "Example",
+    "Message",
+    "SystemMessage",
+    "TokenCounter",
+    "TokenizerCounter",
+    "ToolMessage",
+    "UserMessage",
+    "counter_for",
+    "validate",
+]
+
+_CHUNK_BYTES = 1 << 18
+"""Read size: small enough that a chunk's bytes and decoded objects stay in the CPU cache (2-3x faster than 4 MiB)."""
+
+_ROLE_CACHE_SIZE = 4096
+"""Distinct role sequences whose verdict is remembered (a dataset has few; the bound keeps memory fixed)."""
+
+
+# ------------------------------------------------------------------------------------------------------ examples
+class Message(msgspec.Struct, tag_field="role"):
+    """A chat message; its class is its role. ``weight`` 0 on an assistant message means no loss (OpenAI's format)."""
+
+    role: ClassVar[str]
+    content: str
+    weight: Literal[0, 1] | None = None
+
+
+class SystemMessage(Message, tag="system"):
+    role: ClassVar[str] = "system"
+
+
+class UserMessage(Message, tag="user"):
+    role: ClassVar[str] = "user"
+
+
+class AssistantMessage(Message, tag="assistant"):
+    role: ClassVar[str] = "assistant"
+
+
+class ToolMessage(Message, tag="tool"):
+    role: ClassVar[str] = "tool"
+
+
+AnyMessage = SystemMessage | UserMessage | AssistantMessage | ToolMessage
+_MESSAGE_TYPES: dict[str, type[Message]] = {
+    t.role: t for t in (SystemMessage, UserMessage, AssistantMessage, ToolMessage)
+}
+
+
+class ChatExample(msgspec.Struct):
+    """A chat line: ``{"messages": [...]}`` (other keys are ignored)."""
+
+    messages: list[AnyMessage]
+
+
+class CompletionExample(msgspec.Struct):
+    """A ``prompt``/``completion`` line, or Azure's ``text``/``ground_truth`` columns in the same shape."""
+
+    prompt: str
+    completion: str
+
+
+class _TextGroundTruth(msgspec.Struct, rename={"prompt": "text", "completion": "ground_truth"}):
+    prompt: str
+    completion: str
+
+
+Example = ChatExample | CompletionExample
+"""A well-formed line, as token counters receive it."""
+
+_FORMAT_KEYS: dict[DatasetFormat, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text_ground_truth": ("text", "ground_truth"),
+}
+_chat_decoder = msgspec.json.Decoder(ChatExample)
+_completion_decoder = msgspec.json.Decoder(CompletionExample)
+_text_decoder = msgspec.json.Decoder(_TextGroundTruth)
+_any_decoder = msgspec.json.Decoder()
+
+
+def _decode_text_ground_truth(line: bytes) -> CompletionExample:
+    row = _text_decoder.decode(line)
+    return CompletionExample(row.prompt, row.completion)
+
+
+_DECODERS: dict[DatasetFormat, Callable[[bytes], Example]] = {
+    "chat": _chat_decoder.decode,
+    "prompt_completion": _completion_decoder.decode,
+    "text_ground_truth": _decode_text_ground_truth,
+}
+
+
+# ------------------------------------------------------------------------------------------------- token counts
+class TokenCounter(Protocol):
+    """Counts tokens as Phi-3 training sees them. ``exact`` is False for estimates."""
+
+    name: str
+    exact: bool
+
+    def count(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
+        """``(total, trainable)`` tokens of each example; trainable tokens are those that carry loss."""
+        ...
+
+
+class ApproximateCounter:
+    """Estimates without a tokenizer: ``ceil(UTF-8 bytes / 4)`` per text, plus Phi-3's markup.
+
+    A chat message adds 4 tokens (``<|role|>``, two newlines, ``<|end|>``) and a conversation 1 (``<|endoftext|>``);
+    an assistant message with non-zero weight trains on its content and ``<|end|>``. A completion example adds the
+    eos token, which trains with the completion. English prose averages about 4 bytes per Phi-3 token.
+    """
+
+    name = "approximate"
+    exact = False
+
+    def count(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
+        """``(total, trainable)`` estimated tokens of each example."""
+        out: list[tuple[int, int]] = []
+        for example in examples:
+            if isinstance(example, ChatExample):
+                total = 1
+                trainable = 0
+                for message in example.messages:
+                    text = message.content
+                    n = ((len(text) if text.isascii() else len(text.encode())) + 3) >> 2
+                    total += n + 4
+                    if type(message) is AssistantMessage and message.weight != 0:
+                        trainable += n + 1
+                out.append((total, trainable))
+            else:
+                completion = _approximate(example.completion) + 1
+                out.append((_approximate(example.prompt) + completion, completion))
+        return out
+
+
+def _approximate(text: str) -> int:
+    return ((len(text) if text.isascii() else len(text.encode())) + 3) >> 2
+
+
+class TokenizerCounter:
+    """Exact Phi-3 token counts with a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library).
+
+    A conversation renders as ``<|role|>\\n{content}<|end|>\\n`` per message, then ``<|endoftext|>``, as Phi-3's
+    chat template does, and is encoded whole. An assistant message with non-zero weight trains on what follows its
+    ``<|assistant|>\\n`` prompt: its content and ``<|end|>``. A completion example is prompt + completion + eos, the
+    texts encoded separately; the completion and eos train. Texts go through ``encode_batch_fast``, ``batch_size``
+    at a time. ``exact`` is False when the tokenizer lacks a Phi-3 special token as a single token.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, batch_size: int = 256) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise MissingDependencyError("tokenizers", "local") from exc
+        file = Path(path)
+        self._tokenizer = Tokenizer.from_file(str(file))
+        self._batch_size = batch_size
+        self.name = name or file.parent.name or file.name
+        self._prompt = self._cost("<|assistant|>\n")
+        self.exact = all(self._cost(t) == 1 for t in ("<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"))
+
+    def _cost(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _lengths(self, texts: list[str]) -> Iterator[int]:
+        encode = self._tokenizer.encode_batch_fast
+        for start in range(0, len(texts), self._batch_size):
+            for encoding in encode(texts[start : start + self._batch_size], add_special_tokens=False):
+                yield len(encoding.ids)
+
+    def count(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
+        """``(total, trainable)`` tokens of each example."""
+        texts: list[str] = []
+        turns: list[int] = []
+        for example in examples:
+            if isinstance(example, ChatExample):
+                rendered = [f"<|{m.role}|>\n{m.content}<|end|>\n" for m in example.messages]
+                texts.append("".join(rendered) + "<|endoftext|>")
+                trained = [
+                    f"<|assistant|>\n{m.content}<|end|>"
+                    for m in example.messages
+                    if type(m) is AssistantMessage and m.weight != 0
+                ]
+                texts += trained
+                turns.append(len(trained))
+            else:
+                texts += (example.prompt, example.completion)
+                turns.append(1)
+        lengths = self._lengths(texts)
+        out: list[tuple[int, int]] = []
+        for example, n in zip(examples, turns, strict=True):
+            total = next(lengths)
+            if isinstance(example, ChatExample):
+                out.append((total, sum(next(lengths) - self._prompt for _ in range(n))))
+            else:
+                completion = next(lengths) + 1
+                out.append((total + completion, completion))
+        return out
+
+
+def counter_for(tokenizer_dir: str | os.PathLike[str] | None) -> TokenCounter:
+    """A :class:`TokenizerCounter` if ``<tokenizer_dir>/tokenizer.json`` exists, else an :class:`ApproximateCounter`."""
+    if tokenizer_dir is not None:
+        file = Path(tokenizer_dir) / "tokenizer.json"
+        if file.is_file():
+            return TokenizerCounter(file, name=Path(tokenizer_dir).name)
+    return ApproximateCounter()
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+class _Histogram:
+    """Counts of non-negative ints in log-linear buckets: exact below 1024, within 0.2% above, bounded size."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+
+    def add(self, values: list[int]) -> None:
+        self.counts.update([v if v < 1024 else _bucket(v) for v in values])
+
+    def quantile(self, q: float) -> int:
+        """The smallest bucket's upper bound that covers at least ``q`` of the values (nearest rank)."""
+        rank = math.ceil(q * self.counts.total())
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return _bucket_top(bucket)
+        return 0
+
+
+def _bucket(value: int) -> int:
+    shift = value.bit_length() - 10
+    return (shift << 9) + (value >> shift)
+
+
+def _bucket_top(bucket: int) -> int:
+    if bucket < 1024:
+        return bucket
+    shift = (bucket >> 9) - 1
+    return ((bucket - (shift << 9) + 1) << shift) - 1
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def validate(
+    path: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    max_seq_length: int | None = None,
+    epochs: int = 1,
+    counter: TokenCounter | None = None,
+    max_errors: int = 1000,
+) -> DatasetReport:
+    """Check every line of a JSONL dataset in one streaming pass with bounded memory.
+
+    ``model`` (a catalog name) sets the context length beyond which an example is a ``too_long`` error; beyond
+    ``max_seq_length`` it is a warning (the example will be truncated). ``counter`` defaults to
+    :class:`ApproximateCounter`. ``error_count`` counts every error; ``errors`` and ``warnings`` keep the first
+    ``max_errors`` each. Token statistics cover the valid examples, before any truncation. Raises ``OSError`` when
+    the file cannot be read and :class:`~phitune.errors.SpecError` for invalid arguments.
+    """
+    if epochs < 1:
+        raise SpecError("epochs", f"must be at least 1, got {epochs}")
+    if max_seq_length is not None and max_seq_length < 1:
+        raise SpecError("max_seq_length", f"must be at least 1, got {max_seq_length}")
+    if max_errors < 0:
+        raise SpecError("max_errors", f"must not be negative, got {max_errors}")
+    entry = find(model) if model else None
+    scan = _Scan(
+        counter or ApproximateCounter(),
+        context=(entry.name, entry.context_length) if entry else None,
+        max_seq_length=max_seq_length,
+        max_errors=max_errors,
+    )
+    with open(path, "rb", buffering=0) as file:
+        for lines, is_ascii in _batches(file):
+            scan.feed(lines, is_ascii)
+        size = file.tell()
+    return scan.report(os.fspath(path), size, epochs)
+
+
+def _batches(file: IO[bytes]) -> Iterator[tuple[list[bytes], bool]]:
+    """The file's lines, a read's worth at a time (a longer line whole), and whether they are all ASCII."""
+    tail: list[bytes] = []
+    tail_ascii = True
+    while data := file.read(_CHUNK_BYTES):
+        is_ascii = data.isascii()
+        lines = data.split(b"\n")
+        if len(lines) == 1:
+            tail.append(data)
+            tail_ascii = tail_ascii and is_ascii
+            continue
+        last = lines.pop()
+        if tail:
+            tail.append(lines[0])
+            lines[0] = b"".join(tail)
+        yield lines, is_ascii and tail_ascii
+        tail = [last]
+        tail_ascii = is_ascii
+    if tail and (line := b"".join(tail)):
+        yield [line], tail_ascii
+
+
+_Issue = tuple[int, DatasetIssueCategory, str]
+
+
+class _Scan:
+    """The running state of one validation pass."""
+
+    def __init__(
+        self, counter: TokenCounter, *, context: tuple[str, int] | None, max_seq_length: int | None, max_errors: int
+    ) -> None:
+        self.counter = counter
+        self.context = context
+        self.max_seq_length = max_seq_length
+        self.max_errors = max_errors
+        self.format: DatasetFormat | None = None
+        self.format_line = 0
+        self.decode: Callable[[bytes], Example] | None = None
+        self.role_orders: dict[tuple[type[Message], ...], bool] = {}
+        self.errors: list[DatasetIssue] = []
+        self.error_count = 0
+        self.warnings: list[DatasetIssue] = []
+        self.next_line = 1
+        self.lines = 0
+        self.examples = 0
+        self.total = 0
+        self.trainable = 0
+        self.min = 0
+        self.max = 0
+        self.histogram = _Histogram()
+
+    # -------------------------------------------------------------------------------------------------- per batch
+    def feed(self, lines: list[bytes], is_ascii: bool) -> None:
+        """Validate the next lines of the file and fold them into the aggregates."""
+        first = self.next_line
+        self.next_line += len(lines)
+        utf8 = is_ascii or all(line.isascii() or _is_utf8(line) for line in lines)
+        issues: list[_Issue] = []
+        decoded: list[Example | None] | None = None
+        if utf8 and self.decode is not None:
+            decode = self.decode
+            try:
+                decoded = [decode(line) for line in lines]
+                self.lines += len(lines)
+            except msgspec.DecodeError:
+                decoded = None
+        if decoded is None:
+            decoded = [self._line(first + i, line, utf8, issues) for i, line in enumerate(lines)]
+
+        valid: list[Example] = []
+        numbers: list[int] = []
+        if self.format == "chat":
+            orders = self.role_orders
+            for i, example in enumerate(decoded):
+                if not isinstance(example, ChatExample):
+                    continue
+                messages = example.messages
+                key = tuple(map(type, messages))
+                good = orders.get(key)
+                if good is None:
+                    good = self._remember(key)
+                if good:
+                    for m in messages:
+                        text = m.content
+                        if not text or m.weight == 0 or text.isspace():
+                            good = False
+                            break
+                if not good:
+                    problems = _chat_issues(messages)
+                    if problems:
+                        issues.extend((first + i, category, text) for category, text in problems)
+                        continue
+                valid.append(example)
+                numbers.append(first + i)
+        else:
+            for i, example in enumerate(decoded):
+                if not isinstance(example, CompletionExample):
+                    continue
+                if not example.completion or example.completion.isspace():
+                    issues.append((first + i, "empty_content", f"{self._keys()[1]!r} is empty"))
+                    continue
+                valid.append(example)
+                numbers.append(first + i)
+        if valid:
+            self._count(valid, numbers, issues)
+        if issues:
+            issues.sort(key=lambda issue: issue[0])
+            self.error_count += len(issues)
+            room = self.max_errors - len(self.errors)
+            self.errors.extend(DatasetIssue(line=n, category=c, message=m) for n, c, m in issues[:room])
+
+    def _count(self, valid: list[Example], numbers: list[int], issues: list[_Issue]) -> None:
+        counts = self.counter.count(valid)
+        totals = [total for total, _ in counts]
+        trainable = [t for _, t in counts]
+        longest = max(totals)
+        if (self.context is not None and longest > self.context[1]) or (
+            self.max_seq_length is not None and longest > self.max_seq_length
+        ):
+            keep = [i for i, total in enumerate(totals) if self._length_ok(numbers[i], total, issues)]
+            totals = [totals[i] for i in keep]
+            trainable = [trainable[i] for i in keep]
+            if not totals:
+                return
+        low, high = min(totals), max(totals)
+        self.min = low if not self.examples else min(self.min, low)
+        self.max = max(self.max, high)
+        self.examples += len(totals)
+        self.total += sum(totals)
+        self.trainable += sum(trainable)
+        self.histogram.add(totals)
+
+    def _length_ok(self, line: int, total: int, issues: list[_Issue]) -> bool:
+        if self.context is not None and total > self.context[1]:
+            name, limit = self.context
+            issues.append((line, "too_long", f"{total} tokens: longer than {name}'s {limit}-token context"))
+            return False
+        if self.max_seq_length is not None and total > self.max_seq_length and len(self.warnings) < self.max_errors:
+            message = f"{total} tokens: will be truncated to max_seq_length={self.max_seq_length}"
+            self.warnings.append(DatasetIssue(line=line, category="too_long", message=message))
+        return True
+
+    def _remember(self, key: tuple[type[Message], ...]) -> bool:
+        good = AssistantMessage in key and _order_problem(tuple(t.role for t in key)) is None
+        if len(self.role_orders) < _ROLE_CACHE_SIZE:
+            self.role_orders[key] = good
+        return good
+
+    # --------------------------------------------------------------------------------------------------- per line
+    def _line(self, number: int, line: bytes, utf8: bool, issues: list[_Issue]) -> Example | None:
+        """The example on a line of a batch that failed as a whole, or None after recording its problems."""
+        if not line.strip():
+            return None
+        self.lines += 1
+        if not utf8:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                issues.append((number, "invalid_utf8", f"not UTF-8: {exc.reason} at byte {exc.start}"))
+                return None
+        if self.decode is not None:
+            try:
+                return self.decode(line)
+            except msgspec.DecodeError:
+                pass
+        problems = self._diagnose(number, line)
+        if problems or self.decode is None:
+            issues.extend((number, category, text) for category, text in problems)
+            return None
+        try:  # a well-formed line: the file's first, or a case the diagnosis does not name
+            return self.decode(line)
+        except msgspec.DecodeError as exc:
+            issues.append((number, "invalid_message" if self.format == "chat" else "unknown_format", str(exc)))
+            return None
+
+    def _diagnose(self, number: int, line: bytes) -> list[tuple[DatasetIssueCategory, str]]:
+        """Why a line is not a well-formed example of the file's format; the first well-formed line sets the format."""
+        try:
+            value = _any_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            return [("invalid_json", f"not valid JSON: {exc}")]
+        if type(value) is not dict:
+            return [("not_an_object", f"each line must be a JSON object, got {_json_type(value)}")]
+        fmt = _detect(value, self.format)
+        if fmt is None:
+            keys = ", ".join(repr(k) for k in list(value)[:8]) or "none"
+            if self.format == "chat":
+                return [("missing_messages", f"no 'messages' list (keys: {keys})")]
+            if self.format is not None:
+                missing = ", ".join(repr(k) for k in self._keys() if k not in value)
+                return [("unknown_format", f"missing {missing} of the file's {self.format} format (keys: {keys})")]
+            expected = "'messages', 'prompt' and 'completion', or 'text' and 'ground_truth'"
+            return [("unknown_format", f"expected {expected} (keys: {keys})")]
+        if self.format is not None and fmt != self.format:
+            return [("mixed_formats", f"a {fmt} line in a {self.format} file (format of line {self.format_line})")]
+        messages: list[Message | None] | None = None
+        if fmt == "chat":
+            problems, messages = _chat_structure(value["messages"])
+        else:
+            problems = [
+                ("non_string_content", f"{key!r} must be a string, got {_json_type(value[key])}")
+                for key in _FORMAT_KEYS[fmt]
+                if not isinstance(value[key], str)
+            ]
+        if not problems and self.format is None:
+            self.format, self.format_line, self.decode = fmt, number, _DECODERS[fmt]
+        return problems if messages is None else problems + _chat_issues(messages)
+
+    def _keys(self) -> tuple[str, ...]:
+        return _FORMAT_KEYS[self.format or "chat"]
+
+    # ---------------------------------------------------------------------------------------------------- report
+    def report(self, path: str, size: int, epochs: int) -> DatasetReport:
+        """The :class:`DatasetReport` of everything fed so far."""
+        if self.lines == 0:
+            self.error_count += 1
+            self.errors.append(DatasetIssue(line=0, category="empty_file", message="the file has no examples"))
+        n = self.examples
+        tokens = TokenStats(
+            total=self.total,
+            trainable=self.trainable,
+            min=self.min,
+            max=self.max,
+            mean=self.total / n if n else 0.0,
+            p95=min(self.histogram.quantile(0.95), self.max),
+            tokenizer=self.counter.name,
+            exact=self.counter.exact,
+        )
+        return DatasetReport(
+            path=path,
+            ok=self.error_count == 0 and n > 0,
+            format=self.format,
+            examples=n,
+            errors=self.errors,
+            error_count=self.error_count,
+            warnings=self.warnings,
+            tokens=tokens,
+            bytes=size,
+            epochs=epochs,
+            estimated_trained_tokens=self.trainable * epochs,
+        )
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _detect(value: dict[str, Any], preferred: DatasetFormat | None) -> DatasetFormat | None:
+    """The line's format: the file's own when its keys are there, else the first whose keys are all there."""
+    if preferred is not None and all(k in value for k in _FORMAT_KEYS[preferred]):
+        return preferred
+    for fmt, keys in _FORMAT_KEYS.items():
+        if all(k in value for k in keys):
+            return fmt
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _chat_structure(messages: Any) -> tuple[list[tuple[DatasetIssueCategory, str]], list[Message | None] | None]:
+    """The structural problems of a ``messages`` value, and its messages (None where malformed) if it is a list."""
+    if type(messages) is not list:
+        return [("missing_messages", f"'messages' must be a list, got {_json_type(messages)}")], None
+    problems: list[tuple[DatasetIssueCategory, str]] = []
+    typed: list[Message | None] = []
+    for k, m in enumerate(messages):
+        typed.append(None)
+        if type(m) is not dict:
+            problems.append(("invalid_message", f"messages[{k}] must be an object, got {_json_type(m)}"))
+            continue
+        before = len(problems)
+        role, content, weight = m.get("role"), m.get("content"), m.get("weight")
+        if not isinstance(role, str):
+            problems.append(("invalid_message", f"messages[{k}] needs a 'role' string"))
+        elif role not in _MESSAGE_TYPES:
+            problems.append(("unknown_role", f"messages[{k}].role {role!r} is not system, user, assistant or tool"))
+        if "content" not in m:
+            problems.append(("invalid_message", f"messages[{k}] needs a 'content'"))
+        elif not isinstance(content, str):
+            problems.append(
+                ("non_string_content", f"messages[{k}].content must be a string, got {_json_type(content)}")
+            )
+        if weight is not None and (type(weight) is not int or weight not in (0, 1)):
+            problems.append(("invalid_message", f"messages[{k}].weight must be 0 or 1, got {weight!r}"))
+        if len(problems) == before and isinstance(role, str) and isinstance(content, str):
+            typed[-1] = _MESSAGE_TYPES[role](content, weight)
+        elif isinstance(content, str) and (not content or content.isspace()):
+            problems.append(("empty_content", f"messages[{k}].content is empty"))
+    return problems, typed
+
+
+def _chat_issues(messages: Sequence[Message | None]) -> list[tuple[DatasetIssueCategory, str]]:
+    """The problems of decoded messages (None stands for a malformed one, reported already: no order checks)."""
+    if not messages:
+        return [("empty_messages", "'messages' is empty")]
+    problems: list[tuple[DatasetIssueCategory, str]] = []
+    known = [m for m in messages if m is not None]
+    for k, m in enumerate(messages):
+        if m is not None and (not m.content or m.content.isspace()):
+            problems.append(("empty_content", f"messages[{k}].content is empty"))
+    if len(known) == len(messages):
+        order = _order_problem(tuple(m.role for m in known))
+        if order is not None:
+            problems.append(("turn_order", order))
+        weights = [m.weight for m in known if isinstance(m, AssistantMessage)]
+        if not weights:
+            problems.append(("no_assistant", "no assistant message: nothing to train on"))
+        elif all(w == 0 for w in weights):
+            problems.append(("no_assistant", "every assistant message has weight 0: nothing to train on"))
+    return problems
+
+
+_FOLLOWS: dict[str, tuple[str | None, ...]] = {
+    "system": (None,),
+    "user": (None, "system", "assistant"),
+    "assistant": ("user", "tool"),
+    "tool": ("assistant", "tool"),
+}
+
+
+def _order_problem(roles: tuple[str, ...]) -> str | None:
+    """Why a sequence of roles breaks [system] user, assistant, user, ... (tool only after assistant or tool)."""
+    previous: str | None = None
+    for k, role in enumerate(roles):
+        if previous not in _FOLLOWS[role]:
+            after = f"after {previous}" if previous else "first"
+            expected = " or ".join(r for r, allowed in _FOLLOWS.items() if previous in allowed and r != "system")
+            return f"messages[{k}] is {role} {after}; expected {expected}"
+        previous = role
+    return None

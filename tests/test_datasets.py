@@ -1,0 +1,398 @@
+"""The streaming dataset validator: every category with its exact line, formats, token counts, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phitune.datasets import ApproximateCounter, TokenizerCounter, counter_for, validate
+from phitune.errors import SpecError
+from phitune.types import DatasetReport
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "azureml-examples-maas"
+
+USER = {"role": "user", "content": "What is the capital of France?"}
+ASSISTANT = {"role": "assistant", "content": "Paris."}
+GOOD = {"messages": [USER, ASSISTANT]}
+
+
+def chat(*messages: Any) -> dict[str, Any]:
+    return {"messages": list(messages)}
+
+
+def write(path: Path, lines: list[Any]) -> Path:
+    """One line per item: dicts and lists as JSON, str and bytes as they are."""
+    with open(path, "wb") as fh:
+        for line in lines:
+            if isinstance(line, bytes):
+                fh.write(line + b"\n")
+            elif isinstance(line, str):
+                fh.write(line.encode() + b"\n")
+            else:
+                fh.write(json.dumps(line).encode() + b"\n")
+    return path
+
+
+def found(report: DatasetReport) -> list[tuple[int, str]]:
+    return [(issue.line, issue.category) for issue in report.errors]
+
+
+CATEGORY_CASES: dict[str, tuple[list[Any], list[tuple[int, str]]]] = {
+    "invalid_json": ([GOOD, '{"messages": [', GOOD, "not json", GOOD], [(2, "invalid_json"), (4, "invalid_json")]),
+    "invalid_utf8": (
+        [GOOD, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', chat(USER, {**ASSISTANT, "content": "café"})],
+        [(2, "invalid_utf8")],
+    ),
+    "not_an_object": (
+        [GOOD, "[1, 2]", GOOD, '"text"', "3"],
+        [(2, "not_an_object"), (4, "not_an_object"), (5, "not_an_object")],
+    ),
+    "unknown_format": ([{"question": "q", "answer": "a"}, GOOD], [(1, "unknown_format")]),
+    "missing_messages": (
+        [GOOD, {"conversation": [USER]}, {"messages": None}, {"messages": "hi"}],
+        [(2, "missing_messages"), (3, "missing_messages"), (4, "missing_messages")],
+    ),
+    "empty_messages": ([GOOD, GOOD, {"messages": []}], [(3, "empty_messages")]),
+    "invalid_message": (
+        [
+            GOOD,
+            chat(USER, "Paris."),
+            chat({"content": "hi"}, ASSISTANT),
+            chat(USER, {"role": "assistant"}),
+            chat(USER, {**ASSISTANT, "weight": 2}),
+        ],
+        [(2, "invalid_message"), (3, "invalid_message"), (4, "invalid_message"), (5, "invalid_message")],
+    ),
+    "unknown_role": ([GOOD, chat({"role": "human", **{"content": "hi"}}, ASSISTANT)], [(2, "unknown_role")]),
+    "turn_order": (
+        [
+            chat(ASSISTANT, USER, ASSISTANT),
+            chat(USER, USER, ASSISTANT),
+            chat(USER, {"role": "system", "content": "Be brief."}, ASSISTANT),
+            chat(USER, {"role": "tool", "content": "{}"}, ASSISTANT),
+            chat(USER, ASSISTANT, {"role": "tool", "content": "{}"}, {"role": "tool", "content": "{}"}, ASSISTANT),
+        ],
+        [(1, "turn_order"), (2, "turn_order"), (3, "turn_order"), (4, "turn_order")],
+    ),
+    "no_assistant": (
+        [GOOD, chat(USER), chat(USER, {**ASSISTANT, "weight": 0}), chat(USER, {**ASSISTANT, "weight": 0}, USER)],
+        [(2, "no_assistant"), (3, "no_assistant"), (4, "no_assistant")],
+    ),
+    "non_string_content": (
+        [GOOD, chat(USER, {"role": "assistant", "content": 42}), chat({"role": "user", "content": None}, ASSISTANT)],
+        [(2, "non_string_content"), (3, "non_string_content")],
+    ),
+    "empty_content": (
+        [GOOD, chat(USER, {"role": "assistant", "content": ""}), chat({"role": "user", "content": " \n"}, ASSISTANT)],
+        [(2, "empty_content"), (3, "empty_content")],
+    ),
+    "mixed_formats": (
+        [GOOD, {"prompt": "p", "completion": "c"}, GOOD, {"text": "t", "ground_truth": "g"}],
+        [(2, "mixed_formats"), (4, "mixed_formats")],
+    ),
+}
+
+
+@pytest.mark.parametrize("category", sorted(CATEGORY_CASES))
+def test_each_category_names_its_lines(tmp_path: Path, category: str) -> None:
+    lines, expected = CATEGORY_CASES[category]
+    report = validate(write(tmp_path / "data.jsonl", lines))
+    assert found(report) == expected
+    assert report.error_count == len(expected)
+    assert not report.ok
+    assert report.examples == len(lines) - len(expected)
+
+
+def test_every_problem_of_a_file_in_one_pass(tmp_path: Path) -> None:
+    lines: list[Any] = []
+    expected: list[tuple[int, str]] = []
+    for category in sorted(CATEGORY_CASES):
+        if category in ("unknown_format", "mixed_formats"):
+            continue  # these depend on the file's first line
+        case, issues = CATEGORY_CASES[category]
+        expected += [(len(lines) + line, cat) for line, cat in issues]
+        lines += case
+    report = validate(write(tmp_path / "data.jsonl", [GOOD, *lines]))
+    assert found(report) == [(line + 1, cat) for line, cat in expected]
+
+
+def test_several_problems_on_one_line(tmp_path: Path) -> None:
+    line = chat({"role": "bot", "content": ""}, {"role": "assistant", "content": 1}, "x")
+    report = validate(write(tmp_path / "data.jsonl", [GOOD, line]))
+    assert [issue.category for issue in report.errors] == [
+        "unknown_role",
+        "empty_content",
+        "non_string_content",
+        "invalid_message",
+    ]
+    assert {issue.line for issue in report.errors} == {2}
+    assert "messages[1].content" in report.errors[2].message
+
+
+def test_completion_formats_check_their_fields(tmp_path: Path) -> None:
+    lines = [
+        {"prompt": "2+2=", "completion": "4"},
+        {"prompt": "3+3="},
+        {"prompt": "4+4=", "completion": 8},
+        {"prompt": "5+5=", "completion": ""},
+        GOOD,
+    ]
+    report = validate(write(tmp_path / "pc.jsonl", lines))
+    assert report.format == "prompt_completion"
+    assert found(report) == [
+        (2, "unknown_format"),
+        (3, "non_string_content"),
+        (4, "empty_content"),
+        (5, "mixed_formats"),
+    ]
+    assert "'completion'" in report.errors[0].message
+
+
+def test_the_first_well_formed_line_sets_the_format(tmp_path: Path) -> None:
+    lines: list[Any] = [chat(USER), "[]", {"prompt": 1, "completion": "c"}, {"prompt": "p", "completion": "c"}, GOOD]
+    report = validate(write(tmp_path / "data.jsonl", lines))
+    assert report.format == "chat"  # line 1 is well formed, though it has no assistant message
+    assert found(report) == [
+        (1, "no_assistant"),
+        (2, "not_an_object"),
+        (3, "mixed_formats"),
+        (4, "mixed_formats"),
+    ]
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \n\r\n")
+    for path in (empty, blank):
+        report = validate(path)
+        assert found(report) == [(0, "empty_file")]
+        assert not report.ok and report.examples == 0 and report.format is None
+
+
+def test_valid_chat_file(tmp_path: Path) -> None:
+    lines = [
+        chat({"role": "system", "content": "Be brief."}, USER, ASSISTANT),
+        {"messages": [USER, {**ASSISTANT, "weight": 0}, USER, {**ASSISTANT, "weight": 1}], "id": 7},
+        chat(USER, {"role": "assistant", "content": "Let me look.", "name": "bot"}, {"role": "tool", "content": "{}"}),
+        "",
+        "   ",
+        chat(USER, {"role": "assistant", "content": "Paris, ça va."}),
+    ]
+    report = validate(write(tmp_path / "chat.jsonl", lines), model="Phi-3-mini-4k-instruct", epochs=3)
+    assert report.ok, report.errors
+    assert (report.format, report.examples, report.error_count, report.epochs) == ("chat", 4, 0, 3)
+    assert report.bytes == (tmp_path / "chat.jsonl").stat().st_size
+    assert report.estimated_trained_tokens == 3 * report.tokens.trainable > 0
+    assert report.tokens.tokenizer == "approximate" and not report.tokens.exact
+
+
+def test_crlf_lines_and_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b"\r\n".join([json.dumps(GOOD).encode(), b"", b"  ", b"{oops", json.dumps(GOOD).encode()]))
+    report = validate(path)
+    assert found(report) == [(4, "invalid_json")]
+    assert report.examples == 2
+
+
+def test_valid_prompt_completion_and_text_ground_truth(tmp_path: Path) -> None:
+    pc = validate(write(tmp_path / "pc.jsonl", [{"prompt": "", "completion": "Once upon a time"}] * 3))
+    assert pc.ok and pc.format == "prompt_completion" and pc.examples == 3
+    rows = [{"text": "Summarize: a b c", "ground_truth": "abc", "id": 1}, {"text": "x", "ground_truth": "y"}]
+    tg = validate(write(tmp_path / "tg.jsonl", rows))
+    assert tg.ok and tg.format == "text_ground_truth" and tg.examples == 2
+    assert tg.tokens.trainable == (1 + 1) + (1 + 1)  # each completion's estimate plus eos
+
+
+def test_too_long_is_an_error_past_the_context_and_a_warning_past_max_seq_length(tmp_path: Path) -> None:
+    long = chat(USER, {"role": "assistant", "content": "word " * 2000})  # ~2500 approximate tokens
+    medium = chat(USER, {"role": "assistant", "content": "word " * 100})
+    path = write(tmp_path / "long.jsonl", [GOOD, long, medium, GOOD])
+    report = validate(path, model="tiny-phi3", max_seq_length=64)  # tiny-phi3: 2048-token context
+    assert found(report) == [(2, "too_long")]
+    assert "2048-token context" in report.errors[0].message
+    assert [(w.line, w.category) for w in report.warnings] == [(3, "too_long")]
+    assert report.examples == 3
+    loose = validate(path, max_seq_length=4096)
+    assert loose.ok and not loose.warnings and loose.examples == 4
+
+
+def test_approximate_counts(tmp_path: Path) -> None:
+    lines = [
+        chat({"role": "user", "content": "abcdefgh"}, {"role": "assistant", "content": "abcd"}),
+        chat({"role": "user", "content": "é"}, {"role": "assistant", "content": "abcde", "weight": 1}),
+        {
+            "messages": [
+                *chat(USER, {**ASSISTANT, "weight": 0})["messages"],
+                USER,
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+    ]
+    report = validate(write(tmp_path / "a.jsonl", lines))
+    # 1 (eos) + per message ceil(bytes/4) + 4; trainable: assistant content + <|end|>
+    first = (1 + (2 + 4) + (1 + 4), 1 + 1)
+    second = (1 + (1 + 4) + (2 + 4), 2 + 1)
+    third = (1 + (8 + 4) + (2 + 4) + (8 + 4) + (1 + 4), 1 + 1)
+    assert report.tokens.total == first[0] + second[0] + third[0]
+    assert report.tokens.trainable == first[1] + second[1] + third[1]
+    assert (report.tokens.min, report.tokens.max) == (first[0], third[0])
+
+
+def test_token_statistics_and_p95(tmp_path: Path) -> None:
+    lines = [{"prompt": "", "completion": "a" * (4 * k)} for k in range(1, 101)]  # totals k + 1 (eos)
+    tokens = validate(write(tmp_path / "p.jsonl", lines)).tokens
+    assert (tokens.min, tokens.max, tokens.p95, tokens.total) == (2, 101, 96, sum(range(2, 102)))
+    assert tokens.mean == pytest.approx(51.5)
+    big = [{"prompt": "", "completion": "a" * (4 * (3000 + 10 * k))} for k in range(100)]  # totals 3001 + 10k
+    tokens = validate(write(tmp_path / "big.jsonl", big)).tokens
+    exact = 3001 + 10 * 94
+    assert exact <= tokens.p95 <= exact * 1.002
+
+
+@pytest.fixture
+def phi3_tokenizer(tmp_path: Path) -> Path:
+    """A word-level tokenizer with Phi-3's special tokens, saved as tmp_path/tok/tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[UNK]", "be", "brief", "hello", "there", "hi", "friend", "bye", "see", "you", "2", "+", "=", "4"]
+    tokenizer = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    )
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    specials = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tokenizer.add_special_tokens([tokenizers.AddedToken(t, rstrip=True) for t in specials])
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_exact_counts_with_a_tokenizer(tmp_path: Path, phi3_tokenizer: Path) -> None:
+    conversation = chat(
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi friend"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "see you", "weight": 0},
+    )
+    counter = counter_for(phi3_tokenizer)
+    assert isinstance(counter, TokenizerCounter) and counter.exact and counter.name == "tok"
+    report = validate(write(tmp_path / "c.jsonl", [conversation, conversation]), counter=counter)
+    # 5 x (<|role|> + content + <|end|>) + <|endoftext|>: 4 + 4 + 4 + 3 + 4 + 1
+    assert (report.tokens.min, report.tokens.max) == (20, 20)
+    assert report.tokens.total == 40
+    assert report.tokens.trainable == 2 * 3  # "hi friend" + <|end|>; the weight-0 reply trains nothing
+    assert report.tokens.tokenizer == "tok" and report.tokens.exact
+
+    pc = validate(write(tmp_path / "pc.jsonl", [{"prompt": "2 + 2 =", "completion": "4"}]), counter=counter)
+    assert (pc.tokens.total, pc.tokens.trainable) == (4 + 1 + 1, 1 + 1)  # prompt, completion, eos
+
+
+def test_exact_counts_match_the_trainer(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The counter agrees token for token with how the trainer encodes (tiny-phi3's byte-level BPE, its template)."""
+    transformers = pytest.importorskip("transformers")
+    from phitune.trainer.data import encode_chat, encode_completion
+
+    conversations: list[list[dict[str, Any]]] = [
+        [USER, ASSISTANT],
+        [{"role": "system", "content": "Answer in French, then stop."}, USER, {**ASSISTANT, "content": "Paris !\n"}],
+        [
+            USER,
+            {**ASSISTANT, "weight": 0},
+            {"role": "user", "content": "  And Spain? "},
+            {**ASSISTANT, "content": "Madrid"},
+        ],
+        [{"role": "user", "content": "Écris « bonjour » 三 times"}, {**ASSISTANT, "content": "bonjour ✓✓✓"}],
+    ]
+    pairs = [("2 + 2 =", " 4"), ("Translate: cat\n", "chat")]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    counter = counter_for(tiny_model_dir)
+    chats = validate(write(tmp_path / "chat.jsonl", [chat(*c) for c in conversations]), counter=counter)
+    encoded = [encode_chat(tokenizer, c, max_seq_length=4096) for c in conversations]
+    assert chats.tokens.total == sum(len(e.input_ids) for e in encoded)
+    assert chats.tokens.trainable == sum(e.trainable_tokens for e in encoded)
+    rows = [{"prompt": p, "completion": c} for p, c in pairs]
+    completions = validate(write(tmp_path / "pc.jsonl", rows), counter=counter)
+    encoded = [encode_completion(tokenizer, p, c, max_seq_length=4096) for p, c in pairs]
+    assert completions.tokens.total == sum(len(e.input_ids) for e in encoded)
+    assert completions.tokens.trainable == sum(e.trainable_tokens for e in encoded)
+
+
+def test_counter_for_falls_back_to_the_estimate(tmp_path: Path) -> None:
+    assert isinstance(counter_for(None), ApproximateCounter)
+    assert isinstance(counter_for(tmp_path), ApproximateCounter)
+
+
+def test_max_errors_keeps_the_first_and_counts_all(tmp_path: Path) -> None:
+    report = validate(write(tmp_path / "bad.jsonl", [GOOD] + ["{"] * 30), max_errors=5)
+    assert report.error_count == 30
+    assert [issue.line for issue in report.errors] == [2, 3, 4, 5, 6]
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(SpecError, match="epochs"):
+        validate("unused.jsonl", epochs=0)
+    with pytest.raises(SpecError, match="max_seq_length"):
+        validate("unused.jsonl", max_seq_length=0)
+
+
+def test_lines_across_chunks_keep_their_numbers(tmp_path: Path) -> None:
+    """Several 256 KiB reads, a line longer than one read, multi-byte characters cut by read boundaries."""
+    lines: list[Any] = [chat(USER, {"role": "assistant", "content": f"réponse numéro {i} ✓"}) for i in range(3000)]
+    lines[1499] = "{"
+    lines[2000] = chat(USER, {"role": "assistant", "content": "é" * 300_000})
+    lines[2001] = b'{"messages": [{"role": "user", "content": "\xff"}]}'
+    lines[2998] = chat(USER)
+    report = validate(write(tmp_path / "big.jsonl", lines))
+    assert found(report) == [(1500, "invalid_json"), (2002, "invalid_utf8"), (2999, "no_assistant")]
+    assert report.examples == 2997
+
+
+def test_memory_stays_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "large.jsonl"
+    line = json.dumps(chat({"role": "system", "content": "Be brief. " * 20}, USER, {**ASSISTANT, "content": "x" * 800}))
+    with open(path, "w") as fh:
+        fh.writelines(line + "\n" for _ in range(8000))
+    size = path.stat().st_size
+    assert size > 8_000_000
+    tracemalloc.start()
+    try:
+        report = validate(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.ok and report.examples == 8000
+    assert peak < 3_000_000, f"peak {peak} bytes for a {size}-byte file"
+
+
+def test_import_is_light() -> None:
+    import subprocess
+
+    code = "import sys, phitune.datasets; print(sorted({'torch', 'transformers', 'tokenizers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("chat-completion_train.jsonl", "chat"),
+        ("chat-completion_validation.jsonl", "chat"),
+        ("text-generation_train.jsonl", "text_ground_truth"),
+        ("text-generation_validation.jsonl", "text_ground_truth"),
+    ],
+)
+def test_azureml_example_data_is_valid(name: str, fmt: str) -> None:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared data absent: {path}")
+    report = validate(path, model="Phi-3-mini-4k-instruct")
+    assert report.ok, report.errors[:5]
+    assert report.format == fmt and report.examples > 0
+    assert report.tokens.max <= 4096
