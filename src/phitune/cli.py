@@ -58,8 +58,9 @@ def cmd_files(args: argparse.Namespace) -> int:
                 f"{args.path}: {'ok' if report.ok else 'INVALID'} — {report.examples} examples, format {report.format}"
             )
             tokens = report.tokens
+            counted = tokens.tokenizer if tokens.exact else "approximate: no tokenizer on this machine"
             print(
-                f"tokens ({tokens.tokenizer if tokens.exact else 'approximate: no tokenizer on this machine'}): total {tokens.total:,}, "
+                f"tokens ({counted}): total {tokens.total:,}, "
                 f"trainable {tokens.trainable:,}, max {tokens.max:,}, p95 {tokens.p95:,}; "
                 f"estimated trained tokens for {report.epochs} epoch(s): {report.estimated_trained_tokens:,}"
             )
