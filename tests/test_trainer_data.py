@@ -101,7 +101,7 @@ def test_concurrent_builds_share_one_folder(
     cache, results = concurrent_build
     for result in results:
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == str(cache / "tiny-phi3")
+        assert result.stdout.strip().splitlines()[-1] == str(cache / "tiny-phi3")  # libraries may log above it
     assert sorted(p.name for p in cache.iterdir()) == [".tiny-phi3.lock", "tiny-phi3"]
 
 
