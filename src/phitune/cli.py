@@ -162,6 +162,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(home=Path(args.home) if args.home else None, steps=args.steps)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import cli
+
+    return cli(args.rest, home=args.home)
+
+
 def cmd_kaito(args: argparse.Namespace) -> int:
     from .kaito import cli
 
@@ -235,14 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--idle-timeout", type=float, default=3600.0)
     worker.set_defaults(func=cmd_worker)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible fine-tuning and inference service", add_help=False)
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=cmd_serve)
+
     kaito = sub.add_parser("kaito", help="emit Kaito tuning/inference workspaces", add_help=False)
     kaito.add_argument("rest", nargs=argparse.REMAINDER)
     kaito.set_defaults(func=cmd_kaito)
     return parser
 
 
+_DELEGATED = ("serve", "kaito")  # commands that parse their own arguments (``--help`` included)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    split = next((i for i, t in enumerate(tokens) if t in _DELEGATED), None)
+    if split is not None and all(t.startswith("-") or tokens[i - 1] == "--home" for i, t in enumerate(tokens[:split])):
+        args = build_parser().parse_args([*tokens[:split], tokens[split]])
+        args.rest = tokens[split + 1 :]
+    else:
+        args = build_parser().parse_args(tokens)
     try:
         return int(args.func(args))
     except PhituneError as exc:

@@ -16,8 +16,8 @@ PhituneError
         ├── BadRequestError        400
         ├── AuthenticationError    401
         ├── PermissionDeniedError  403
-        ├── RemoteNotFoundError    404
-        ├── RemoteConflictError    409
+        ├── RemoteNotFoundError    404 (also a NotFoundError)
+        ├── RemoteConflictError    409 (also a ConflictError)
         ├── RateLimitError         429
         └── InternalServerError    >= 500
 ```
@@ -35,9 +35,16 @@ if TYPE_CHECKING:
     from .types import DatasetIssue
 
 _SECRET_PATTERNS = [
-    re.compile(r"(?i)(api[-_]?key|access[-_]?token|secret|password|authorization|bearer|sig)([\"'\s:=]+)([^\s\"',&]+)"),
+    # key=value, "key": "value", key: value
+    re.compile(
+        r"(?i)\b(api[-_]?key|access[-_]?token|client[-_]?secret|secret|password|sig)([\"']?\s*[:=]\s*[\"']?)([^\s\"',&]+)"
+    ),
+    re.compile(r"(?i)(--api[-_]key[\s=]+)(\S+)"),  # command lines
+    re.compile(r"(?i)(\bbearer\s+)([^\s\"',]+)"),  # Authorization: Bearer ...
+]
+_SHAPED_SECRETS = [
     re.compile(r"\beyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]*"),  # JWTs
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),  # OpenAI-style keys
 ]
 
 
@@ -48,6 +55,8 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
             text = text.replace(secret, "***")
     text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
     for pattern in _SECRET_PATTERNS[1:]:
+        text = pattern.sub(lambda m: f"{m.group(1)}***", text)
+    for pattern in _SHAPED_SECRETS:
         text = pattern.sub("***", text)
     return text
 
@@ -142,7 +151,7 @@ class APIStatusError(APIError):
         self.status_code = status_code
         self.body = body
         self.request_id = request_id
-        super().__init__(f"{status_code}: {message}")
+        PhituneError.__init__(self, f"{status_code}: {message}")
 
 
 class BadRequestError(APIStatusError):
@@ -157,12 +166,12 @@ class PermissionDeniedError(APIStatusError):
     pass
 
 
-class RemoteNotFoundError(APIStatusError):
-    pass
+class RemoteNotFoundError(APIStatusError, NotFoundError):
+    """404 from a service; also a :class:`NotFoundError`, so one ``except`` covers local and remote."""
 
 
-class RemoteConflictError(APIStatusError):
-    pass
+class RemoteConflictError(APIStatusError, ConflictError):
+    """409 from a service; also a :class:`ConflictError`."""
 
 
 class RateLimitError(APIStatusError):

@@ -1,0 +1,428 @@
+"""Any OpenAI-compatible fine-tuning service: ``phitune serve``, Azure OpenAI, or OpenAI itself.
+
+Calls go through the official ``openai`` client, which retries throttling (429), 408, 409 and 5xx answers and
+connection failures ``max_retries`` times, waiting what ``Retry-After`` / ``retry-after-ms`` asks (up to two
+minutes) or backing off exponentially. A job is created with an ``Idempotency-Key`` header, the same on every retry.
+
+What a service honours depends on what it is. A **phitune server** (found by ``GET /v1/phitune``, or declared with
+``phitune_server=True``) takes the whole :class:`~phitune.types.JobSpec`: the phitune-only parts travel in the request
+body's ``phitune`` object. **Other services** take supervised fine-tuning with ``n_epochs``, ``batch_size``,
+``learning_rate_multiplier`` (``learning_rate`` / the method's base learning rate, see
+:data:`phitune.server.shapes.BASE_LEARNING_RATE`) and ``seed``; every other option is refused by name
+(:class:`~phitune.errors.UnsupportedOptionError`) before anything is sent. There, a deployment is the fine-tuned
+model itself: the service serves it under its own id.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import openai
+from openai import Omit, omit
+
+from .. import catalog
+from ..errors import APIConnectionError, MissingDependencyError, UnsupportedOptionError, redact, status_error
+from ..server.shapes import openai_hyperparameters
+from ..types import (
+    ChatChoice,
+    ChatCompletion,
+    ChatMessage,
+    Checkpoint,
+    DatasetReport,
+    Deployment,
+    Distributed,
+    FileObject,
+    FineTuneJob,
+    Hyperparameters,
+    JobEvent,
+    JobSpec,
+    LoRA,
+    ModelObject,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+    from openai.types.fine_tuning.job_create_params import Method as OpenAIMethod
+
+T = TypeVar("T")
+
+COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
+_OPENAI_HYPERPARAMETERS = frozenset({"epochs", "batch_size", "learning_rate", "seed"})
+_NO_KEY = "phitune-no-key"
+"""Sent when no API key is configured: the openai client needs one; an open ``phitune serve`` ignores it."""
+
+
+class OpenAIBackend:
+    """Fine-tuning jobs on an OpenAI-compatible service, through the official ``openai`` client.
+
+    ``OpenAIBackend(base_url="http://127.0.0.1:8000/v1", api_key=...)`` for ``phitune serve`` or another
+    OpenAI-compatible service (``base_url`` None means OpenAI; ``api_key`` None reads ``$OPENAI_API_KEY``);
+    ``OpenAIBackend(azure_endpoint=..., api_version=..., api_key=... | credential=... |
+    azure_ad_token_provider=...)`` for Azure OpenAI (``credential``, an azure-identity credential, is turned into a
+    token provider for the Cognitive Services scope). ``client=`` takes a ready ``openai.OpenAI``.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
+        credential: Any = None,
+        azure_ad_token_provider: Callable[[], str] | None = None,
+        phitune_server: bool | None = None,
+        max_retries: int = 3,
+        timeout: float = 120.0,
+        http_client: Any = None,  # an httpx.Client (or httpx2.Client): proxies, custom transports
+        client: openai.OpenAI | None = None,
+    ) -> None:
+        if client is not None:
+            self._client = client
+        elif azure_endpoint is not None:
+            if credential is not None:
+                if azure_ad_token_provider is not None:
+                    raise ValueError("give credential or azure_ad_token_provider, not both")
+                azure_ad_token_provider = _token_provider(credential)
+            self._client = openai.AzureOpenAI(
+                azure_endpoint=azure_endpoint,
+                api_version=api_version,
+                api_key=api_key if azure_ad_token_provider is None else None,
+                azure_ad_token_provider=azure_ad_token_provider,
+                max_retries=max_retries,
+                timeout=timeout,
+                http_client=http_client,
+            )
+            phitune_server = False if phitune_server is None else phitune_server
+        else:
+            self._client = openai.OpenAI(
+                base_url=base_url,
+                api_key=api_key or os.environ.get("OPENAI_API_KEY") or _NO_KEY,
+                max_retries=max_retries,
+                timeout=timeout,
+                http_client=http_client,
+            )
+        self._phitune_server = phitune_server
+        self._secrets = tuple(k for k in {api_key, self._client.api_key} if k)
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one client call (already retried by the client), turning its errors into phitune's."""
+        try:
+            return fn()
+        except openai.APIStatusError as exc:
+            message = redact(_message(exc), self._secrets)
+            raise status_error(exc.status_code, message, body=exc.body, request_id=exc.request_id) from None
+        except openai.APIConnectionError as exc:
+            raise APIConnectionError(f"cannot reach {self._client.base_url}: {type(exc).__name__}") from None
+
+    @property
+    def phitune_server(self) -> bool:
+        """True if the service is ``phitune serve`` (asked once with ``GET /phitune``)."""
+        if self._phitune_server is None:
+
+            def probe() -> object:
+                try:
+                    return self._client.get("/phitune", cast_to=object)
+                except openai.APIStatusError as exc:
+                    if exc.status_code in (400, 404, 405):
+                        return None
+                    raise
+
+            info = self._call(probe)
+            self._phitune_server = isinstance(info, dict) and info.get("object") == "phitune.server"
+        return self._phitune_server
+
+    def openai_client(self, deployment: str) -> openai.OpenAI:
+        """The ``openai.OpenAI`` client this backend uses (a deployment answers under its own name as ``model``)."""
+        return self._client
+
+    # --------------------------------------------------------------------------------------------------- files
+    def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
+        with open(path, "rb") as fh:
+            created = self._call(lambda: self._client.files.create(file=(Path(path).name, fh), purpose="fine-tune"))
+        return FileObject.model_validate(_plain(created))
+
+    def get_file(self, file_id: str) -> FileObject:
+        return FileObject.model_validate(_plain(self._call(lambda: self._client.files.retrieve(file_id))))
+
+    def list_files(self) -> list[FileObject]:
+        files = self._call(lambda: list(self._client.files.list(purpose="fine-tune")))
+        return [FileObject.model_validate(_plain(f)) for f in files]
+
+    def delete_file(self, file_id: str) -> None:
+        self._call(lambda: self._client.files.delete(file_id))
+
+    # ---------------------------------------------------------------------------------------------------- jobs
+    def check_spec(self, spec: JobSpec) -> None:
+        """Refuse, by name, every option the service cannot honour (see the module docstring)."""
+        if spec.compute is not None:
+            raise UnsupportedOptionError("compute", self.name, "AzureCompute applies to the Azure backend only")
+        entry = catalog.find(spec.model)
+        if entry is not None and "openai" not in entry.backends:
+            raise UnsupportedOptionError("model", self.name, entry.note or f"{entry.name} is not offered there")
+        if self.phitune_server:
+            return
+        why = "this service runs supervised fine-tuning with n_epochs, batch_size, learning_rate and seed only"
+        if not isinstance(spec.method, LoRA):
+            raise UnsupportedOptionError("method", self.name, f"{spec.method.type!r}: use 'lora' ({why})")
+        for field in LoRA.model_fields:
+            if getattr(spec.method, field) != getattr(LoRA(), field):
+                raise UnsupportedOptionError(f"method.{field}", self.name, f"the service chooses its adapter ({why})")
+        defaults = Hyperparameters()
+        for field in Hyperparameters.model_fields:
+            if field not in _OPENAI_HYPERPARAMETERS and getattr(spec.hyperparameters, field) != getattr(
+                defaults, field
+            ):
+                raise UnsupportedOptionError(f"hyperparameters.{field}", self.name, why)
+        if spec.distributed != Distributed():
+            raise UnsupportedOptionError("distributed", self.name, "the service decides how training is distributed")
+        if spec.task == "text_completion":
+            raise UnsupportedOptionError("task", self.name, "the service infers the task from the training file")
+
+    def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
+        hyperparameters = openai_hyperparameters(spec)
+        extra_body: dict[str, Any] | None = None
+        if self.phitune_server:  # the exact spec travels in the phitune object; no multiplier to round
+            del hyperparameters["learning_rate_multiplier"]
+            extra_body = {
+                "phitune": {
+                    "method": spec.method.model_dump(mode="json"),
+                    "hyperparameters": spec.hyperparameters.model_dump(mode="json"),
+                    "distributed": spec.distributed.model_dump(mode="json"),
+                    "task": spec.task,
+                }
+            }
+        method = cast("OpenAIMethod", {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}})
+        job = self._call(
+            lambda: self._client.fine_tuning.jobs.create(
+                model=spec.model,
+                training_file=spec.training_file,
+                validation_file=_given(spec.validation_file),
+                method=method,
+                seed=spec.hyperparameters.seed,
+                suffix=_given(spec.suffix),
+                extra_headers={"Idempotency-Key": idempotency_key},
+                extra_body=extra_body,
+            )
+        )
+        return self._job(job)
+
+    def get_job(self, job_id: str) -> FineTuneJob:
+        return self._job(self._call(lambda: self._client.fine_tuning.jobs.retrieve(job_id)))
+
+    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuneJob]:
+        page = self._call(lambda: self._client.fine_tuning.jobs.list(limit=limit, after=_given(after)))
+        return [self._job(j) for j in page.data]
+
+    def cancel_job(self, job_id: str) -> FineTuneJob:
+        return self._job(self._call(lambda: self._client.fine_tuning.jobs.cancel(job_id)))
+
+    def pause_job(self, job_id: str) -> FineTuneJob:
+        """Pause a running job (where the service supports it); ``resume_job`` continues it."""
+        return self._job(self._call(lambda: self._client.fine_tuning.jobs.pause(job_id)))
+
+    def resume_job(self, job_id: str) -> FineTuneJob:
+        return self._job(self._call(lambda: self._client.fine_tuning.jobs.resume(job_id)))
+
+    def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
+        """Oldest first from ``after``. A phitune server pages that way itself (``order=asc``); elsewhere events
+        come newest first and are read back to ``after``, then reversed."""
+        jobs = self._client.fine_tuning.jobs
+        if self.phitune_server:
+            page = self._call(
+                lambda: jobs.list_events(job_id, after=_given(after), limit=limit, extra_query={"order": "asc"})
+            )
+            return [_event(e) for e in page.data]
+
+        def newer_than_after() -> list[Any]:
+            newer: list[Any] = []
+            for event in jobs.list_events(job_id, limit=100):
+                if event.id == after:
+                    break
+                newer.append(event)
+            return newer
+
+        return [_event(e) for e in reversed(self._call(newer_than_after))][:limit]
+
+    def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
+        checkpoints = self._call(lambda: list(self._client.fine_tuning.jobs.checkpoints.list(job_id, limit=100)))
+        return [_checkpoint(c) for c in checkpoints]
+
+    def _job(self, job: Any) -> FineTuneJob:
+        data = _plain(job)
+        error = data.get("error")
+        if not (isinstance(error, dict) and error.get("code") and error.get("message")):
+            data.pop("error", None)
+        data["backend"] = self.name
+        return FineTuneJob.model_validate(data)
+
+    # -------------------------------------------------------------------------------------------------- models
+    def get_model(self, model_id: str) -> ModelObject:
+        return _model(self._call(lambda: self._client.models.retrieve(model_id)))
+
+    def list_models(self) -> list[ModelObject]:
+        return [_model(m) for m in self._call(lambda: list(self._client.models.list()))]
+
+    # --------------------------------------------------------------------------------------------- deployments
+    def create_deployment(self, model: str, name: str, **options: Any) -> Deployment:
+        """On a phitune server, a named deployment; elsewhere the fine-tuned model serves as itself, so ``name``
+        must be the model id."""
+        if self.phitune_server:
+            body = {"model": model, "name": name, **options}
+            created = self._call(lambda: self._client.post("/phitune/deployments", body=body, cast_to=object))
+            return self._deployment(created)
+        if options:
+            raise UnsupportedOptionError(f"deployments.create({next(iter(options))}=...)", self.name, "unknown option")
+        if name != model:
+            raise UnsupportedOptionError(
+                "name", self.name, f"the service serves a fine-tuned model under its own id: use name={model!r}"
+            )
+        return self.get_deployment(model)
+
+    def get_deployment(self, name: str) -> Deployment:
+        if self.phitune_server:
+            return self._deployment(self._call(lambda: self._client.get(_deployment_path(name), cast_to=object)))
+        model = self.get_model(name)
+        return Deployment(
+            name=model.id,
+            model=model.id,
+            created_at=model.created,
+            endpoint=str(self._client.base_url),
+            backend=self.name,
+        )
+
+    def list_deployments(self) -> list[Deployment]:
+        """A phitune server's deployments; elsewhere the fine-tuned models (ids starting ``ft:``)."""
+        if self.phitune_server:
+            listing = self._call(lambda: self._client.get("/phitune/deployments", cast_to=object))
+            return [self._deployment(d) for d in _data(listing)]
+        return [
+            Deployment(
+                name=m.id, model=m.id, created_at=m.created, endpoint=str(self._client.base_url), backend=self.name
+            )
+            for m in self.list_models()
+            if m.id.startswith("ft:")
+        ]
+
+    def delete_deployment(self, name: str) -> None:
+        if not self.phitune_server:
+            raise UnsupportedOptionError(
+                "deployments.delete", self.name, "a fine-tuned model is its own deployment; delete it with the service"
+            )
+        self._call(lambda: self._client.delete(_deployment_path(name), cast_to=object))
+
+    def _deployment(self, data: object) -> Deployment:
+        fields = dict(data) if isinstance(data, dict) else {}
+        fields.pop("object", None)
+        fields["backend"] = self.name
+        return Deployment.model_validate(fields)
+
+    def chat(
+        self,
+        deployment: str,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> ChatCompletion:
+        response = self._call(
+            lambda: self._client.chat.completions.create(
+                model=deployment,
+                messages=cast("list[ChatCompletionMessageParam]", messages),
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=_given(seed),
+            )
+        )
+        usage = response.usage
+        return ChatCompletion(
+            id=response.id,
+            created=response.created,
+            model=response.model,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=ChatMessage(role="assistant", content=c.message.content or ""),
+                    finish_reason=c.finish_reason if c.finish_reason in ("stop", "length") else None,
+                )
+                for c in response.choices
+            ],
+            usage=None
+            if usage is None
+            else Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+            ),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _token_provider(credential: Any) -> Callable[[], str]:
+    try:
+        from azure.identity import get_bearer_token_provider
+    except ImportError:
+        raise MissingDependencyError("azure-identity", "azure") from None
+    provider: Callable[[], str] = get_bearer_token_provider(credential, COGNITIVE_SERVICES_SCOPE)
+    return provider
+
+
+def _given(value: T | None) -> T | Omit:
+    """``value``, or openai's marker for a parameter left out."""
+    return omit if value is None else value
+
+
+def _deployment_path(name: str) -> str:
+    return f"/phitune/deployments/{urllib.parse.quote(name, safe='')}"
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+    return exc.message
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """An openai response object as a dict without null fields (our defaults apply instead)."""
+    data = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _data(listing: object) -> list[Any]:
+    data = listing.get("data") if isinstance(listing, dict) else None
+    return data if isinstance(data, list) else []
+
+
+def _event(event: Any) -> JobEvent:
+    return JobEvent.model_validate(_plain(event))
+
+
+def _checkpoint(checkpoint: Any) -> Checkpoint:
+    data = _plain(checkpoint)
+    metrics = data.get("metrics") or {}
+    data["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return Checkpoint.model_validate(data)
+
+
+def _model(model: Any) -> ModelObject:
+    """A service's model; one without phitune's ``kind`` is ``full`` if fine-tuned (``ft:...``), else ``base``."""
+    data = _plain(model)
+    data.setdefault("kind", "full" if str(data.get("id", "")).startswith("ft:") else "base")
+    return ModelObject.model_validate(data)

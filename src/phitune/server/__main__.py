@@ -1,0 +1,7 @@
+"""``python -m phitune.server``: the same as ``phitune serve``."""
+
+import sys
+
+from . import cli
+
+sys.exit(cli())
