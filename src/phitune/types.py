@@ -371,6 +371,31 @@ class ChatCompletion(Response):
         """The first choice's content."""
         return self.choices[0].message.content if self.choices else ""
 
+    @classmethod
+    def from_openai(cls, response: Any) -> ChatCompletion:
+        """Convert an ``openai`` package ``ChatCompletion`` (any OpenAI-compatible service's answer)."""
+        usage = response.usage
+        return cls(
+            id=response.id,
+            created=response.created,
+            model=response.model,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=ChatMessage(role="assistant", content=c.message.content or ""),
+                    finish_reason=c.finish_reason if c.finish_reason in ("stop", "length") else None,
+                )
+                for c in response.choices
+            ],
+            usage=None
+            if usage is None
+            else Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+            ),
+        )
+
 
 class Deployment(Response):
     """A model served for chat. ``chat`` sends an OpenAI-shaped chat completion request to it."""

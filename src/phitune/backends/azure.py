@@ -38,9 +38,7 @@ from ..errors import (
     status_error,
 )
 from ..types import (
-    ChatChoice,
     ChatCompletion,
-    ChatMessage,
     Checkpoint,
     DatasetReport,
     Deployment,
@@ -53,7 +51,6 @@ from ..types import (
     JobStatus,
     LoRA,
     ModelObject,
-    Usage,
 )
 
 if TYPE_CHECKING:
@@ -474,26 +471,7 @@ class AzureBackend:
             raise status_error(exc.status_code, redact(exc.message, [client.api_key])) from None
         except openai.APIConnectionError as exc:
             raise APIConnectionError(f"deployment {deployment} did not answer: {type(exc).__name__}") from None
-        return ChatCompletion(
-            id=response.id,
-            created=response.created,
-            model=response.model,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=ChatMessage(role="assistant", content=c.message.content or ""),
-                    finish_reason=c.finish_reason if c.finish_reason in ("stop", "length") else None,
-                )
-                for c in response.choices
-            ],
-            usage=Usage(
-                prompt_tokens=response.usage.prompt_tokens,
-                completion_tokens=response.usage.completion_tokens,
-                total_tokens=response.usage.total_tokens,
-            )
-            if response.usage is not None
-            else None,
-        )
+        return ChatCompletion.from_openai(response)
 
     def close(self) -> None:
         for name in list(self._openai):

@@ -28,9 +28,7 @@ from .. import catalog
 from ..errors import APIConnectionError, MissingDependencyError, UnsupportedOptionError, redact, status_error
 from ..server.shapes import openai_hyperparameters
 from ..types import (
-    ChatChoice,
     ChatCompletion,
-    ChatMessage,
     Checkpoint,
     DatasetReport,
     Deployment,
@@ -42,7 +40,6 @@ from ..types import (
     JobSpec,
     LoRA,
     ModelObject,
-    Usage,
 )
 
 if TYPE_CHECKING:
@@ -345,27 +342,7 @@ class OpenAIBackend:
                 seed=_given(seed),
             )
         )
-        usage = response.usage
-        return ChatCompletion(
-            id=response.id,
-            created=response.created,
-            model=response.model,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=ChatMessage(role="assistant", content=c.message.content or ""),
-                    finish_reason=c.finish_reason if c.finish_reason in ("stop", "length") else None,
-                )
-                for c in response.choices
-            ],
-            usage=None
-            if usage is None
-            else Usage(
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens,
-            ),
-        )
+        return ChatCompletion.from_openai(response)
 
     def close(self) -> None:
         self._client.close()
