@@ -119,7 +119,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     client = _client(args)
-    _print(args, client.deployments.create(model=args.model, name=args.name))
+    _print(args, client.deployments.create(model=args.model, name=args.name, engine=args.engine))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    client = _client(args)
+    path = client.models.export(
+        args.model,
+        format=args.format,
+        dest=args.dest,
+        precision=args.precision,
+        device=args.device,
+        adapters=args.adapters,
+        verify=args.verify,
+        overwrite=args.overwrite,
+    )
+    print(path)
     return 0
 
 
@@ -218,7 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="deploy a model for chat")
     deploy.add_argument("model")
     deploy.add_argument("--name", required=True)
+    deploy.add_argument("--engine", choices=["torch", "onnx"], default="torch")
     deploy.set_defaults(func=cmd_deploy)
+
+    export = sub.add_parser("export", help="export a model: PEFT adapter, merged transformers folder or ONNX Runtime")
+    export.add_argument("model")
+    export.add_argument("--format", choices=["onnx", "merged", "adapter"], required=True)
+    export.add_argument("--dest", required=True, help="output folder (absent or empty unless --overwrite)")
+    export.add_argument("--precision", choices=["fp32", "int4"], default="fp32")
+    export.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    export.add_argument(
+        "--adapters",
+        choices=["merged", "separate"],
+        default="merged",
+        help="separate: ONNX base + <name>.onnx_adapter (more fine-tunes of the base can join --dest)",
+    )
+    export.add_argument("--no-verify", dest="verify", action="store_false", help="skip the PyTorch comparison")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=cmd_export)
 
     deployments = sub.add_parser("deployments", help="list or delete deployments")
     deployments_sub = deployments.add_subparsers(dest="deployments_command", required=True)

@@ -33,6 +33,7 @@ from ..types import (
 
 if TYPE_CHECKING:
     from ..trainer.infer import Generation, ModelPool, ServedModel
+    from ..trainer.onnx_engine import OnnxServed
 
 _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -80,9 +81,9 @@ class LocalBackend:
 
             peft_config(spec.method)
         if spec.distributed.strategy != "none":
-            raise UnsupportedOptionError(
-                "distributed.strategy", self.name, "multi-process training is not available in this version yet"
-            )
+            from ..trainer import distributed
+
+            distributed.check(spec, self.name)
         self.store.get_file(spec.training_file)
         if spec.validation_file is not None:
             self.store.get_file(spec.validation_file)
@@ -151,14 +152,23 @@ class LocalBackend:
 
     # ---------------------------------------------------------------------------------------------- deployments
     def create_deployment(self, model: str, name: str, **options: Any) -> Deployment:
+        """Deploy ``model`` as ``name``. ``engine="onnx"`` serves it with ONNX Runtime GenAI: the model is exported
+        into the home on first use (fine-tunes of one base share its export) or, given as an export folder, run as is.
+        """
         engine = str(options.pop("engine", "torch"))
         if options:
             raise UnsupportedOptionError(f"deployments.create({next(iter(options))}=...)", self.name, "unknown option")
-        if engine != "torch":
-            raise UnsupportedOptionError("engine", self.name, f"engine {engine!r} is not available; use 'torch'")
+        if engine not in ("torch", "onnx"):
+            raise UnsupportedOptionError("engine", self.name, f"engine {engine!r} is not available; use torch or onnx")
         if not _DEPLOYMENT_NAME.match(name):
             raise SpecError("name", "1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")
-        self.get_model(model)
+        found = self.get_model(model)
+        if engine == "onnx":
+            if any(d.name == name for d in self.store.list_deployments()):
+                raise ConflictError(f"a deployment named {name!r} already exists")
+            from ..export import onnx_for_deployment
+
+            onnx_for_deployment(found, self.home)
         return self.store.add_deployment(name, model, engine).bind(self)
 
     def get_deployment(self, name: str) -> Deployment:
@@ -170,16 +180,21 @@ class LocalBackend:
     def delete_deployment(self, name: str) -> None:
         self.store.delete_deployment(name)
 
-    def served_model(self, name: str) -> ServedModel:
-        """What to load to chat with a deployment name or a model id."""
+    def served_model(self, name: str) -> ServedModel | OnnxServed:
+        """What to load to chat with a deployment name or a model id (an ONNX export for ``engine="onnx"``)."""
+        try:
+            deployment = self.store.get_deployment(name)
+            model_id, engine = deployment.model, deployment.engine
+        except NotFoundError:
+            model_id, engine = name, "torch"
+        model = self.get_model(model_id)
+        if engine == "onnx":
+            from ..export import onnx_for_deployment
+
+            return onnx_for_deployment(model, self.home)
         from ..trainer.infer import ServedModel
         from ..trainer.model import resolve_base
 
-        try:
-            model_id = self.store.get_deployment(name).model
-        except NotFoundError:
-            model_id = name
-        model = self.get_model(model_id)
         if model.kind == "adapter":
             assert model.base_model is not None and model.path is not None
             return ServedModel(model.id, resolve_base(model.base_model, self.home), model.path)
@@ -208,10 +223,19 @@ class LocalBackend:
         seed: int | None,
     ) -> Iterator[str | Generation]:
         """Text pieces as they are generated, then the final Generation (token counts, finish reason)."""
+        from ..trainer.onnx_engine import OnnxServed, shared_pool
+
         served = self.served_model(name)
-        return self._model_pool().stream(
-            served, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
-        )
+        options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        if isinstance(served, OnnxServed):
+            return shared_pool().stream(served, messages, **options)
+        return self._model_pool().stream(served, messages, **options)
+
+    def export_model(self, model: str, **options: Any) -> Path:
+        """Export a model's weights (see :func:`phitune.export.export` for ``options``)."""
+        from ..export import export, source_of
+
+        return export(source_of(self.get_model(model), self.home), **options)
 
     def chat(
         self,
@@ -223,10 +247,14 @@ class LocalBackend:
         top_p: float,
         seed: int | None,
     ) -> ChatCompletion:
+        from ..trainer.onnx_engine import OnnxServed, shared_pool
+
         served = self.served_model(deployment)
-        result = self._model_pool().generate(
-            served, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
-        )
+        options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        if isinstance(served, OnnxServed):
+            result = shared_pool().generate(served, messages, **options)
+        else:
+            result = self._model_pool().generate(served, messages, **options)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
             created=int(time.time()),

@@ -4,7 +4,8 @@ Started on demand and detached by the client (``ensure_worker``), or by hand wit
 An exclusive ``flock`` on ``worker.lock`` makes it a singleton; the kernel releases the lock when the process dies,
 even by ``kill -9``, so the next client call starts a new worker, which puts the orphaned job back in the queue: it
 resumes from its last checkpoint. The trainer subprocess dies with its worker (``PR_SET_PDEATHSIG``) and checks its
-attempt number every step, so a superseded trainer never writes over a newer one.
+attempt number every step, so a superseded trainer never writes over a newer one. A distributed job's trainer is
+torchrun, whose ranks set the same death signal on themselves: a dead worker takes the launcher and every rank along.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from ..types import JobError
+from ..types import Distributed, JobError
 from .store import Store
 
 HEARTBEAT_SECONDS = 1.0
@@ -68,25 +69,32 @@ def ensure_worker(home: Path) -> None:
         )
 
 
-def _die_with_parent() -> None:
-    """In a child: receive SIGKILL when the worker dies, so no orphaned trainer keeps running."""
+def die_with_parent() -> None:
+    """In a child process: receive SIGKILL when the parent dies, so no orphaned trainer keeps running."""
+    parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
-def trainer_command(job_id: str, attempt: int, home: Path) -> list[str]:
-    """The command line that trains one attempt of a job."""
-    return [
-        sys.executable,
-        "-m",
-        "phitune.trainer.run",
-        "--home",
-        str(home),
-        "--job",
-        job_id,
-        "--attempt",
-        str(attempt),
-    ]
+def trainer_command(job_id: str, attempt: int, home: Path, layout: Distributed) -> list[str]:
+    """The command line that trains one attempt of a job: the trainer module, under torchrun for a distributed job
+    (``--standalone``: a local rendezvous on a free port chosen by torchrun itself, so concurrent jobs never clash)."""
+    trainer = ["-m", "phitune.trainer.run", "--home", str(home), "--job", job_id, "--attempt", str(attempt)]
+    if layout.strategy == "none":
+        return [sys.executable, *trainer]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(layout.nproc)]
+    return [sys.executable, *launcher, *trainer]
+
+
+def trainer_env(layout: Distributed) -> dict[str, str]:
+    """The trainer's environment: the ranks of a distributed job share this machine's cores (torchrun would give
+    each rank one thread) unless ``OMP_NUM_THREADS`` is set."""
+    env = dict(os.environ)
+    if layout.strategy != "none" and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // layout.nproc))
+    return env
 
 
 def _log_tail(path: Path, lines: int = 25) -> str:
@@ -103,14 +111,17 @@ def _log_tail(path: Path, lines: int = 25) -> str:
 def run_job(store: Store, job_id: str, attempt: int) -> None:
     """Run one attempt of a job in a trainer subprocess; record failure if it dies without finishing."""
     log_path = store.job_dir(job_id) / "train.log"
+    spec = store.get_job(job_id).spec
+    assert spec is not None
     log: IO[bytes]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            trainer_command(job_id, attempt, store.home),
+            trainer_command(job_id, attempt, store.home, spec.distributed),
+            env=trainer_env(spec.distributed),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         stop_sent_at: float | None = None
         while proc.poll() is None:

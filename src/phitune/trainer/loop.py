@@ -1,9 +1,11 @@
 """The training loop, readable top to bottom.
 
-One optimizer step consumes ``gradient_accumulation_steps`` micro-batches of ``batch_size`` examples. The loss is
-token-normalised over the whole step (sum of token losses / trainable tokens in the step), so accumulation never
-changes the objective. Data order is a pure function of (seed, epoch), so a run resumed from a checkpoint (weights,
-optimizer, scheduler, RNG, step) continues exactly where the uninterrupted run would be.
+One optimizer step consumes ``gradient_accumulation_steps`` micro-batches of ``batch_size`` examples: the global
+batch. Under torchrun every rank walks the same micro-batches and trains on its share of each (see
+:mod:`phitune.trainer.distributed`). The loss is token-normalised over the whole step (sum of token losses on all
+ranks / trainable tokens in the step), so neither accumulation nor the number of processes changes the objective.
+Data order is a pure function of (seed, epoch), so a run resumed from a checkpoint (weights, optimizer, scheduler,
+every rank's RNG, step) continues exactly where the uninterrupted run would be.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +25,10 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..types import JobSpec
-from . import data
-from .model import apply_method, bf16_supported, count_parameters, load_model, load_tokenizer
+from ..types import JobSpec, QLoRA
+from . import data, distributed
+from .distributed import Engine, Ranks
+from .model import apply_method, bf16_supported, count_parameters, load_model, load_tokenizer, quantized_footprint
 
 StopReason = Literal["cancelled", "paused", "superseded"]
 
@@ -65,16 +70,20 @@ class TrainResult:
     valid_loss: float | None
 
 
-def train(run: TrainRun, control: Control) -> TrainResult:
-    """Fine-tune ``run.spec`` and write the output model to ``run.output_dir``."""
+def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainResult:
+    """Fine-tune ``run.spec`` and write the output model to ``run.output_dir``. Under torchrun every rank calls
+    this with its :class:`Ranks`; only rank 0's ``control`` should record anything."""
     hp = run.spec.hyperparameters
-    torch.manual_seed(hp.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks = ranks or Ranks(device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(hp.seed)  # the same seed on every rank: identical adapter initialisation everywhere
+    device = ranks.device
     use_bf16 = hp.precision == "bf16" or (hp.precision == "auto" and bf16_supported())
 
     # -- model and data
     tokenizer = load_tokenizer(run.base_path)
     model = load_model(run.base_path, run.spec.method, device=device)
+    if isinstance(run.spec.method, QLoRA):
+        _report_quantized_base(control, model, run.spec.method)
     model = apply_method(model, run.spec.method, gradient_checkpointing=hp.gradient_checkpointing)
     trainable, total = count_parameters(model)
     train_set = data.load_examples(run.train_path, tokenizer, max_seq_length=hp.max_seq_length)
@@ -86,32 +95,42 @@ def train(run: TrainRun, control: Control) -> TrainResult:
     total_steps = math.ceil(total_micro / hp.gradient_accumulation_steps)
     if hp.max_steps is not None:
         total_steps = min(total_steps, hp.max_steps)
+    layout = run.spec.distributed
     control.message(
         f"training {run.spec.method.type} on {len(train_set)} examples: {total_steps} steps, "
-        f"{trainable:,} of {total:,} parameters trainable, {device}{' bf16' if use_bf16 else ' fp32'}",
+        f"{trainable:,} of {total:,} parameters trainable, {device}{' bf16' if use_bf16 else ' fp32'}"
+        + (f", {layout.strategy} on {ranks.world} processes" if layout.strategy != "none" else ""),
         data={"trainable_parameters": trainable, "total_parameters": total, "total_steps": total_steps},
     )
 
-    # -- optimizer, schedule, resume
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(hp.lr_scheduler, hp.warmup_ratio, total_steps))
-    step = 0
+    # -- engine (one process, DDP, FSDP or DeepSpeed), schedule, resume
+    engine = distributed.build(CausalLMLoss(model), layout, ranks, hp)
+    schedule = _schedule(hp.lr_scheduler, hp.warmup_ratio, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, schedule)
+    step, trained_tokens, best_valid = 0, 0, math.inf
     if run.resume_from is not None:
-        step = _load_checkpoint(run.resume_from, model, optimizer, scheduler)
+        state = torch.load(run.resume_from / "trainer_state.pt", map_location="cpu", mmap=True, weights_only=True)
+        engine.load(run.resume_from, state)
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"][ranks.rank])
+        step, trained_tokens, best_valid = int(state["step"]), int(state["trained_tokens"]), float(state["best_valid"])
         control.message(f"resumed from checkpoint at step {step}", data={"step": step})
+    saved_step = step  # the newest checkpoint on disk (none at step 0)
+
+    def save_checkpoint(metrics: dict[str, float]) -> Path:
+        progress = {"step": step, "trained_tokens": trained_tokens, "best_valid": best_valid}
+        return _save_checkpoint(run, control, ranks, engine, tokenizer, scheduler, progress, metrics)
 
     # -- the loop
-    trained_tokens = 0
     last_loss: float | None = None
     valid_loss: float | None = None
-    best_valid = math.inf
+    valid_step = -1  # the step valid_loss belongs to
     step_times: list[float] = []
-    model.train()
+    engine.module.train()
     while step < total_steps:
-        if (reason := control.should_stop()) is not None:
-            if reason == "paused":
-                _save_checkpoint(run, control, model, tokenizer, optimizer, scheduler, step, {})
+        if (reason := ranks.broadcast(control.should_stop())) is not None:  # rank 0 decides for all
+            if reason == "paused" and step != saved_step:
+                save_checkpoint({"train_loss": last_loss} if last_loss is not None else {})
             return TrainResult(reason, step, total_steps, trained_tokens, last_loss, valid_loss)
         started = time.perf_counter()
         micro = [
@@ -119,26 +138,25 @@ def train(run: TrainRun, control: Control) -> TrainResult:
             for m in range(step * hp.gradient_accumulation_steps, (step + 1) * hp.gradient_accumulation_steps)
             if m < total_micro
         ]
-        step_tokens = sum(ex.trainable_tokens for batch in micro for ex in batch)
-        loss_total = 0.0
-        for batch in micro:
-            tensors = {k: v.to(device) for k, v in data.collate(batch, tokenizer.pad_token_id).items()}
-            with _autocast(device, use_bf16):
-                loss_sum = token_loss_sum(model, tensors)
-            (loss_sum / step_tokens).backward()
-            loss_total += float(loss_sum.detach())
-        if hp.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+        step_tokens = sum(ex.trainable_tokens for batch in micro for ex in batch)  # global: every rank sees all
+        loss_here = 0.0
+        for index, batch in enumerate(micro):
+            examples, weight = ranks.share(batch)
+            tensors = {k: v.to(device) for k, v in data.collate(examples, tokenizer.pad_token_id).items()}
+            with engine.micro_step(last=index == len(micro) - 1):
+                with _autocast(device, use_bf16):
+                    loss_sum = engine.module(**tensors) * weight
+                engine.backward(loss_sum * (ranks.world / step_tokens))  # engines average gradients over ranks
+            loss_here += float(loss_sum.detach())
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        grad_norm = engine.step(hp.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
 
         elapsed = time.perf_counter() - started
         step_times.append(elapsed)
         trained_tokens += step_tokens
-        last_loss = loss_total / step_tokens
+        last_loss = ranks.sum(loss_here) / step_tokens
         metrics: dict[str, Any] = {
             "step": step,
             "train_loss": last_loss,
@@ -146,29 +164,50 @@ def train(run: TrainRun, control: Control) -> TrainResult:
             "tokens_per_second": step_tokens / elapsed,
             "trainable_tokens": step_tokens,
             "epoch": round(min(step * hp.gradient_accumulation_steps, total_micro) / batches_per_epoch, 4),
+            "peak_memory_mb": _peak_memory_mb(device),
         }
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        improved = False
         if valid_set and hp.eval_every and step % hp.eval_every == 0:
-            valid_loss = evaluate(model, valid_set, hp.batch_size, tokenizer.pad_token_id, device, use_bf16)
-            metrics["valid_loss"] = valid_loss
+            valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, tokenizer.pad_token_id, use_bf16)
+            metrics["valid_loss"], valid_step = valid_loss, step
+            improved, best_valid = valid_loss < best_valid, min(valid_loss, best_valid)
         control.metrics(metrics)
         recent = step_times[-20:]
         control.progress(step, total_steps, trained_tokens, sum(recent) / len(recent) * (total_steps - step))
-        if hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < total_steps:
-            ckpt_metrics = {k: float(v) for k, v in metrics.items() if k in ("train_loss", "valid_loss")}
-            _save_checkpoint(run, control, model, tokenizer, optimizer, scheduler, step, ckpt_metrics)
-            if valid_loss is not None and "valid_loss" in metrics and valid_loss < best_valid:
-                best_valid = valid_loss
+
+        if improved or (hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < total_steps):
+            path = save_checkpoint({k: metrics[k] for k in ("train_loss", "valid_loss") if k in metrics})
+            saved_step = step
+            if improved:
                 control.message(
-                    f"best validation loss so far at step {step}: {valid_loss:.4f}",
-                    data={"best_step": step, "valid_loss": valid_loss},
+                    f"best validation loss so far at step {step}: {best_valid:.4f} (checkpoint step-{step:06d})",
+                    data={"best_step": step, "valid_loss": best_valid, "location": str(path)},
                 )
 
     # -- final evaluation and output
     if valid_set:
-        valid_loss = evaluate(model, valid_set, hp.batch_size, tokenizer.pad_token_id, device, use_bf16)
+        if valid_step != step:
+            valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, tokenizer.pad_token_id, use_bf16)
         control.metrics({"step": step, "full_valid_loss": valid_loss})
-    save_output(model, tokenizer, run)
+    weights = engine.weights()
+    if ranks.main:
+        save_output(engine.model, weights, tokenizer, run)
+    ranks.barrier()
     return TrainResult("succeeded", step, total_steps, trained_tokens, last_loss, valid_loss)
+
+
+class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
+    """A causal LM whose forward is :func:`token_loss_sum`. This is the module DDP, FSDP and DeepSpeed wrap: they
+    act through the forward of the module they are given."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,19 +233,18 @@ def _body_and_head(model: Any) -> tuple[Any, Any]:
 
 
 def evaluate(
-    model: Any, examples: list[data.Example], batch_size: int, pad_id: int, device: str, use_bf16: bool
+    engine: Engine, ranks: Ranks, examples: list[data.Example], batch_size: int, pad_id: int, use_bf16: bool
 ) -> float:
-    """Token-mean validation loss."""
-    model.eval()
-    total, tokens = 0.0, 0
+    """Token-mean validation loss; each rank scores its share of every batch."""
+    engine.module.eval()
+    total = 0.0
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        tensors = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
-        with torch.no_grad(), _autocast(device, use_bf16):
-            total += float(token_loss_sum(model, tensors))
-        tokens += sum(ex.trainable_tokens for ex in chunk)
-    model.train()
-    return total / max(tokens, 1)
+        chunk, weight = ranks.share(examples[i : i + batch_size])
+        tensors = {k: v.to(ranks.device) for k, v in data.collate(chunk, pad_id).items()}
+        with torch.no_grad(), _autocast(ranks.device, use_bf16):
+            total += float(engine.module(**tensors)) * weight
+    engine.module.train()
+    return ranks.sum(total) / max(sum(ex.trainable_tokens for ex in examples), 1)
 
 
 def _micro_batch(
@@ -235,62 +273,77 @@ def _schedule(kind: str, warmup_ratio: float, total_steps: int) -> Any:
 
 
 def _autocast(device: str, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast(device_type=device, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident memory of this process on CPU."""
+    if torch.device(device).type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device)) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _report_quantized_base(control: Control, model: Any, method: QLoRA) -> None:
+    footprint = quantized_footprint(model)
+    if footprint is None:
+        return
+    mib = {k: footprint[k] / 2**20 for k in ("bytes", "bf16_bytes", "fp32_bytes")}
+    control.message(
+        f"QLoRA base: {footprint['layers']} linear layers ({footprint['weights']:,} weights) take "
+        f"{mib['bytes']:.2f} MiB in {method.quant_type}{' + double quantisation' if method.double_quant else ''}, "
+        f"against {mib['bf16_bytes']:.2f} MiB in bf16 ({footprint['bf16_bytes'] / footprint['bytes']:.2f}x) "
+        f"and {mib['fp32_bytes']:.2f} MiB in fp32 ({footprint['fp32_bytes'] / footprint['bytes']:.2f}x)",
+        data={"quantized_base": footprint},
+    )
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
 def _save_checkpoint(
     run: TrainRun,
     control: Control,
-    model: Any,
+    ranks: Ranks,
+    engine: Engine,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    step: int,
+    progress: dict[str, Any],
     metrics: dict[str, float],
-) -> None:
-    """Write a resumable checkpoint atomically (temp folder, then rename) and register it."""
+) -> Path:
+    """Collective: write a resumable checkpoint atomically (temporary folder, then rename); rank 0 registers it.
+    ``progress`` holds the step, the tokens trained so far and the best validation loss."""
+    step = progress["step"]
     final = run.checkpoint_dir / f"step-{step:06d}"
-    tmp = run.checkpoint_dir / f".step-{step:06d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    state = {
-        "step": step,
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    control.checkpoint(step, metrics, final)
+    made = tempfile.mkdtemp(prefix=f".{final.name}.", dir=run.checkpoint_dir) if ranks.main else ""
+    tmp = Path(ranks.broadcast(made))
+    state = engine.save(tmp)
+    rng = ranks.gather(_rng_state())
+    if ranks.main:
+        engine.model.save_pretrained(tmp / "model", state_dict=state["weights"])
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({**state, **progress, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        control.checkpoint(step, metrics, final)
+    ranks.barrier()
+    return final
 
 
-def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
-    if missing:
-        raise RuntimeError(f"checkpoint {path} does not match the model: {sorted(missing)[:5]}")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
-def save_output(model: Any, tokenizer: Any, run: TrainRun) -> None:
-    """Write the result: a PEFT adapter folder, or a full transformers model folder for full fine-tuning."""
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_output(model: Any, weights: dict[str, torch.Tensor], tokenizer: Any, run: TrainRun) -> None:
+    """Write the result from the gathered ``weights``: a PEFT adapter folder, or a full transformers model folder
+    for full fine-tuning."""
     tmp = run.output_dir.with_name(run.output_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     (tmp / "phitune_job.json").write_text(run.spec.model_dump_json(indent=2))
     shutil.rmtree(run.output_dir, ignore_errors=True)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,7 @@ def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool) ->
     config: Any
     if isinstance(method, LoRA | QLoRA | DoRA):
         if isinstance(method, QLoRA):
-            model = peft.prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=gradient_checkpointing
-            )
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         config = peft.LoraConfig(
             r=method.r,
             lora_alpha=method.alpha,
@@ -126,8 +125,38 @@ def peft_config(method: PEFT) -> Any:
     return config
 
 
+def quantized_footprint(model: Any) -> dict[str, int] | None:
+    """Measured bytes of a QLoRA base's 4-bit linear weights as they lie in memory (packed weights plus their
+    quantisation state: block scales, nested scales, code books), beside the bytes of the same weights in bf16 and
+    fp32; None for a model without 4-bit layers."""
+    import bitsandbytes as bnb
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not layers:
+        return None
+    weights = sum(math.prod(layer.weight.quant_state.shape) for layer in layers)
+    stored = 0
+    for layer in layers:
+        state = layer.weight.quant_state.as_dict(packed=False)
+        tensors = [layer.weight, *(v for v in state.values() if isinstance(v, torch.Tensor))]
+        stored += sum(t.numel() * t.element_size() for t in tensors)
+    return {
+        "layers": len(layers),
+        "weights": weights,
+        "bytes": stored,
+        "bf16_bytes": 2 * weights,
+        "fp32_bytes": 4 * weights,
+    }
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; a 4-bit weight counts its unpacked size."""
+
+    def count(p: Any) -> int:
+        quant_state = getattr(p, "quant_state", None)
+        return math.prod(quant_state.shape) if quant_state is not None else int(p.numel())
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return trainable, total

@@ -1,4 +1,8 @@
-"""The trainer process: runs one attempt of one job from the local store (``python -m phitune.trainer.run``)."""
+"""The trainer process: runs one attempt of one job from the local store (``python -m phitune.trainer.run``).
+
+For a distributed job the worker starts this module under torchrun, once per rank. Rank 0 alone records events,
+checkpoints and the outcome, and reads the stop flag; the others train with a :class:`QuietControl`.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..local.store import Store, fine_tuned_model_id
-from ..types import JobError, ModelObject
-from .loop import StopReason, TrainRun, iter_checkpoints, train
+from ..local.worker import die_with_parent
+from ..types import JobError, JobSpec, ModelObject
+from . import distributed
+from .distributed import Ranks
+from .loop import Control, StopReason, TrainRun, iter_checkpoints, train
 from .model import resolve_base
 
 
@@ -55,12 +62,39 @@ class StoreControl:
         return None
 
 
+class QuietControl:
+    """The control of ranks other than 0: records nothing and never asks to stop (rank 0's decision is broadcast)."""
+
+    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        pass
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
+        pass
+
+    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
+        pass
+
+    def should_stop(self) -> StopReason | None:
+        return None
+
+
 def run_attempt(store: Store, job_id: str, attempt: int) -> int:
-    """Train one attempt; record the outcome in the store. Returns the process exit code."""
+    """Train one attempt (this process's rank of it); rank 0 records the outcome in the store. Returns the exit code."""
     job = store.get_job(job_id)
     assert job.spec is not None
     spec = job.spec
-    control = StoreControl(store, job_id, attempt)
+    ranks = distributed.setup(spec.distributed.strategy)
+    try:
+        control = StoreControl(store, job_id, attempt) if ranks.main else QuietControl()
+        return _run(store, job_id, attempt, spec, ranks, control)
+    finally:
+        distributed.teardown()
+
+
+def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, control: Control) -> int:
     job_dir = store.job_dir(job_id)
     checkpoints = list(iter_checkpoints(job_dir / "checkpoints"))
     model_id = fine_tuned_model_id(spec, job_id)
@@ -78,18 +112,22 @@ def run_attempt(store: Store, job_id: str, attempt: int) -> int:
             checkpoint_dir=job_dir / "checkpoints",
             resume_from=checkpoints[-1] if checkpoints else None,
         )
-        if control.should_stop() is not None:
+        if ranks.broadcast(control.should_stop()) is not None:
             return 0
         control.message(f"attempt {attempt} started", data={"attempt": attempt})
-        result = train(run, control)
+        result = train(run, control, ranks)
     except Exception as exc:  # the job fails with the reason; logs and checkpoints stay
         traceback.print_exc()
+        if not ranks.main:  # torchrun stops the other ranks; the worker records the exit code and the log
+            return 1
         message = f"{type(exc).__name__}: {exc}"
         if store.transition(
             job_id, "failed", when=("running",), error=JobError(code="training_failed", message=message)
         ):
             control.message(f"job failed: {message}", level="error")
         return 1
+    if not ranks.main:
+        return 0
     if result.status == "succeeded":
         store.add_model(
             ModelObject(
@@ -118,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", required=True)
     parser.add_argument("--attempt", type=int, required=True)
     args = parser.parse_args(argv)
+    die_with_parent()  # under torchrun each rank is the launcher's child: all die if the worker does
     return run_attempt(Store(args.home), args.job, args.attempt)
 
 
