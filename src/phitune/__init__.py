@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from . import catalog, errors
+from . import catalog, errors, kaito
 from ._client import Client
 from .errors import DatasetError, NotFoundError, PhituneError, SpecError, UnsupportedOptionError
 from .types import (
@@ -61,4 +61,5 @@ __all__ = [
     "__version__",
     "catalog",
     "errors",
+    "kaito",
 ]
