@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from phitune import datasets
 from phitune.datasets import ApproximateCounter, TokenizerCounter, counter_for, validate
 from phitune.errors import SpecError
 from phitune.types import DatasetReport
@@ -340,6 +341,8 @@ def test_invalid_arguments() -> None:
         validate("unused.jsonl", epochs=0)
     with pytest.raises(SpecError, match="max_seq_length"):
         validate("unused.jsonl", max_seq_length=0)
+    with pytest.raises(SpecError, match="workers"):
+        validate("unused.jsonl", workers=0)
 
 
 def test_lines_across_chunks_keep_their_numbers(tmp_path: Path) -> None:
@@ -352,6 +355,95 @@ def test_lines_across_chunks_keep_their_numbers(tmp_path: Path) -> None:
     report = validate(write(tmp_path / "big.jsonl", lines))
     assert found(report) == [(1500, "invalid_json"), (2002, "invalid_utf8"), (2999, "no_assistant")]
     assert report.examples == 2997
+
+
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Reads of 256 bytes and parallel ranges of about 2 KiB, whatever the file's size; collects each split."""
+    monkeypatch.setattr(datasets, "_CHUNK_BYTES", 256)
+    monkeypatch.setattr(datasets, "_PIECE_BYTES", 2048)
+    monkeypatch.setattr(datasets, "_PARALLEL_MIN_BYTES", 0)
+    splits: list[list[int]] = []
+    line_starts = datasets._line_starts
+
+    def spy(*args: Any) -> list[int]:
+        splits.append(line_starts(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(datasets, "_line_starts", spy)
+    return splits
+
+
+def problem_file(path: Path) -> tuple[Path, list[tuple[int, str]], list[int]]:
+    """About 100 KiB of chat lines with a problem every few lines; the (line, category) of each error, and the lines
+    longer than 100 (approximate) tokens."""
+    problems: list[tuple[Any, str | None]] = [
+        ("{oops", "invalid_json"),
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "invalid_utf8"),
+        (chat(ASSISTANT, USER, ASSISTANT), "turn_order"),
+        (chat(USER, {"role": "assistant", "content": " "}), "empty_content"),
+        ({"prompt": "p", "completion": "c"}, "mixed_formats"),
+        (chat(USER), "no_assistant"),
+        (chat(USER, {"role": "assistant", "content": "word " * 2000}), "too_long"),  # longer than a read too
+        (chat(USER, {"role": "assistant", "content": "word " * 100}), "warning"),
+        ("", None),
+        (chat(USER, {**ASSISTANT, "weight": 0}, USER, {"role": "assistant", "content": "Ça va ✓\n"}), None),
+    ]
+    lines: list[Any] = ["[1]", {"question": "q"}]  # the format is set by line 3
+    expected = [(1, "not_an_object"), (2, "unknown_format")]
+    warned: list[int] = []
+    for i in range(300):
+        if i % 7 == 3:
+            line, category = problems[(i // 7) % len(problems)]
+            lines.append(line)
+            if category == "warning":
+                warned.append(len(lines))
+            elif category:
+                expected.append((len(lines), category))
+        else:
+            lines.append(chat(USER, {"role": "assistant", "content": f"réponse {i}" + " très bien" * (i % 13)}))
+    write(path, lines)
+    with open(path, "ab") as fh:  # a CRLF line, and a last line without its newline
+        fh.write(json.dumps(GOOD).encode() + b"\r\n" + json.dumps(GOOD).encode())
+    return path, expected, warned
+
+
+@pytest.mark.parametrize("max_errors", [1000, 5])
+def test_parallel_report_is_the_serial_one(tmp_path: Path, small_ranges: list[list[int]], max_errors: int) -> None:
+    path, expected, warned = problem_file(tmp_path / "data.jsonl")
+    options: dict[str, Any] = {"model": "tiny-phi3", "max_seq_length": 100, "max_errors": max_errors}
+    serial = validate(path, **options)
+    assert not small_ranges
+    assert found(serial) == expected[:max_errors]
+    assert serial.error_count == len(expected)
+    assert [warning.line for warning in serial.warnings] == warned[:max_errors]
+    for workers in (2, 3):
+        assert validate(path, workers=workers, **options) == serial
+    data = path.read_bytes()
+    for bounds in small_ranges:
+        assert len(bounds) > 2 * 3 and bounds[-1] == len(data)
+        assert all(data[start - 1 : start] == b"\n" for start in bounds[:-1])
+
+
+def test_parallel_without_a_well_formed_line(tmp_path: Path, small_ranges: list[list[int]]) -> None:
+    path = write(tmp_path / "bad.jsonl", ["{", "[]", {"question": "q"}] * 200)
+    serial = validate(path)
+    assert serial.format is None and serial.error_count == 600
+    assert validate(path, workers=2) == serial
+    assert not small_ranges  # one process read the whole file, looking for its format
+
+
+def test_parallel_with_an_exact_counter(tmp_path: Path, small_ranges: list[list[int]], phi3_tokenizer: Path) -> None:
+    lines = [
+        chat({"role": "user", "content": "hello there " * (i % 5 + 1)}, {**ASSISTANT, "content": "hi"})
+        for i in range(400)
+    ]
+    path = write(tmp_path / "c.jsonl", [chat(USER), *lines, "{"])
+    counter = counter_for(phi3_tokenizer)
+    serial = validate(path, counter=counter)
+    assert serial.tokens.exact and serial.examples == 400
+    assert validate(path, counter=counter, workers=2) == serial
+    assert small_ranges
 
 
 def test_memory_stays_bounded(tmp_path: Path) -> None:
