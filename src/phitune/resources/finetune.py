@@ -11,6 +11,7 @@ from typing import Any
 
 import pydantic
 
+from .. import estimate as _estimate
 from ..errors import SpecError, WaitTimeoutError
 from ..types import (
     AzureCompute,
@@ -81,6 +82,45 @@ class FineTuning(Resource):
         """Submit a ready :class:`JobSpec`."""
         self._backend.check_spec(spec)
         return self._backend.create_job(spec, idempotency_key=idempotency_key or uuid.uuid4().hex)
+
+    def estimate(
+        self,
+        spec: JobSpec | None = None,
+        *,
+        model: str | None = None,
+        training_file: str | os.PathLike[str] | None = None,
+        validation_file: str | os.PathLike[str] | None = None,
+        method: str | Method = "lora",
+        hyperparameters: Hyperparameters | Mapping[str, Any] | None = None,
+        distributed: Distributed | Mapping[str, Any] | None = None,
+        suffix: str | None = None,
+        task: Task | None = None,
+        compute: AzureCompute | Mapping[str, Any] | None = None,
+        available_bytes: int | None = None,
+    ) -> _estimate.Estimate:
+        """Will it fit? Predict a job's peak memory, tokens and time per epoch with the local trainer on this machine,
+        submitting nothing. Takes a ready ``spec`` or the keyword arguments of :meth:`create`; ``training_file`` may
+        be a local path (read, not uploaded) or a stored file id. ``available_bytes`` defaults to the memory
+        available now. See :mod:`phitune.estimate` for the model behind the numbers."""
+        if spec is None:
+            if model is None or training_file is None:
+                raise SpecError("model", "give a JobSpec, or model= and training_file=")
+            spec = build_spec(
+                model=model,
+                training_file=os.fspath(training_file),
+                validation_file=os.fspath(validation_file) if validation_file is not None else None,
+                method=method,
+                hyperparameters=hyperparameters,
+                distributed=distributed,
+                suffix=suffix,
+                task=task,
+                compute=compute,
+            )
+        dataset: Path | None = Path(spec.training_file)
+        if dataset is not None and not dataset.is_file():
+            stored = getattr(self._backend, "file_content", None)  # the local backend's stored files
+            dataset = Path(stored(spec.training_file)) if stored is not None else None
+        return _estimate.estimate(spec, home=self._client.home, dataset=dataset, available_bytes=available_bytes)
 
     def get(self, job_id: str) -> FineTuneJob:
         return self._backend.get_job(job_id)

@@ -1,0 +1,665 @@
+"""Will it fit? Peak memory, tokens per epoch and time per epoch of a local job, before anything is submitted.
+
+The memory model follows what the local trainer holds at its peak (a backward pass after the first optimizer step):
+
+- ``runtime``: the Python process with torch, transformers, peft and the data (measured on this stack);
+- ``weights``: the base as loaded (:mod:`phitune.trainer.loading`): bf16 for frozen bases where bf16 is fast, fp32 for
+  full fine-tuning, 4-bit NF4 blocks plus their scales for QLoRA's linear layers (embeddings and head in bf16);
+- ``trainable``: trainable parameters in fp32 with their gradients and AdamW's two moments (16 bytes each);
+- ``activations``: per token and decoder layer, ``ACT_H`` x hidden + ``ACT_I`` x intermediate bytes kept for the
+  backward pass; with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time;
+- ``logits``: the LM head and loss. The trainer computes them in chunks (:mod:`phitune.trainer.loss`): one chunk of
+  logits at a time plus the stored gradient of the hidden states (and of the head in full fine-tuning). Where it uses
+  the plain loss (prompt learning, DeepSpeed ZeRO-3), vocabulary x ``LOGIT_BYTES`` per labelled token;
+- ``transient``: QLoRA's bf16 copies of dequantised weights (each linear dequantises on every pass; measured at
+  Phi-3-mini and -medium: ``QLORA_TRANSIENT_LAYERS`` decoder layers' worth), autocast's bf16 copies of every weight in
+  full fine-tuning.
+
+Time comes from the FLOPs of a step (forward, backward, recomputation) at a measured fraction (``MATMUL_EFFICIENCY``)
+of this machine's matmul throughput, measured once by a short timed GEMM (:func:`probe_machine`, cached), plus
+QLoRA's per-pass dequantisation at its measured rate. The constants were fitted on this project's CPU machines
+against measured peaks; ``docs/sizing.md`` has the table of predicted against measured values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from . import catalog
+from .errors import SpecError, WontFitError
+from .types import PEFT, DoRA, Full, JobSpec, LoRA, QLoRA, Response
+
+GiB = 2**30
+
+RUNTIME_BYTES = 480 * 2**20
+"""Resident memory of a trainer process before the model: interpreter, torch, transformers, peft, tokenizer, data."""
+ACT_H = 40.0
+"""Activation bytes kept per token, decoder layer and unit of hidden size (bf16 autocast, LoRA on every linear)."""
+ACT_I = 10.0
+"""Activation bytes kept per token, decoder layer and unit of intermediate size."""
+ACT_FULL = 1.25
+"""Activations grow by this factor when every weight trains (each linear also keeps its input for its gradient)."""
+LOGIT_BYTES = 14
+"""Bytes per labelled token and vocabulary entry of the plain loss: bf16 logits, their fp32 copy, log-softmax,
+gradient."""
+LOSS_CHUNK_ELEMENTS = 4 * 2**20
+"""Logits per chunk of the chunked loss; each takes ~8 bytes (bf16 and fp32 logits, bf16 gradient)."""
+PROMPT_LEARNING = frozenset({"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"})
+MATMUL_EFFICIENCY = 0.8
+"""Fraction of the probed GEMM throughput that a training step's matmuls reach."""
+ELEMENTWISE_FLOPS_PER_BYTE = 2.5
+"""The memory-bound work (norms, activations, rotary, dropout, casts) in FLOP-equivalents per activation byte and
+pass: why a mid-sized model (hidden 512) reaches a third of the GEMM rate where Phi-3-mini reaches three quarters."""
+STEP_OVERHEAD_SECONDS = 0.02
+"""Fixed cost per micro-batch (collation, loss, optimizer bookkeeping): what dominates at toy sizes."""
+LAYER_OVERHEAD_SECONDS = 1e-3
+"""Fixed cost per decoder layer and pass (operator dispatch)."""
+OPTIMIZER_SECONDS_PER_PARAMETER = 25e-9
+"""AdamW's memory-bound update (and gradient clipping) per trainable parameter and optimizer step, on the CPU."""
+QLORA_TRANSIENT_LAYERS = 4
+"""Decoder layers' worth of bf16 weights that QLoRA's dequantisation adds at the peak (fitted: Phi-3-mini and -medium
+both peak ~4 layers above weights + adapters + activations)."""
+PROBE_TTL_SECONDS = 24 * 3600
+
+_QUANT_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+"""Bytes per 4-bit weight: packed nibbles, plus one scale per block of 64 (uint8 with double quantisation, whose
+fp32 scales cover 256 blocks each; fp32 without)."""
+
+
+# ------------------------------------------------------------------------------------------------------- shapes
+class ModelShape(BaseModel):
+    """The dimensions of a Phi-3 (or Llama-shaped) decoder that decide its memory and compute."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * (self.head_dim or self.hidden_size // self.num_attention_heads)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer, under Phi-3's fused and Llama's split names."""
+        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
+        q = self.num_attention_heads * (self.head_dim or h // self.num_attention_heads)
+        return {
+            "qkv_proj": (h, q + 2 * kv),
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_up_proj": (h, 2 * i),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def layer_linear_parameters(self) -> int:
+        shapes = self.linear_shapes()
+        return sum(a * b for a, b in (shapes[n] for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")))
+
+    @property
+    def embedding_parameters(self) -> int:
+        """Input embedding plus LM head (one matrix when tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def parameters(self) -> int:
+        norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
+        return self.num_hidden_layers * self.layer_linear_parameters + self.embedding_parameters + norms
+
+
+PHI3_MINI_SHAPE = ModelShape(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+)
+PHI3_MEDIUM_SHAPE = ModelShape(
+    hidden_size=5120,
+    intermediate_size=17920,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=10,
+    vocab_size=32064,
+)
+CATALOG_SHAPES: dict[str, ModelShape] = {
+    "Phi-3-mini-4k-instruct": PHI3_MINI_SHAPE,
+    "Phi-3-mini-128k-instruct": PHI3_MINI_SHAPE,
+    "Phi-3-medium-4k-instruct": PHI3_MEDIUM_SHAPE,
+    "Phi-3-medium-128k-instruct": PHI3_MEDIUM_SHAPE,
+}
+"""The shapes of the catalog's locally trainable Phi-3 models (their hub config.json), for estimates without a
+download."""
+
+
+def model_shape(model: str, home: Path | None = None) -> ModelShape:
+    """The shape of a model argument: a local folder's config.json, the catalog, or a config in the hub cache."""
+    entry = catalog.find(model)
+    if entry is not None and entry.name in CATALOG_SHAPES:
+        return CATALOG_SHAPES[entry.name]
+    config_path: Path | None = None
+    if model == catalog.TINY_MODEL:
+        from .trainer.tiny import ensure_tiny_phi3
+
+        config_path = ensure_tiny_phi3((home or Path.home() / ".phitune") / "models" / "base") / "config.json"
+    elif Path(model).expanduser().is_dir():
+        config_path = Path(model).expanduser() / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+            config_path = Path(cached) if isinstance(cached, str) else None
+        except ImportError:
+            config_path = None
+    if config_path is None or not config_path.is_file():
+        raise SpecError("model", f"cannot estimate {model!r}: no config.json for it on this machine")
+    return ModelShape.model_validate(
+        {k: v for k, v in json.loads(config_path.read_text()).items() if k in ModelShape.model_fields and v is not None}
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- probe
+class MachineProbe(BaseModel):
+    """Measured throughput of this machine: dense matmuls in bf16 and fp32, and bitsandbytes' NF4 dequantisation."""
+
+    device: str
+    threads: int
+    bf16_flops: float = Field(description="FLOP/s of a timed bf16 GEMM.")
+    fp32_flops: float = Field(description="FLOP/s of a timed fp32 GEMM.")
+    dequant_per_second: float | None = Field(None, description="NF4 weights dequantised to bf16 per second.")
+    measured_at: float
+    fingerprint: str
+
+
+def default_probe_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phitune" / "machine_probe.json"
+
+
+def probe_machine(
+    cache: Path | None = None, *, refresh: bool = False, quantized: bool = False, device: str | None = None
+) -> MachineProbe:
+    """This machine's matmul throughput (and dequantisation rate when ``quantized``), from ``cache`` when it holds
+    a measurement of the same machine and software younger than a day; else measured (about a second) and saved."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fingerprint = f"{platform.node()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{device}"
+    cached: dict[str, Any] = {}
+    if cache is not None and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            cached = {}
+    found = cached.get(fingerprint)
+    if found and not refresh:
+        probe = MachineProbe.model_validate(found)
+        fresh = time.time() - probe.measured_at < PROBE_TTL_SECONDS
+        if fresh and (probe.dequant_per_second is not None or not quantized):
+            return probe
+    probe = MachineProbe(
+        device=device,
+        threads=torch.get_num_threads(),
+        bf16_flops=_gemm_flops(torch.bfloat16, device),
+        fp32_flops=_gemm_flops(torch.float32, device),
+        dequant_per_second=_dequant_rate(device) if quantized else None,
+        measured_at=time.time(),
+        fingerprint=fingerprint,
+    )
+    if cache is not None:
+        cached[fingerprint] = probe.model_dump()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=2))
+        os.replace(tmp, cache)
+    return probe
+
+
+def _timed(fn: Any, seconds: float) -> float:
+    """Seconds per call of ``fn``: best of repeated calls over about ``seconds``, after a warm-up call."""
+    fn()
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _gemm_flops(dtype: Any, device: str) -> float:
+    """A Phi-3-mini-sized projection (512 tokens x 3072 -> 3072); best of about 0.4 s of repeats."""
+    import torch
+
+    a = torch.randn(512, 3072, dtype=dtype, device=device)
+    b = torch.randn(3072, 3072, dtype=dtype, device=device)
+
+    def matmul() -> None:
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return 2 * 512 * 3072 * 3072 / _timed(matmul, 0.4)
+
+
+def _dequant_rate(device: str) -> float | None:
+    """bitsandbytes' NF4 -> bf16 dequantisation of a Phi-3-mini-sized weight (8192 x 3072), as QLoRA runs it on every
+    pass; random packed bytes and scales stand in for a quantised weight (the kernel's speed does not depend on them).
+    """
+    try:
+        import bitsandbytes  # noqa: F401 - registers the torch.ops.bitsandbytes kernels
+    except ImportError:
+        return None
+    import torch
+
+    shape = (8192, 3072)
+    packed = torch.randint(0, 256, (shape[0] * shape[1] // 2,), dtype=torch.uint8, device=device)
+    absmax = torch.rand(shape[0] * shape[1] // 64, dtype=torch.float32, device=device)
+    op = torch.ops.bitsandbytes.dequantize_4bit.default
+    seconds = _timed(lambda: op(packed, absmax, 64, "nf4", shape, torch.bfloat16), 0.3)
+    return float(shape[0] * shape[1] / seconds)
+
+
+# ----------------------------------------------------------------------------------------------------- estimate
+class MemoryBreakdown(BaseModel):
+    """Bytes at the peak of a training step, by what holds them."""
+
+    runtime: int
+    weights: int
+    trainable: int = Field(description="Trainable parameters with their gradients and optimizer state.")
+    activations: int
+    logits: int
+    transient: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.trainable + self.activations + self.logits + self.transient
+
+
+class Estimate(Response):
+    """A job's predicted peak memory and speed on this machine, and whether it fits."""
+
+    model: str
+    method: str
+    device: str
+    weight_dtype: Literal["bf16", "fp32"]
+    compute_dtype: Literal["bf16", "fp32"]
+    parameters: int
+    trainable_parameters: int
+    micro_batch_tokens: int = Field(description="Tokens of the largest micro-batch of one process (batch x length).")
+    processes: int = 1
+    memory: MemoryBreakdown = Field(description="Per process.")
+    peak_bytes: int = Field(description="Peak memory of the job: every process together.")
+    available_bytes: int
+    fits: bool
+    examples: int | None = None
+    tokens_per_epoch: int | None = Field(None, description="Tokens fed to the model per epoch (after truncation).")
+    trainable_tokens_per_epoch: int | None = None
+    steps_per_epoch: int | None = None
+    tokens_per_second: float
+    seconds_per_epoch: float | None = None
+    probe: MachineProbe
+    suggestions: list[str] = Field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        time_part = f", ~{self.seconds_per_epoch / 60:.1f} min per epoch" if self.seconds_per_epoch else ""
+        return (
+            f"{self.method} of {self.model}: peak ~{self.peak_bytes / GiB:.2f} GiB of "
+            f"{self.available_bytes / GiB:.2f} GiB available ({'fits' if self.fits else 'does not fit'}), "
+            f"~{self.tokens_per_second:.1f} tokens/s{time_part}"
+        )
+
+
+class _Data(BaseModel):
+    examples: int | None
+    mean_tokens: float
+    max_tokens: int
+    p95_tokens: int
+    trainable_fraction: float
+
+
+def estimate(
+    spec: JobSpec,
+    *,
+    home: Path | None = None,
+    dataset: str | os.PathLike[str] | None = None,
+    tokens_per_example: int | None = None,
+    available_bytes: int | None = None,
+    probe: MachineProbe | None = None,
+) -> Estimate:
+    """Predict ``spec``'s peak memory and speed on this machine with the local trainer.
+
+    Token counts come from ``dataset`` (a JSONL file; counted with the model's tokenizer where it is on this machine,
+    else approximately), else every example is taken as ``tokens_per_example`` long (default: ``max_seq_length``,
+    the worst case). ``available_bytes`` defaults to the memory available now (GPU memory on CUDA).
+    """
+    hp = spec.hyperparameters
+    shape = model_shape(spec.model, home)
+    data = _dataset_tokens(dataset, spec, home) if dataset is not None else None
+    length = min(hp.max_seq_length, data.max_tokens if data else tokens_per_example or hp.max_seq_length)
+    device = "cuda" if _cuda() else "cpu"
+    probe = probe or probe_machine(
+        (home / "machine_probe.json") if home else default_probe_cache(), quantized=isinstance(spec.method, QLoRA)
+    )
+    compute = _compute_dtype(spec)
+    processes = spec.distributed.nproc
+    micro = math.ceil(hp.batch_size / processes)
+    memory = _memory(shape, spec, micro * length, compute)
+    peak = _job_peak(memory, spec)
+    available = available_bytes if available_bytes is not None else _available(device)
+    trainable = _trainable_parameters(shape, spec)
+
+    # -- speed: a micro-batch of one process, padded to the typical length
+    typical = min(
+        hp.max_seq_length, (data.p95_tokens if hp.batch_size > 1 else round(data.mean_tokens)) if data else length
+    )
+    seconds_per_micro = _seconds(shape, spec, micro, typical, compute, probe)
+    tokens_per_second = processes * micro * typical / seconds_per_micro
+    examples = data.examples if data else None
+    epoch_tokens = trainable_tokens = steps = epoch_seconds = None
+    if examples is not None and data is not None:
+        epoch_tokens = round(examples * min(data.mean_tokens, hp.max_seq_length))
+        trainable_tokens = round(epoch_tokens * data.trainable_fraction)
+        micro_batches = math.ceil(examples / hp.batch_size)
+        steps = math.ceil(micro_batches / hp.gradient_accumulation_steps)
+        epoch_seconds = micro_batches * seconds_per_micro
+    result = Estimate(
+        model=spec.model,
+        method=spec.method.type,
+        device=device,
+        weight_dtype=_weight_dtype(spec),
+        compute_dtype=compute,
+        parameters=shape.parameters,
+        trainable_parameters=trainable,
+        micro_batch_tokens=micro * length,
+        processes=processes,
+        memory=memory,
+        peak_bytes=peak,
+        available_bytes=available,
+        fits=peak <= available,
+        examples=examples,
+        tokens_per_epoch=epoch_tokens,
+        trainable_tokens_per_epoch=trainable_tokens,
+        steps_per_epoch=steps,
+        tokens_per_second=tokens_per_second,
+        seconds_per_epoch=epoch_seconds,
+        probe=probe,
+    )
+    if not result.fits:
+        result.suggestions = _suggestions(shape, spec, length, compute, available)
+    return result
+
+
+def check_fits(
+    spec: JobSpec,
+    *,
+    home: Path | None = None,
+    dataset: str | os.PathLike[str] | None = None,
+    available_bytes: int | None = None,
+) -> Estimate | None:
+    """Refuse a job that cannot fit: :func:`estimate`, raising :class:`~phitune.errors.WontFitError` (with the numbers
+    and the changes that would fit) when the predicted peak exceeds the available memory. Returns the estimate, or
+    None where the model's shape is not on this machine (a hub id not downloaded yet): then nothing is refused."""
+    try:
+        model_shape(spec.model, home)
+    except SpecError:
+        return None
+    result = estimate(spec, home=home, dataset=dataset, available_bytes=available_bytes)
+    if not result.fits:
+        memory = result.memory
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in memory.model_dump().items() if v)
+        per_process = f" per process, {result.processes} processes" if result.processes > 1 else ""
+        raise WontFitError(
+            f"{result.method} fine-tuning of {result.model} needs ~{result.peak_bytes / GiB:.1f} GiB at its peak "
+            f"({parts} GiB{per_process}) but {result.available_bytes / GiB:.1f} GiB is available on this "
+            f"{result.device}. What would fit:",
+            result,
+            result.suggestions or ["nothing within reach: a smaller model, or a machine with more memory"],
+        )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ details
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _available(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _weight_dtype(spec: JobSpec) -> Literal["bf16", "fp32"]:
+    from .trainer.loading import base_dtype_name
+
+    return base_dtype_name(spec.method, spec.hyperparameters.precision)
+
+
+def _compute_dtype(spec: JobSpec) -> Literal["bf16", "fp32"]:
+    from .trainer.model import bf16_supported
+
+    precision = spec.hyperparameters.precision
+    return "bf16" if precision == "bf16" or (precision == "auto" and bf16_supported()) else "fp32"
+
+
+def _trainable_parameters(shape: ModelShape, spec: JobSpec) -> int:
+    method = spec.method
+    if isinstance(method, Full):
+        return shape.parameters
+    if isinstance(method, PEFT):
+        return _count_on_meta(shape, method)
+    linear = shape.linear_shapes()
+    per_layer = 0
+    for target in method.targets:
+        if target not in linear:
+            return _count_on_meta(shape, method)
+        fan_in, fan_out = linear[target]
+        per_layer += method.r * (fan_in + fan_out) + (fan_out if isinstance(method, DoRA) else 0)
+    return shape.num_hidden_layers * per_layer
+
+
+def _count_on_meta(shape: ModelShape, method: LoRA | QLoRA | DoRA | PEFT) -> int:
+    """Trainable parameters counted by building the model on the meta device (no memory) and applying peft."""
+    import peft
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from .trainer.model import peft_config
+
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(Phi3Config(**shape.model_dump(exclude_none=True)))
+    if isinstance(method, PEFT):
+        config = peft_config(method)
+    else:
+        config = peft.LoraConfig(
+            r=method.r, target_modules=list(method.targets), use_dora=isinstance(method, DoRA), task_type="CAUSAL_LM"
+        )
+    try:
+        wrapped = peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise SpecError("method", f"peft cannot apply it to {type(model).__name__}: {exc}") from exc
+    return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+
+
+def _memory(shape: ModelShape, spec: JobSpec, tokens: int, compute: str) -> MemoryBreakdown:
+    """Bytes at the peak of one process that trains micro-batches of ``tokens`` tokens."""
+    method, hp = spec.method, spec.hyperparameters
+    h, i, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
+    weight_bytes = 2 if _weight_dtype(spec) == "bf16" else 4
+    linear = layers * shape.layer_linear_parameters
+    other = shape.parameters - linear
+    if isinstance(method, QLoRA):
+        weights = round(linear * _QUANT_BYTES[method.double_quant]) + other * weight_bytes
+    else:
+        weights = shape.parameters * weight_bytes
+    trainable = _trainable_parameters(shape, spec)
+    trainable_bytes = trainable * (12 if isinstance(method, Full) else 16)  # Full: the fp32 weights are `weights`
+    act_bytes = 1.0 if compute == "bf16" else 2.0  # fp32 compute keeps fp32 activations
+    per_layer = tokens * (ACT_H * h + ACT_I * i) * act_bytes * (ACT_FULL if isinstance(method, Full) else 1.0)
+    if hp.gradient_checkpointing:
+        residual = 2 if weight_bytes == 2 and compute == "bf16" else 4
+        activations = round(layers * tokens * h * residual + per_layer)
+    else:
+        activations = round(layers * per_layer)
+    layout = spec.distributed
+    plain_loss = (isinstance(method, PEFT) and str(method.config.get("peft_type", "")).upper() in PROMPT_LEARNING) or (
+        layout.strategy == "deepspeed" and (layout.zero_stage or 0) >= 3
+    )
+    if plain_loss:
+        logits = tokens * vocab * LOGIT_BYTES
+    else:
+        stored = tokens * h * act_bytes * 2  # the gradient of the hidden states, in the compute dtype
+        logits = round(LOSS_CHUNK_ELEMENTS * 8 + stored + (vocab * h * 4 if isinstance(method, Full) else 0))
+    transient = 0
+    if isinstance(method, QLoRA):
+        transient = QLORA_TRANSIENT_LAYERS * shape.layer_linear_parameters * 2  # bf16 dequantised weights
+    elif isinstance(method, Full) and compute == "bf16":
+        transient = linear * 2  # autocast caches a bf16 copy of every trainable weight for the step
+    return MemoryBreakdown(
+        runtime=RUNTIME_BYTES,
+        weights=weights,
+        trainable=trainable_bytes,
+        activations=activations,
+        logits=logits,
+        transient=transient,
+    )
+
+
+def _job_peak(memory: MemoryBreakdown, spec: JobSpec) -> int:
+    """Every process of the job together; FSDP and ZeRO shard what they shard across the processes."""
+    layout = spec.distributed
+    n = layout.nproc
+    if n == 1:
+        return memory.total
+    shared = memory.weights + memory.trainable
+    if layout.strategy == "fsdp" or (layout.strategy == "deepspeed" and (layout.zero_stage or 0) >= 3):
+        sharded = shared
+    elif layout.strategy == "deepspeed":
+        sharded = memory.trainable * 3 // 4  # ZeRO-1/2 shard optimizer state (and gradients at 2)
+    else:
+        sharded = 0
+    return n * (memory.total - sharded) + sharded
+
+
+def _seconds(shape: ModelShape, spec: JobSpec, micro: int, length: int, compute: str, probe: MachineProbe) -> float:
+    """Seconds per micro-batch of ``micro`` sequences of ``length`` tokens."""
+    method, hp = spec.method, spec.hyperparameters
+    layers, tokens = shape.num_hidden_layers, micro * length
+    decoder = 2 * tokens * layers * shape.layer_linear_parameters
+    attention = 2 * tokens * layers * length * shape.hidden_size  # causal: half of 4 * S * H per token
+    head = 2 * tokens * shape.vocab_size * shape.hidden_size
+    backward = 2 if isinstance(method, Full) else 1  # a frozen base needs input gradients only
+    passes = 1 + backward + (1 if hp.gradient_checkpointing else 0)
+    activation_bytes = tokens * layers * (ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size)
+    work = (
+        (decoder + attention) * passes + head * (1 + backward) + ELEMENTWISE_FLOPS_PER_BYTE * activation_bytes * passes
+    )
+    rate = (probe.bf16_flops if compute == "bf16" else probe.fp32_flops) * MATMUL_EFFICIENCY
+    seconds = work / rate + STEP_OVERHEAD_SECONDS + LAYER_OVERHEAD_SECONDS * layers * passes
+    if probe.device == "cpu":
+        optimizer = OPTIMIZER_SECONDS_PER_PARAMETER * _trainable_parameters(shape, spec)
+        seconds += optimizer / hp.gradient_accumulation_steps
+    if isinstance(method, QLoRA) and probe.dequant_per_second:
+        dequant_passes = 2 + (1 if hp.gradient_checkpointing else 0)
+        seconds += dequant_passes * layers * shape.layer_linear_parameters / probe.dequant_per_second
+    return seconds
+
+
+def _dataset_tokens(dataset: str | os.PathLike[str], spec: JobSpec, home: Path | None) -> _Data:
+    from .datasets import counter_for, validate
+
+    tokenizer_dir: Path | None = None
+    try:
+        from .trainer.model import resolve_base
+
+        base = Path(resolve_base(spec.model, home or Path.home() / ".phitune"))
+        tokenizer_dir = base if (base / "tokenizer.json").is_file() else None
+    except (SpecError, OSError):
+        tokenizer_dir = None
+    report = validate(dataset, model=spec.model, counter=counter_for(tokenizer_dir))
+    stats = report.tokens
+    return _Data(
+        examples=report.examples,
+        mean_tokens=stats.mean,
+        max_tokens=stats.max,
+        p95_tokens=stats.p95,
+        trainable_fraction=stats.trainable / stats.total if stats.total else 1.0,
+    )
+
+
+def _suggestions(shape: ModelShape, spec: JobSpec, length: int, compute: str, available: int) -> list[str]:
+    """Changes to ``spec`` that would fit, each with its predicted peak: per kind of change (gradient checkpointing,
+    QLoRA, a smaller micro-batch, shorter sequences) the mildest that fits alone; where none does, the first
+    combination of them, in that order, that fits."""
+    hp = spec.hyperparameters
+    adapter = spec.method.model_dump(exclude={"type"}) if isinstance(spec.method, LoRA | DoRA) else {}
+    kinds: list[list[tuple[str, dict[str, Any]]]] = []
+    if not hp.gradient_checkpointing:
+        kinds.append([("gradient_checkpointing=True", {"gradient_checkpointing": True})])
+    if not isinstance(spec.method, QLoRA | PEFT):
+        kinds.append([("method='qlora'", {"method": QLoRA(**adapter)})])
+    batches: list[tuple[str, dict[str, Any]]] = []
+    batch = hp.batch_size
+    while batch > 1:
+        batch //= 2
+        accumulation = hp.gradient_accumulation_steps * math.ceil(hp.batch_size / batch)
+        label = f"batch_size={batch} with gradient_accumulation_steps={accumulation} (the same global batch)"
+        batches.append((label, {"batch_size": batch, "gradient_accumulation_steps": accumulation}))
+    lengths: list[tuple[str, dict[str, Any]]] = []
+    seq = min(hp.max_seq_length, length)
+    while seq > 256:
+        seq //= 2
+        lengths.append((f"max_seq_length={seq}", {"max_seq_length": seq}))
+    kinds += [k for k in (batches, lengths) if k]
+
+    def peak_of(changes: dict[str, Any]) -> int:
+        method = changes.get("method", spec.method)
+        hyper = hp.model_copy(update={k: v for k, v in changes.items() if k != "method"})
+        changed = spec.model_copy(update={"method": method, "hyperparameters": hyper})
+        tokens = math.ceil(hyper.batch_size / spec.distributed.nproc) * min(length, hyper.max_seq_length)
+        return _job_peak(_memory(shape, changed, tokens, compute), changed)
+
+    found: list[str] = []
+    for options in kinds:
+        for label, changes in options:
+            if (peak := peak_of(changes)) <= available:
+                found.append(f"{label}: ~{peak / GiB:.1f} GiB")
+                break
+    if found:
+        return found
+    combined: dict[str, Any] = {}
+    labels: list[str] = []
+    for options in kinds:
+        for label, changes in options:
+            if (peak := peak_of({**combined, **changes})) <= available or (label, changes) == options[-1]:
+                combined.update(changes)
+                labels.append(label)
+                break
+        if peak <= available:
+            return [f"{', '.join(labels)}: ~{peak / GiB:.1f} GiB"]
+    return []

@@ -1,0 +1,203 @@
+"""The "will it fit?" estimator: predicted peaks against measured training runs, refusal with what would fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import write_chat
+from phitune.errors import SpecError, WontFitError
+from phitune.estimate import (
+    CATALOG_SHAPES,
+    Estimate,
+    MachineProbe,
+    check_fits,
+    estimate,
+    model_shape,
+    probe_machine,
+)
+from phitune.types import Hyperparameters, JobSpec
+
+GiB = 2**30
+
+# A trainer process as the local worker runs it, with the lean loading wired in (phitune.trainer.loading), timed and
+# measured by the kernel (the parent reads the child's ru_maxrss).
+_TRAIN = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from phitune.trainer import loop
+    from phitune.trainer.loading import load_for_training
+    from phitune.types import JobSpec
+
+    loop.load_model = lambda path, method, *, device: load_for_training(path, method, device=device)[0]
+    spec = JobSpec.model_validate_json(sys.argv[1])
+    work = Path(sys.argv[2])
+
+    class Control:
+        steps = []
+        def message(self, text, *, level="info", data=None): pass
+        def metrics(self, data): self.steps.append(data)
+        def checkpoint(self, step, metrics, path): pass
+        def progress(self, step, total_steps, trained_tokens, eta_seconds): pass
+        def should_stop(self): return None
+
+    control = Control()
+    run = loop.TrainRun(spec, spec.model, Path(spec.training_file), None, work / "out", work / "ckpt")
+    loop.train(run, control)
+    print(json.dumps(control.steps))
+    """
+)
+
+
+def measured_peak(spec: JobSpec, work: Path) -> int:
+    """Peak RSS of a fresh trainer process that trains ``spec``."""
+    work.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _TRAIN, spec.model_dump_json(), str(work)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads(output)[-1]["step"] == spec.hyperparameters.max_steps
+    return int(usage.ru_maxrss * 1024)
+
+
+@pytest.fixture(scope="module")
+def wider_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 15M-parameter Phi-3 (hidden 512, 4 layers) with tiny-phi3's tokenizer: activations show beside the runtime."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from phitune.trainer.tiny import ensure_tiny_phi3
+
+    tiny = ensure_tiny_phi3(tmp_path_factory.mktemp("tiny"))
+    config = AutoConfig.from_pretrained(tiny)
+    config.update({"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8, "num_key_value_heads": 8})
+    config.update({"num_hidden_layers": 4})
+    folder = tmp_path_factory.mktemp("wider") / "model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, folder / name)
+    return folder
+
+
+def long_chat(path: Path, examples: int) -> Path:
+    """Chat examples long enough to fill 256 tokens."""
+    text = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. " * 30
+    return write_chat(path, [(f"Tell me story {i}.", text) for i in range(examples)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "batch", "checkpointing"),
+    [("lora", 4, False), ("lora", 4, True), ("qlora", 2, True)],
+)
+def test_estimate_matches_measured_peak(
+    wider_model: Path, tmp_path: Path, method: str, batch: int, checkpointing: bool
+) -> None:
+    data = long_chat(tmp_path / "train.jsonl", examples=2 * batch)
+    hp = Hyperparameters(
+        batch_size=batch, max_seq_length=256, max_steps=2, gradient_checkpointing=checkpointing, lr_scheduler="constant"
+    )
+    spec = JobSpec(model=str(wider_model), training_file=str(data), method=method, hyperparameters=hp)
+    predicted = estimate(spec, home=tmp_path, dataset=data)
+    peak = measured_peak(spec, tmp_path / "run")
+    assert predicted.micro_batch_tokens == batch * 256
+    assert abs(predicted.peak_bytes / peak - 1) < 0.3, (predicted.memory, peak)
+
+
+def test_medium_full_fine_tune_is_refused_on_24_gib(tmp_path: Path) -> None:
+    spec = JobSpec(model="Phi-3-medium-4k-instruct", training_file="file-x", method="full")
+    with pytest.raises(WontFitError) as caught:
+        check_fits(spec, home=tmp_path, available_bytes=24 * GiB)
+    error = caught.value
+    result = error.estimate
+    assert isinstance(result, Estimate) and not result.fits
+    assert result.parameters == 13_960_238_080 and result.trainable_parameters == result.parameters
+    assert result.peak_bytes > 200 * GiB  # fp32 weights, gradients and AdamW alone are 16 bytes a parameter
+    assert "24.0 GiB is available" in str(error) and "GiB at its peak" in str(error)
+    assert error.suggestions and all("qlora" in s for s in error.suggestions)
+    assert any(s in str(error) for s in error.suggestions)
+
+
+def test_oversized_lora_gets_each_change_that_fits(tmp_path: Path) -> None:
+    hp = Hyperparameters(batch_size=4, max_seq_length=4096)
+    spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
+    result = estimate(spec, home=tmp_path, available_bytes=24 * GiB)
+    assert not result.fits and result.memory.activations > 50 * GiB
+    assert any(s.startswith("gradient_checkpointing=True") for s in result.suggestions)
+    checkpointed = spec.model_copy(update={"hyperparameters": hp.model_copy(update={"gradient_checkpointing": True})})
+    fitting = check_fits(checkpointed, home=tmp_path, available_bytes=24 * GiB)
+    assert fitting is not None and fitting.fits
+
+
+def test_medium_qlora_fits_24_gib(tmp_path: Path) -> None:
+    hp = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True)
+    spec = JobSpec(model="Phi-3-medium-4k-instruct", training_file="file-x", method="qlora", hyperparameters=hp)
+    result = check_fits(spec, home=tmp_path, available_bytes=24 * GiB)
+    assert result is not None
+    assert 7 * GiB < result.memory.weights < 8.5 * GiB  # 13.6B 4-bit weights + 0.33B bf16 embedding and head
+    assert result.peak_bytes < 12 * GiB
+
+
+def test_unknown_shape_is_not_refused(tmp_path: Path) -> None:
+    spec = JobSpec(model="someone/not-downloaded-model", training_file="file-x", method="full")
+    assert check_fits(spec, home=tmp_path, available_bytes=1) is None
+    with pytest.raises(SpecError, match=r"no config\.json"):
+        estimate(spec, home=tmp_path)
+
+
+def test_client_estimate_reads_the_dataset(home: Path, chat_file: Path) -> None:
+    import phitune
+
+    client = phitune.Client(home=home)
+    result = client.finetune.estimate(
+        model="tiny-phi3", training_file=chat_file, method="lora", hyperparameters={"batch_size": 2}
+    )
+    assert result.fits and result.examples == 8 and result.steps_per_epoch == 4
+    assert result.tokens_per_epoch is not None and result.tokens_per_epoch > 8 * 10
+    assert (
+        result.trainable_tokens_per_epoch is not None
+        and 0 < result.trainable_tokens_per_epoch < result.tokens_per_epoch
+    )
+    assert result.seconds_per_epoch is not None and result.seconds_per_epoch > 0
+    assert result.tokens_per_second > 0 and "tokens/s" in result.summary
+    assert client.finetune.list() == []  # nothing was submitted
+    stored = client.files.upload(chat_file)
+    assert client.finetune.estimate(model="tiny-phi3", training_file=stored.id).examples == 8
+
+
+def test_probe_is_measured_once_and_cached(tmp_path: Path) -> None:
+    cache = tmp_path / "probe.json"
+    first = probe_machine(cache)
+    assert first.bf16_flops > 1e9 and first.fp32_flops > 1e9 and first.dequant_per_second is None
+    assert probe_machine(cache).measured_at == first.measured_at
+    quantized = probe_machine(cache, quantized=True)  # the dequantisation rate was missing: measured now
+    assert quantized.dequant_per_second is not None and quantized.dequant_per_second > 1e6
+    assert MachineProbe.model_validate(json.loads(cache.read_text())[first.fingerprint]) == quantized
+
+
+def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    assert CATALOG_SHAPES["Phi-3-mini-4k-instruct"].parameters == 3_821_079_552
+    assert CATALOG_SHAPES["Phi-3-medium-4k-instruct"].parameters == 13_960_238_080
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    with torch.device("meta"):
+        counted = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert model_shape(str(tiny_model_dir)).parameters == counted
