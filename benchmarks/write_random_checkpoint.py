@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from phitune.trainer.tiny import PHI3_ADDED_TOKENS
+
 _COMMON: dict[str, Any] = {
     "architectures": ["Phi3ForCausalLM"],
     "model_type": "phi3",
@@ -88,19 +90,7 @@ PHI3_MID: dict[str, Any] = {
 
 CONFIGS: dict[str, dict[str, Any]] = {"mini": PHI3_MINI_4K, "medium": PHI3_MEDIUM_4K, "mid": PHI3_MID}
 
-PHI3_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|assistant|>",
-    "<|placeholder1|>",
-    "<|placeholder2|>",
-    "<|placeholder3|>",
-    "<|placeholder4|>",
-    "<|system|>",
-    "<|end|>",
-    "<|placeholder5|>",
-    "<|placeholder6|>",
-    "<|user|>",
-)
+PHI3_SPECIAL_TOKENS = PHI3_ADDED_TOKENS
 """Phi-3's added tokens in id order, starting at 32000."""
 
 _BASE_VOCAB = 32000

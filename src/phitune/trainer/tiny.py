@@ -49,7 +49,7 @@ _SEED = 0
 _BPE_VOCAB_SIZE = 2048  # a target: merges seen fewer than twice in the corpus are not learnt, so the BPE stops early
 _BASE_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Phi-3
 # Phi-3's added tokens, in Phi-3's order (its ids 32000-32010).
-_ADDED_SPECIAL_TOKENS = (
+PHI3_ADDED_TOKENS = (
     "<|endoftext|>",
     "<|assistant|>",
     "<|placeholder1|>",
@@ -155,5 +155,5 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train([str(_CORPUS)], trainer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _ADDED_SPECIAL_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in PHI3_ADDED_TOKENS])
     return tokenizer
