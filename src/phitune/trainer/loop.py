@@ -6,18 +6,26 @@ batch. Under torchrun every rank walks the same micro-batches and trains on its 
 ranks / trainable tokens in the step), so neither accumulation nor the number of processes changes the objective.
 Data order is a pure function of (seed, epoch), so a run resumed from a checkpoint (weights, optimizer, scheduler,
 every rank's RNG, step) continues exactly where the uninterrupted run would be.
+
+Where the work goes: each rank's examples of a micro-batch are packed into one row with no padding, every example
+attending only to itself (:mod:`phitune.trainer.packing`); the LM head runs only at positions that carry loss, in
+chunks whose backward is computed on the way (:mod:`phitune.trainer.loss`), so no ``[tokens, vocabulary]`` logits are
+ever held; matmuls run under bf16 autocast where the hardware has it. Packing changes how a micro-batch is laid out,
+never which examples it holds, so resume and multi-process parity are untouched. Prompt learning (virtual tokens in
+front of every example) trains on padded batches through the model's own forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -26,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from ..types import JobSpec, QLoRA
-from . import data, distributed
+from . import data, distributed, packing
 from .distributed import Engine, Ranks
+from .loss import linear_cross_entropy
 from .model import apply_method, bf16_supported, count_parameters, load_model, load_tokenizer, quantized_footprint
 
 StopReason = Literal["cancelled", "paused", "superseded"]
@@ -86,6 +95,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         _report_quantized_base(control, model, run.spec.method)
     model = apply_method(model, run.spec.method, gradient_checkpointing=hp.gradient_checkpointing)
     trainable, total = count_parameters(model)
+    batch_of = _batching(model, tokenizer.pad_token_id)
     train_set = data.load_examples(run.train_path, tokenizer, max_seq_length=hp.max_seq_length)
     valid_set = (
         data.load_examples(run.valid_path, tokenizer, max_seq_length=hp.max_seq_length) if run.valid_path else []
@@ -142,7 +152,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         loss_here = 0.0
         for index, batch in enumerate(micro):
             examples, weight = ranks.share(batch)
-            tensors = {k: v.to(device) for k, v in data.collate(examples, tokenizer.pad_token_id).items()}
+            tensors = {k: v.to(device) for k, v in batch_of(examples).items()}
             with engine.micro_step(last=index == len(micro) - 1):
                 with _autocast(device, use_bf16):
                     loss_sum = engine.module(**tensors) * weight
@@ -170,7 +180,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
             metrics["grad_norm"] = grad_norm
         improved = False
         if valid_set and hp.eval_every and step % hp.eval_every == 0:
-            valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, tokenizer.pad_token_id, use_bf16)
+            valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, batch_of, use_bf16)
             metrics["valid_loss"], valid_step = valid_loss, step
             improved, best_valid = valid_loss < best_valid, min(valid_loss, best_valid)
         control.metrics(metrics)
@@ -189,7 +199,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     # -- final evaluation and output
     if valid_set:
         if valid_step != step:
-            valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, tokenizer.pad_token_id, use_bf16)
+            valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, batch_of, use_bf16)
         control.metrics({"step": step, "full_valid_loss": valid_loss})
     weights = engine.weights()
     if ranks.main:
@@ -206,22 +216,43 @@ class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return token_loss_sum(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(self.model, batch)
+
+
+Batching = Callable[[Sequence[data.Example]], dict[str, torch.Tensor]]
+"""How a micro-batch's examples become model inputs: packed into one row, or padded."""
+
+
+def _batching(model: Any, pad_id: int) -> Batching:
+    """Packed rows with per-example attention, except for prompt learning, whose virtual tokens go in front of every
+    example and so need the plain forward of padded batches."""
+    if _body_and_head(model)[0] is None:
+        return functools.partial(data.collate, pad_id=pad_id)
+    packing.use_varlen_attention(model)
+    return packing.pack
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled positions; the LM head runs only where labels are set."""
+    """Sum of next-token cross-entropy over labelled positions, for a padded batch (:func:`data.collate`) or a packed
+    one (:func:`packing.pack`). The LM head runs only where labels are set, in chunks (:mod:`phitune.trainer.loss`)."""
     labels = batch["labels"][:, 1:]
-    selected = labels != -100
+    selected = labels != data.IGNORE_INDEX
     body, head = _body_and_head(model)
     if body is None:  # methods that change the input (prompt tuning): the plain forward
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1][selected]
-    else:
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = head(hidden[:, :-1][selected])
-    return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+    packed: dict[str, Any] = {}
+    if "cu_seq_lens" in batch:
+        if body.config._attn_implementation != packing.ATTENTION:
+            raise ValueError("a packed batch needs packing.use_varlen_attention(model), or examples would mix")
+        packed = {"position_ids": batch["position_ids"], "segments": tuple(batch["cu_seq_lens"].tolist())}
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **packed).last_hidden_state
+    hidden = hidden[:, :-1][selected]
+    if hasattr(head.weight, "ds_id") or head.bias is not None:  # DeepSpeed ZeRO-3 gathers the weight in head() only
+        return F.cross_entropy(head(hidden).float(), labels[selected], reduction="sum")
+    return linear_cross_entropy(hidden, head.weight, labels[selected])
 
 
 def _body_and_head(model: Any) -> tuple[Any, Any]:
@@ -233,14 +264,14 @@ def _body_and_head(model: Any) -> tuple[Any, Any]:
 
 
 def evaluate(
-    engine: Engine, ranks: Ranks, examples: list[data.Example], batch_size: int, pad_id: int, use_bf16: bool
+    engine: Engine, ranks: Ranks, examples: list[data.Example], batch_size: int, batch_of: Batching, use_bf16: bool
 ) -> float:
     """Token-mean validation loss; each rank scores its share of every batch."""
     engine.module.eval()
     total = 0.0
     for i in range(0, len(examples), batch_size):
         chunk, weight = ranks.share(examples[i : i + batch_size])
-        tensors = {k: v.to(ranks.device) for k, v in data.collate(chunk, pad_id).items()}
+        tensors = {k: v.to(ranks.device) for k, v in batch_of(chunk).items()}
         with torch.no_grad(), _autocast(ranks.device, use_bf16):
             total += float(engine.module(**tensors)) * weight
     engine.module.train()

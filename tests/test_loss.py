@@ -1,0 +1,81 @@
+"""The chunked cross-entropy from hidden states: the same values and gradients as ``F.cross_entropy`` on full
+logits, in fp32 and under bf16 autocast, across chunk boundaries, without a graph when no gradient is wanted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+from phitune.trainer import loss  # noqa: E402
+
+
+def _inputs(rows: int, features: int = 24, vocab: int = 300, *, head_grad: bool = True) -> tuple[Any, Any, Any]:
+    generator = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, features, generator=generator).requires_grad_()
+    weight = (torch.randn(vocab, features, generator=generator) * 0.3).requires_grad_(head_grad)
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    return hidden, weight, targets
+
+
+def _value_and_grads(fn: Any, hidden: Any, weight: Any, targets: Any, *, bf16: bool) -> tuple[Any, ...]:
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        value = fn(hidden, weight, targets)
+    (value * 0.5).backward()  # a non-unit upstream gradient: the backward must scale what the forward stored
+    return value.detach(), hidden.grad, weight.grad
+
+
+def _reference(hidden: Any, weight: Any, targets: Any) -> Any:
+    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_fp32_values_and_gradients_match_cross_entropy_across_chunks(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 5 * 300)  # 5 rows per chunk: several chunks and a short last one
+    hidden, weight, targets = _inputs(rows)
+    ours = _value_and_grads(loss.linear_cross_entropy, hidden, weight, targets, bf16=False)
+    theirs = _value_and_grads(_reference, hidden, weight, targets, bf16=False)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_matches_cross_entropy_under_the_same_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 16 * 300)
+    hidden, weight, targets = _inputs(50)
+    value, grad_hidden, grad_weight = _value_and_grads(loss.linear_cross_entropy, hidden, weight, targets, bf16=True)
+    ref_value, ref_hidden, ref_weight = _value_and_grads(_reference, hidden, weight, targets, bf16=True)
+    assert value.dtype == torch.float32 and grad_hidden.dtype == grad_weight.dtype == torch.float32
+    torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_hidden, ref_hidden, rtol=2e-2, atol=2e-3)  # bf16 products, summed differently
+    torch.testing.assert_close(grad_weight, ref_weight, rtol=2e-2, atol=2e-3)
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_do() -> None:
+    hidden, weight, targets = _inputs(9, head_grad=False)
+    _, grad_hidden, grad_weight = _value_and_grads(loss.linear_cross_entropy, hidden, weight, targets, bf16=False)
+    _, ref_hidden, _ = _value_and_grads(_reference, hidden, weight, targets, bf16=False)
+    assert grad_weight is None
+    torch.testing.assert_close(grad_hidden, ref_hidden, rtol=1e-5, atol=1e-6)
+
+
+def test_without_gradients_no_graph_is_built() -> None:
+    hidden, weight, targets = _inputs(11)
+    with torch.no_grad():
+        value = loss.linear_cross_entropy(hidden, weight, targets)
+    assert value.grad_fn is None
+    torch.testing.assert_close(value, _reference(hidden, weight, targets).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_no_rows_give_a_differentiable_zero() -> None:
+    """A micro-batch share without labelled positions still joins the backward (every rank must)."""
+    hidden, weight, targets = _inputs(0)
+    value = loss.linear_cross_entropy(hidden, weight, targets)
+    value.backward()
+    assert float(value) == 0.0 and hidden.grad is not None and float(weight.grad.abs().sum()) == 0.0

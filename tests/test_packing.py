@@ -1,0 +1,131 @@
+"""Padding-free packing: examples laid end to end in one row train exactly as they do alone — the same loss per
+example and the same gradients as padded batches under transformers' own SDPA attention, with grouped-query attention
+and sliding windows too — and no example sees another."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from phitune.trainer import data, packing  # noqa: E402
+from phitune.trainer.loop import token_loss_sum  # noqa: E402
+from phitune.trainer.tiny import TINY_CONFIG  # noqa: E402
+
+VOCAB = 97
+LENGTHS = (13, 5, 21, 9)
+
+
+def _examples(lengths: tuple[int, ...] = LENGTHS, seed: int = 0) -> list[data.Example]:
+    """Random tokens; loss on a random half of the positions after the first."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for length in lengths:
+        ids = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+        trained = torch.rand(length, generator=generator) < 0.5
+        trained[0], trained[-1] = False, True
+        examples.append(
+            data.Example(ids, [t if keep else data.IGNORE_INDEX for t, keep in zip(ids, trained.tolist(), strict=True)])
+        )
+    return examples
+
+
+def _models(lora: bool = False, **config: Any) -> tuple[Any, Any]:
+    """(reference on transformers' SDPA, the same weights on phitune's varlen attention), fp32, eval mode."""
+    torch.manual_seed(0)
+    options = {**TINY_CONFIG, "vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **config}
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**options)).float()
+    model.set_attn_implementation("sdpa")
+    if lora:
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=4, target_modules=["qkv_proj", "o_proj"], init_lora_weights=False)
+        )
+    varlen = copy.deepcopy(model)
+    packing.use_varlen_attention(varlen)
+    return model.eval(), varlen.eval()
+
+
+def _only(batch: dict[str, Any], index: int) -> dict[str, Any]:
+    """``batch`` (packed) with loss on example ``index`` alone."""
+    start, end = batch["cu_seq_lens"][index], batch["cu_seq_lens"][index + 1]
+    labels = torch.full_like(batch["labels"], data.IGNORE_INDEX)
+    labels[0, start:end] = batch["labels"][0, start:end]
+    return {**batch, "labels": labels}
+
+
+def test_pack_lays_the_examples_end_to_end_with_restarting_positions() -> None:
+    examples = _examples((3, 2, 4))
+    batch = packing.pack(examples)
+    assert batch["input_ids"].tolist() == [[t for e in examples for t in e.input_ids]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 9]
+    assert batch["attention_mask"].tolist() == [[1] * 9]
+    starts = {0, 3, 5}
+    expected = [
+        data.IGNORE_INDEX if i in starts else label for i, label in enumerate(x for e in examples for x in e.labels)
+    ]
+    assert batch["labels"].tolist() == [expected]  # no loss across a boundary, whatever an example's first label was
+    with pytest.raises(ValueError):
+        packing.pack([])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"num_key_value_heads": 2}, {"sliding_window": 6}],
+    ids=["multi-head", "grouped-query", "sliding-window"],
+)
+def test_each_packed_example_has_the_loss_it_has_alone(config: dict[str, Any]) -> None:
+    reference, varlen = _models(**config)
+    examples = _examples()
+    batch = packing.pack(examples)
+    with torch.no_grad():
+        for index, example in enumerate(examples):
+            alone = float(token_loss_sum(reference, data.collate([example], pad_id=0)))
+            packed = float(token_loss_sum(varlen, _only(batch, index)))
+            assert packed == pytest.approx(alone, rel=1e-5), index
+
+
+def test_no_example_sees_another() -> None:
+    """Changing every token of the first example leaves the others' losses as they were."""
+    _, varlen = _models()
+    examples = _examples()
+    changed = [data.Example([(t + 1) % VOCAB for t in examples[0].input_ids], examples[0].labels), *examples[1:]]
+    with torch.no_grad():
+        before = [float(token_loss_sum(varlen, _only(packing.pack(examples), i))) for i in range(len(examples))]
+        after = [float(token_loss_sum(varlen, _only(packing.pack(changed), i))) for i in range(len(examples))]
+    assert after[0] != pytest.approx(before[0])
+    assert after[1:] == pytest.approx(before[1:], rel=1e-6)
+
+
+def test_packed_gradients_equal_the_padded_batch_gradients() -> None:
+    reference, varlen = _models(lora=True)
+    reference.train(), varlen.train()
+    examples = _examples()
+    token_loss_sum(reference, data.collate(examples, pad_id=0)).backward()
+    token_loss_sum(varlen, packing.pack(examples)).backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in varlen.named_parameters() if p.requires_grad}
+    assert expected.keys() == got.keys() and expected
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-4, msg=name)  # gradients of order 10
+
+
+def test_padded_batches_still_run_through_transformers_sdpa() -> None:
+    """A model set up for packing still scores padded batches correctly (their masks reach SDPA)."""
+    reference, varlen = _models(sliding_window=6)
+    padded = data.collate(_examples(), pad_id=0)
+    with torch.no_grad():
+        assert float(token_loss_sum(varlen, padded)) == pytest.approx(
+            float(token_loss_sum(reference, padded)), rel=1e-5
+        )
+
+
+def test_a_packed_batch_needs_the_varlen_attention() -> None:
+    reference, _ = _models()
+    with pytest.raises(ValueError, match="use_varlen_attention"), torch.no_grad():
+        token_loss_sum(reference, packing.pack(_examples()))
