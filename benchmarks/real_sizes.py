@@ -4,18 +4,20 @@ Every measurement runs in a fresh child process; its peak RSS is the kernel's ow
 (``os.wait4``'s ``ru_maxrss``), so nothing of the parent or of earlier runs is in it. Training goes through phitune's
 trainer (``phitune.trainer.loop.train`` with a recording Control) on chat examples cut to ``--seq`` tokens.
 
-``--loader lean`` runs the trainer as it is with the proposed wiring applied in the child: the base is loaded by
-:func:`phitune.trainer.loading.load_for_training` (bf16 base for LoRA, streamed 4-bit quantisation for QLoRA) and
-QLoRA's base preparation freezes it without peft's fp32 upcast of the embeddings, norms and LM head, and subnormal
-floats are flushed to zero (``torch.set_flush_denormal``: with them a mid-sized QLoRA step ran 5-35x slower here).
-``--loader current`` runs the trainer untouched (fp32 base).
+``train --peer`` then runs the peer on the same examples in its own child: plain transformers + peft as a user would
+write it (``from_pretrained`` in bf16, or 4-bit NF4 with ``prepare_model_for_kbit_training`` for QLoRA; the same LoRA
+rank, alpha and targets; gradient checkpointing; AdamW; the model's own loss), and prints the ratios.
+
+``--threads N`` sets torch's intra-op threads in the child and for the probe. On a machine shared with other busy
+processes, two OpenMP threads on two cores wait for each other at every parallel region (an elementwise op on a
+256 x 512 tensor took 8 ms instead of 22 us here): one thread then measures a core's throughput far more faithfully.
 
 Steps: one warm-up step (page faults, first allocations) is excluded from tokens/s; ``tokens_per_second`` counts every
 token of the batch (``batch x seq``), ``trainable_tokens_per_second`` only those with loss (the loop's metric).
 
     python benchmarks/write_random_checkpoint.py mini /tmp/phitune-real/mini
-    python benchmarks/real_sizes.py load  /tmp/phitune-real/mini --method qlora --loader lean
-    python benchmarks/real_sizes.py train /tmp/phitune-real/mini --method qlora --steps 4 --seq 256
+    python benchmarks/real_sizes.py load  /tmp/phitune-real/mini --method qlora
+    python benchmarks/real_sizes.py train /tmp/phitune-real/mini --method lora --steps 4 --seq 256 --peer
     python benchmarks/real_sizes.py probe
 """
 
@@ -106,37 +108,13 @@ def write_dataset(path: Path, examples: int, approx_chars: int) -> Path:
     return path
 
 
-def apply_lean_wiring(report_sink: list[Any]) -> None:
-    """The proposed trainer wiring, applied in this process only (see the module docstring)."""
-    import peft
-    import torch
-
-    from phitune.trainer import loop
-    from phitune.trainer.loading import load_for_training
-
-    torch.set_flush_denormal(True)  # subnormal floats are 10-100x slower on x86; LoRA's small updates make them
-
-    def load_model(path: str, method: Any, *, device: str) -> Any:
-        model, report = load_for_training(path, method, device=device)
-        report_sink.append(report)
-        return model
-
-    def freeze_base(model: Any, use_gradient_checkpointing: bool = True, **_: Any) -> Any:
-        return model.requires_grad_(False)
-
-    loop.load_model = load_model  # type: ignore[assignment]
-    peft.prepare_model_for_kbit_training = freeze_base
-
-
 def child_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    torch.set_num_threads(args.threads)
     from phitune.trainer import loop
     from phitune.types import Hyperparameters, JobSpec
 
-    reports: list[Any] = []
-    if args.loader == "lean":
-        apply_lean_wiring(reports)
     work = Path(tempfile.mkdtemp(prefix="phitune-real-"))
     data = write_dataset(work / "train.jsonl", examples=args.batch * (args.steps + 1), approx_chars=args.seq * 8)
     hp = Hyperparameters(
@@ -169,10 +147,11 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         "kind": "train",
         "model": args.model,
         "method": args.method,
-        "loader": args.loader,
+        "side": "phitune",
         "batch": args.batch,
         "seq": args.seq,
         "gradient_checkpointing": not args.no_checkpointing,
+        "threads": threads,
         "steps": result.step,
         "losses": [round(s["train_loss"], 4) for s in control.steps],
         "step_seconds": [round(s["trainable_tokens"] / s["tokens_per_second"], 2) for s in control.steps],
@@ -185,9 +164,83 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         if cpu_seconds
         else None,
         "trainable_tokens_per_second": round(statistics.median(s["tokens_per_second"] for s in timed), 2),
-        "load": reports[0].model_dump() if reports else None,
+        "load": next((m["data"]["load"] for m in control.messages if m["data"] and "load" in m["data"]), None),
         "train_seconds": round(seconds, 1),
         "messages": [m["text"] for m in control.messages],
+    }
+
+
+def child_peer(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain transformers + peft on the examples phitune trains on: the loop a user would write without phitune."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from phitune.trainer import data
+    from phitune.trainer.model import load_tokenizer
+    from phitune.types import LoRA
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="phitune-real-peer-"))
+    path = write_dataset(work / "train.jsonl", examples=args.batch * (args.steps + 1), approx_chars=args.seq * 8)
+    tokenizer = load_tokenizer(args.model)
+    examples = data.load_examples(path, tokenizer, max_seq_length=args.seq)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+    if args.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": "cpu"}
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    checkpointing = not args.no_checkpointing
+    if args.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoRA()
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(model, config)
+    model.train()
+    load_seconds = time.perf_counter() - started
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    losses, step_seconds = [], []
+    for step in range(args.steps):
+        began = time.perf_counter()
+        batch = data.collate(examples[step * args.batch : (step + 1) * args.batch], tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(float(loss), 4))
+        step_seconds.append(time.perf_counter() - began)
+    timed = step_seconds[1:] or step_seconds
+    return {
+        "kind": "train",
+        "side": "transformers+peft",
+        "model": args.model,
+        "method": args.method,
+        "batch": args.batch,
+        "seq": args.seq,
+        "gradient_checkpointing": checkpointing,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "losses": losses,
+        "step_seconds": [round(x, 2) for x in step_seconds],
+        "tokens_per_second": round(args.batch * args.seq / statistics.median(timed), 2),
+        "load_seconds": round(load_seconds, 1),
     }
 
 
@@ -240,9 +293,13 @@ def child_probe(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------ main
 def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
     """Add the estimator's prediction for a training run, and its errors against the measured peak and speed. The
-    machine is probed afresh right after the run (not from the cache), so both see the same load."""
+    machine is probed afresh right after the run (not from the cache), with the run's threads."""
+    import torch
+
     from phitune.estimate import estimate, probe_machine
     from phitune.types import Hyperparameters, JobSpec
+
+    torch.set_num_threads(result["threads"])
 
     hp = Hyperparameters(
         batch_size=result["batch"],
@@ -266,17 +323,20 @@ def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("load", "train"):
+    for name in ("load", "train", "peer"):
         command = commands.add_parser(name)
         command.add_argument("model", help="a model folder (see write_random_checkpoint.py)")
         command.add_argument("--method", choices=("lora", "qlora", "full"), default="qlora")
-        other = "current" if name == "train" else "transformers"
-        command.add_argument("--loader", choices=("lean", other), default="lean", help=f"lean, or {other} (see above)")
-        if name == "train":
+        if name == "load":
+            command.add_argument("--loader", choices=("lean", "transformers"), default="lean")
+        else:
             command.add_argument("--steps", type=int, default=4)
             command.add_argument("--seq", type=int, default=256)
             command.add_argument("--batch", type=int, default=1)
             command.add_argument("--no-checkpointing", action="store_true")
+            command.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+        if name == "train":
+            command.add_argument("--peer", action="store_true", help="also run plain transformers + peft (see above)")
     commands.add_parser("probe")
     child = commands.add_parser("child")
     child.add_argument("--out", required=True)
@@ -285,13 +345,18 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "child":
         inner = parser.parse_args(args.rest)
-        handlers = {"load": child_load, "train": child_train, "probe": child_probe}
+        handlers = {"load": child_load, "train": child_train, "peer": child_peer, "probe": child_probe}
         Path(args.out).write_text(json.dumps(handlers[inner.command](inner)))
         return
-    forwarded = argv if argv is not None else sys.argv[1:]
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--peer"]
     result = run_child(forwarded)
     if args.command == "train":
         result = with_estimate(result)
+        if args.peer:
+            peer = run_child(["peer", *forwarded[1:]])
+            result["peer"] = peer
+            result["tokens_per_second_ratio"] = round(result["tokens_per_second"] / peer["tokens_per_second"], 3)
+            result["peak_rss_ratio"] = round(result["peak_rss_bytes"] / peer["peak_rss_bytes"], 3)
     result["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
     result["load_average"] = os.getloadavg()
     print(json.dumps(result, indent=2))

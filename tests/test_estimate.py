@@ -26,17 +26,15 @@ from phitune.types import Hyperparameters, JobSpec
 
 GiB = 2**30
 
-# A trainer process as the local worker runs it, with the lean loading wired in (phitune.trainer.loading), timed and
+# A trainer process as the local worker runs it (lean loading, phitune.trainer.loading), timed and
 # measured by the kernel (the parent reads the child's ru_maxrss).
 _TRAIN = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
     from phitune.trainer import loop
-    from phitune.trainer.loading import load_for_training
     from phitune.types import JobSpec
 
-    loop.load_model = lambda path, method, *, device: load_for_training(path, method, device=device)[0]
     spec = JobSpec.model_validate_json(sys.argv[1])
     work = Path(sys.argv[2])
 

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from ..types import JobSpec, QLoRA
 from . import data, distributed, packing
 from .distributed import Engine, Ranks
+from .loading import load_for_training
 from .loss import linear_cross_entropy
-from .model import apply_method, bf16_supported, count_parameters, load_model, load_tokenizer, quantized_footprint
+from .model import apply_method, bf16_supported, count_parameters, load_tokenizer, quantized_footprint
 
 StopReason = Literal["cancelled", "paused", "superseded"]
 
@@ -90,7 +91,8 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
 
     # -- model and data
     tokenizer = load_tokenizer(run.base_path)
-    model = load_model(run.base_path, run.spec.method, device=device)
+    model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
+    control.message(load_report.message, data=load_report.data())
     if isinstance(run.spec.method, QLoRA):
         _report_quantized_base(control, model, run.spec.method)
     model = apply_method(model, run.spec.method, gradient_checkpointing=hp.gradient_checkpointing)
