@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 import time
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 from . import catalog
 from ._client import Client, default_home
 from .errors import PhituneError
+from .estimate import Estimate, GiB
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -78,23 +80,58 @@ def cmd_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``finetune.create`` from the options :func:`_add_job_options` adds."""
+    return {
+        "model": args.model,
+        "training_file": args.training_file,
+        "validation_file": args.validation_file,
+        "method": args.method,
+        "hyperparameters": {key: _parse_value(value) for key, value in (kv.split("=", 1) for kv in args.hp)},
+        "suffix": args.suffix,
+    }
+
+
+def _print_estimate(result: Estimate) -> None:
+    print(
+        f"{result.method} of {result.model} on {result.device} ({result.compute_dtype} compute, "
+        f"{result.weight_dtype} weights): {result.trainable_parameters:,} of {result.parameters:,} parameters train"
+    )
+    parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in result.memory.model_dump().items())
+    print(f"memory at the peak (GiB{' per process' if result.processes > 1 else ''}): {parts}")
+    verdict = "fits" if result.fits else "does NOT fit; what would fit:"
+    print(f"peak {result.peak_bytes / GiB:.2f} GiB of {result.available_bytes / GiB:.2f} GiB available: {verdict}")
+    if not result.fits:
+        nothing = "nothing within reach: a smaller model, or a machine with more memory"
+        for suggestion in result.suggestions or [nothing]:
+            print(f"  - {suggestion}")
+    if result.tokens_per_epoch is not None and result.steps_per_epoch is not None:
+        seconds = result.seconds_per_epoch or 0.0
+        duration = f"{seconds:.1f} s" if seconds < 60 else str(datetime.timedelta(seconds=round(seconds)))
+        print(
+            f"per epoch: {result.examples or 0:,} examples, {result.tokens_per_epoch:,} tokens "
+            f"({result.trainable_tokens_per_epoch or 0:,} trainable), {result.steps_per_epoch:,} "
+            f"step{'' if result.steps_per_epoch == 1 else 's'}, ~{duration}"
+        )
+    print(f"speed: ~{result.tokens_per_second:,.1f} tokens/s")
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = _client(args)
     command = args.jobs_command
     if command == "create":
-        hyperparameters = {key: _parse_value(value) for key, value in (kv.split("=", 1) for kv in args.hp)}
-        job = client.finetune.create(
-            model=args.model,
-            training_file=args.training_file,
-            validation_file=args.validation_file,
-            method=args.method,
-            hyperparameters=hyperparameters,
-            suffix=args.suffix,
-        )
+        job = client.finetune.create(**_job_options(args))
         if args.wait:
             job = client.finetune.wait(job.id)
         _print(args, job)
         return 0 if job.status != "failed" else 1
+    if command == "estimate":
+        result = client.finetune.estimate(**_job_options(args))
+        if args.json:
+            print(result.model_dump_json(indent=2))
+        else:
+            _print_estimate(result)
+        return 0 if result.fits else 1
     if command == "list":
         _print(args, client.finetune.list(limit=args.limit), ("id", "status", "model", "step", "fine_tuned_model"))
     elif command == "show":
@@ -191,6 +228,17 @@ def cmd_kaito(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- parser
+def _add_job_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a job (``jobs create``, ``jobs estimate``); :func:`_job_options` reads them."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--training-file", required=True, help="a file id or a local JSONL path")
+    parser.add_argument("--validation-file")
+    parser.add_argument("--method", default="lora", choices=["lora", "qlora", "dora", "full"])
+    parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
+    parser.add_argument("--suffix")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phitune", description="Fine-tune Phi-3 models: locally, on Azure, or on any OpenAI-compatible service."
@@ -217,14 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="fine-tuning jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
-    create = jobs_sub.add_parser("create", help="submit a job")
-    create.add_argument("--model", required=True)
-    create.add_argument("--training-file", required=True, help="a file id or a local JSONL path")
-    create.add_argument("--validation-file")
-    create.add_argument("--method", default="lora", choices=["lora", "qlora", "dora", "full"])
-    create.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
-    create.add_argument("--suffix")
+    create = _add_job_options(jobs_sub.add_parser("create", help="submit a job"))
     create.add_argument("--wait", action="store_true", help="wait for the job and show progress")
+    _add_job_options(
+        jobs_sub.add_parser(
+            "estimate",
+            help="will it fit? peak memory, tokens and time per epoch on this machine (exit 1 if it does not fit)",
+        )
+    )
     listing = jobs_sub.add_parser("list")
     listing.add_argument("--limit", type=int, default=20)
     for name in ("show", "watch", "cancel", "events", "checkpoints"):

@@ -7,7 +7,8 @@ The memory model follows what the local trainer holds at its peak (a backward pa
   full fine-tuning, 4-bit NF4 blocks plus their scales for QLoRA's linear layers (embeddings and head in bf16);
 - ``trainable``: trainable parameters in fp32 with their gradients and AdamW's two moments (16 bytes each);
 - ``activations``: per token and decoder layer, ``ACT_H`` x hidden + ``ACT_I`` x intermediate bytes kept for the
-  backward pass; with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time;
+  backward pass; with gradient checkpointing ``CHECKPOINT_BYTES`` x hidden per token and layer, plus one layer
+  recomputed at a time;
 - ``logits``: the LM head and loss. The trainer computes them in chunks (:mod:`phitune.trainer.loss`): one chunk of
   logits at a time plus the stored gradient of the hidden states (and of the head in full fine-tuning). Where it uses
   the plain loss (prompt learning, DeepSpeed ZeRO-3), vocabulary x ``LOGIT_BYTES`` per labelled token;
@@ -15,10 +16,10 @@ The memory model follows what the local trainer holds at its peak (a backward pa
   Phi-3-mini and -medium: ``QLORA_TRANSIENT_LAYERS`` decoder layers' worth), autocast's bf16 copies of every weight in
   full fine-tuning.
 
-Time comes from the FLOPs of a step (forward, backward, recomputation) at a measured fraction (``MATMUL_EFFICIENCY``)
-of this machine's matmul throughput, measured once by a short timed GEMM (:func:`probe_machine`, cached), plus
-QLoRA's per-pass dequantisation at its measured rate. The constants were fitted on this project's CPU machines
-against measured peaks; ``docs/sizing.md`` has the table of predicted against measured values.
+Time comes from the FLOPs of a step (forward, backward, recomputation) and its memory-bound work, at a fraction
+(``MATMUL_EFFICIENCY``) of this machine's matmul throughput measured by a short timed GEMM (:func:`probe_machine`,
+cached), plus QLoRA's per-pass dequantisation at its measured rate and AdamW's update. The constants were fitted on
+this project's 2-core CPU machine against measured runs; ``docs/sizing.md`` has predicted against measured values.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ GiB = 2**30
 
 RUNTIME_BYTES = 480 * 2**20
 """Resident memory of a trainer process before the model: interpreter, torch, transformers, peft, tokenizer, data."""
-ACT_H = 40.0
+ACT_H = 60.0
 """Activation bytes kept per token, decoder layer and unit of hidden size (bf16 autocast, LoRA on every linear)."""
-ACT_I = 10.0
+ACT_I = 15.0
 """Activation bytes kept per token, decoder layer and unit of intermediate size."""
+CHECKPOINT_BYTES = 4.0
+"""Bytes kept per token, decoder layer and unit of hidden size with gradient checkpointing: the layer's bf16 input (2)
+and the allocator's slack around it (fitted against Phi-3-mini and the 60M model at 256-token micro-batches)."""
 ACT_FULL = 1.25
 """Activations grow by this factor when every weight trains (each linear also keeps its input for its gradient)."""
 LOGIT_BYTES = 14
@@ -55,14 +59,14 @@ LOSS_CHUNK_ELEMENTS = 4 * 2**20
 PROMPT_LEARNING = frozenset({"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"})
 MATMUL_EFFICIENCY = 0.8
 """Fraction of the probed GEMM throughput that a training step's matmuls reach."""
-ELEMENTWISE_FLOPS_PER_BYTE = 2.5
+ELEMENTWISE_FLOPS_PER_BYTE = 110.0
 """The memory-bound work (norms, activations, rotary, dropout, casts) in FLOP-equivalents per activation byte and
 pass: why a mid-sized model (hidden 512) reaches a third of the GEMM rate where Phi-3-mini reaches three quarters."""
-STEP_OVERHEAD_SECONDS = 0.02
+STEP_OVERHEAD_SECONDS = 0.015
 """Fixed cost per micro-batch (collation, loss, optimizer bookkeeping): what dominates at toy sizes."""
 LAYER_OVERHEAD_SECONDS = 1e-3
 """Fixed cost per decoder layer and pass (operator dispatch)."""
-OPTIMIZER_SECONDS_PER_PARAMETER = 25e-9
+OPTIMIZER_SECONDS_PER_PARAMETER = 8e-9
 """AdamW's memory-bound update (and gradient clipping) per trainable parameter and optimizer step, on the CPU."""
 QLORA_TRANSIENT_LAYERS = 4
 """Decoder layers' worth of bf16 weights that QLoRA's dequantisation adds at the peak (fitted: Phi-3-mini and -medium
@@ -245,7 +249,8 @@ def _timed(fn: Any, seconds: float) -> float:
 
 
 def _gemm_flops(dtype: Any, device: str) -> float:
-    """A Phi-3-mini-sized projection (512 tokens x 3072 -> 3072); best of about 0.4 s of repeats."""
+    """A Phi-3-mini-sized projection (512 tokens x 3072 -> 3072): the best of a second of repeats, which sees the
+    machine's speed between other processes' time slices."""
     import torch
 
     a = torch.randn(512, 3072, dtype=dtype, device=device)
@@ -256,7 +261,7 @@ def _gemm_flops(dtype: Any, device: str) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    return 2 * 512 * 3072 * 3072 / _timed(matmul, 0.4)
+    return 2 * 512 * 3072 * 3072 / _timed(matmul, 1.0)
 
 
 def _dequant_rate(device: str) -> float | None:
@@ -356,9 +361,7 @@ def estimate(
     data = _dataset_tokens(dataset, spec, home) if dataset is not None else None
     length = min(hp.max_seq_length, data.max_tokens if data else tokens_per_example or hp.max_seq_length)
     device = "cuda" if _cuda() else "cpu"
-    probe = probe or probe_machine(
-        (home / "machine_probe.json") if home else default_probe_cache(), quantized=isinstance(spec.method, QLoRA)
-    )
+    probe = probe or probe_machine(default_probe_cache(), quantized=isinstance(spec.method, QLoRA))
     compute = _compute_dtype(spec)
     processes = spec.distributed.nproc
     micro = math.ceil(hp.batch_size / processes)
@@ -492,7 +495,7 @@ def _count_on_meta(shape: ModelShape, method: LoRA | QLoRA | DoRA | PEFT) -> int
     from .trainer.model import peft_config
 
     with torch.device("meta"):
-        model = Phi3ForCausalLM(Phi3Config(**shape.model_dump(exclude_none=True)))
+        model = Phi3ForCausalLM(Phi3Config(**shape.model_dump(exclude_none=True), pad_token_id=None))
     if isinstance(method, PEFT):
         config = peft_config(method)
     else:
@@ -522,8 +525,7 @@ def _memory(shape: ModelShape, spec: JobSpec, tokens: int, compute: str) -> Memo
     act_bytes = 1.0 if compute == "bf16" else 2.0  # fp32 compute keeps fp32 activations
     per_layer = tokens * (ACT_H * h + ACT_I * i) * act_bytes * (ACT_FULL if isinstance(method, Full) else 1.0)
     if hp.gradient_checkpointing:
-        residual = 2 if weight_bytes == 2 and compute == "bf16" else 4
-        activations = round(layers * tokens * h * residual + per_layer)
+        activations = round(layers * tokens * h * CHECKPOINT_BYTES * act_bytes + per_layer)
     else:
         activations = round(layers * per_layer)
     layout = spec.distributed

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import math
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import catalog
-from ..errors import ConflictError, MissingDependencyError, NotFoundError, SpecError, UnsupportedOptionError
+from ..errors import (
+    ConflictError,
+    MissingDependencyError,
+    NotFoundError,
+    PhituneError,
+    SpecError,
+    UnsupportedOptionError,
+)
 from ..local.store import Store
 from ..local.worker import ensure_worker
 from ..types import (
@@ -32,10 +43,37 @@ from ..types import (
 )
 
 if TYPE_CHECKING:
+    from ..estimate import Estimate
     from ..trainer.infer import Generation, ModelPool, ServedModel
     from ..trainer.onnx_engine import OnnxServed
 
+logger = logging.getLogger("phitune.local")
 _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MEMORY_LIMIT_ENV = "PHITUNE_MEMORY_LIMIT"
+"""The memory a local job may use (``24GiB``, ``512MiB``, ``8G`` or bytes): the fit check's available memory."""
+SKIP_FIT_CHECK_ENV = "PHITUNE_SKIP_FIT_CHECK"
+"""Set to 1 to submit local jobs without the fit check."""
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    **{f"{prefix}{suffix}": 1024 ** (i + 1) for i, prefix in enumerate("kmgt") for suffix in ("", "ib")},
+    **{f"{prefix}b": 1000 ** (i + 1) for i, prefix in enumerate("kmgt")},
+}
+_FIT_CHECK_LOCK = threading.Lock()  # one machine probe at a time: threads of a process share its cache's temp file
+
+
+def memory_limit() -> int | None:
+    """``$PHITUNE_MEMORY_LIMIT`` in bytes, or None where unset. ``K``, ``M``, ``G``, ``T`` and ``KiB``... are powers
+    of 1024, ``KB``... of 1000."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    match = _SIZE.fullmatch(text)
+    unit = _UNITS.get(match[2].lower()) if match else None
+    if match is None or unit is None or float(match[1]) <= 0:
+        raise SpecError(MEMORY_LIMIT_ENV, f"{text!r} is not a size: give bytes or a size with a unit, like 24GiB")
+    return int(float(match[1]) * unit)
 
 
 class LocalBackend:
@@ -47,6 +85,7 @@ class LocalBackend:
         self.store = Store(home)
         self.home = self.store.home
         self._pool: ModelPool | None = None
+        self._estimates: dict[str, Estimate] = {}  # by spec: what check_spec predicted, for create_job's first ETA
 
     # ---------------------------------------------------------------------------------------------------- files
     def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
@@ -87,11 +126,44 @@ class LocalBackend:
         self.store.get_file(spec.training_file)
         if spec.validation_file is not None:
             self.store.get_file(spec.validation_file)
+        self._check_fit(spec)
+
+    def _check_fit(self, spec: JobSpec) -> None:
+        """Refuse a job whose predicted peak exceeds the memory available now, or ``$PHITUNE_MEMORY_LIMIT``:
+        :func:`phitune.estimate.check_fits` with the training file's token lengths. Nothing is refused where the
+        model's shape is not on this machine, where torch is not installed, where the estimate fails (logged), or
+        with ``$PHITUNE_SKIP_FIT_CHECK=1``."""
+        if os.environ.get(SKIP_FIT_CHECK_ENV, "").lower() in ("1", "true", "yes"):
+            return
+        available = memory_limit()
+        if importlib.util.find_spec("torch") is None:
+            return
+        from ..estimate import check_fits
+
+        try:
+            with _FIT_CHECK_LOCK:
+                result = check_fits(
+                    spec, home=self.home, dataset=self.store.file_blob(spec.training_file), available_bytes=available
+                )
+        except PhituneError:
+            raise
+        except Exception as exc:  # e.g. a config.json without a decoder's dimensions: the check refuses nothing
+            logger.warning("fit check skipped: the estimate of this job failed: %r", exc)
+            return
+        if result is not None:
+            self._estimates[spec.model_dump_json()] = result
 
     def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
+        """Store a queued job and start the worker. Where the fit check predicted the training time, the job's
+        ``estimated_finish`` starts from it; the trainer replaces it with one from measured steps."""
         job, created = self.store.create_job(spec, idempotency_key=idempotency_key)
+        predicted = self._estimates.pop(spec.model_dump_json(), None)
         if created:
             self.store.add_event(job.id, f"job created: {spec.method.type} fine-tuning of {spec.model}")
+            seconds = _training_seconds(predicted, spec) if predicted is not None else None
+            if seconds is not None:  # attempt 0: a worker that already claimed the job keeps its own value
+                self.store.update_progress(job.id, 0, estimated_finish=job.created_at + math.ceil(seconds))
+                job = self.store.get_job(job.id)
         ensure_worker(self.home)
         return job
 
@@ -275,3 +347,14 @@ class LocalBackend:
 
     def close(self) -> None:
         self._pool = None
+
+
+def _training_seconds(predicted: Estimate, spec: JobSpec) -> float | None:
+    """Predicted seconds of training: every epoch's steps, or ``max_steps`` where fewer."""
+    if predicted.seconds_per_epoch is None or not predicted.steps_per_epoch:
+        return None
+    hp = spec.hyperparameters
+    steps = hp.epochs * predicted.steps_per_epoch
+    if hp.max_steps is not None:
+        steps = min(steps, hp.max_steps)
+    return predicted.seconds_per_epoch * steps / predicted.steps_per_epoch

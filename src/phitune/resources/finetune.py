@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
+import datetime
 import os
 import sys
 import time
@@ -12,7 +14,7 @@ from typing import Any
 import pydantic
 
 from .. import estimate as _estimate
-from ..errors import SpecError, WaitTimeoutError
+from ..errors import PhituneError, SpecError, WaitTimeoutError
 from ..types import (
     AzureCompute,
     Checkpoint,
@@ -61,22 +63,31 @@ class FineTuning(Resource):
     ) -> FineTuneJob:
         """Submit a job and return it at once (``queued``). Files may be ids or local paths (uploaded first).
 
-        Every option is checked before anything is sent: invalid values and options the backend cannot honour
-        raise :class:`~phitune.errors.SpecError` naming the field. A retried call with the same
-        ``idempotency_key`` returns the first job instead of starting a second one.
+        Every option is checked before the job is created: invalid values and options the backend cannot honour
+        raise :class:`~phitune.errors.SpecError` naming the field, a local job that cannot fit the machine
+        :class:`~phitune.errors.WontFitError`; files this call uploaded are then deleted again. A retried call with
+        the same ``idempotency_key`` returns the first job instead of starting a second one.
         """
-        spec = build_spec(
-            model=model,
-            training_file=self._file_id(training_file, model),
-            validation_file=self._file_id(validation_file, model) if validation_file is not None else None,
-            method=method,
-            hyperparameters=hyperparameters,
-            distributed=distributed,
-            suffix=suffix,
-            task=task,
-            compute=compute,
-        )
-        return self.submit(spec, idempotency_key=idempotency_key)
+        uploaded: builtins.list[str] = []
+        try:
+            spec = build_spec(
+                model=model,
+                training_file=self._file_id(training_file, model, uploaded),
+                validation_file=self._file_id(validation_file, model, uploaded),
+                method=method,
+                hyperparameters=hyperparameters,
+                distributed=distributed,
+                suffix=suffix,
+                task=task,
+                compute=compute,
+            )
+            self._backend.check_spec(spec)
+        except PhituneError:
+            for file_id in uploaded:
+                with contextlib.suppress(PhituneError):
+                    self._client.files.delete(file_id)
+            raise
+        return self._backend.create_job(spec, idempotency_key=idempotency_key or uuid.uuid4().hex)
 
     def submit(self, spec: JobSpec, *, idempotency_key: str | None = None) -> FineTuneJob:
         """Submit a ready :class:`JobSpec`."""
@@ -100,8 +111,9 @@ class FineTuning(Resource):
     ) -> _estimate.Estimate:
         """Will it fit? Predict a job's peak memory, tokens and time per epoch with the local trainer on this machine,
         submitting nothing. Takes a ready ``spec`` or the keyword arguments of :meth:`create`; ``training_file`` may
-        be a local path (read, not uploaded) or a stored file id. ``available_bytes`` defaults to the memory
-        available now. See :mod:`phitune.estimate` for the model behind the numbers."""
+        be a local path (read, not uploaded) or a stored file id. ``available_bytes`` defaults to
+        ``$PHITUNE_MEMORY_LIMIT`` where set, else the memory available now, as in the fit check of :meth:`create`.
+        See :mod:`phitune.estimate` for the model behind the numbers."""
         if spec is None:
             if model is None or training_file is None:
                 raise SpecError("model", "give a JobSpec, or model= and training_file=")
@@ -120,6 +132,10 @@ class FineTuning(Resource):
         if dataset is not None and not dataset.is_file():
             stored = getattr(self._backend, "file_content", None)  # the local backend's stored files
             dataset = Path(stored(spec.training_file)) if stored is not None else None
+        if available_bytes is None:
+            from ..backends.local import memory_limit
+
+            available_bytes = memory_limit()
         return _estimate.estimate(spec, home=self._client.home, dataset=dataset, available_bytes=available_bytes)
 
     def get(self, job_id: str) -> FineTuneJob:
@@ -166,15 +182,19 @@ class FineTuning(Resource):
                     raise WaitTimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
                 time.sleep(poll_interval)
 
-    def _file_id(self, value: str | os.PathLike[str], model: str) -> str:
-        """A file id as is; an existing local path is validated and uploaded first."""
+    def _file_id(self, value: str | os.PathLike[str] | None, model: str, uploaded: builtins.list[str]) -> str | None:
+        """A file id as is; an existing local path is validated and uploaded first (its id added to ``uploaded``)."""
+        if value is None:
+            return None
         if isinstance(value, os.PathLike) or Path(value).is_file():
-            return self._client.files.upload(value, model=model).id
+            uploaded.append(self._client.files.upload(value, model=model).id)
+            return uploaded[-1]
         return value
 
 
 class _Progress:
-    """A rich progress bar over a job's steps, with the latest loss and the ETA."""
+    """A rich progress bar over a job's steps, with the latest loss and the time left until the job's
+    ``estimated_finish``."""
 
     def __init__(self, job_id: str, *, enabled: bool) -> None:
         self.enabled = enabled
@@ -185,26 +205,34 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total} steps"),
                 TextColumn("{task.fields[loss]}"),
-                TimeRemainingColumn(),
+                TextColumn("{task.fields[eta]}"),
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task(self.job_id, total=None, loss="")
+            self._task = self._progress.add_task(self.job_id, total=None, loss="", eta="")
         return self
 
     def update(self, job: FineTuneJob, events: list[JobEvent]) -> None:
         for event in events:
             if event.type == "metrics" and event.data and "train_loss" in event.data:
                 self._loss = f"loss {event.data['train_loss']:.4f}"
+        eta = ""
+        if job.estimated_finish is not None and not job.done:
+            eta = f"ETA {datetime.timedelta(seconds=max(0, round(job.estimated_finish - time.time())))}"
         self._progress.update(
-            self._task, completed=job.step, total=job.total_steps, description=f"{job.id} {job.status}", loss=self._loss
+            self._task,
+            completed=job.step,
+            total=job.total_steps,
+            description=f"{job.id} {job.status}",
+            loss=self._loss,
+            eta=eta,
         )
 
     def __exit__(self, *exc: object) -> None:
