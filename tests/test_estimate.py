@@ -179,6 +179,16 @@ def test_client_estimate_reads_the_dataset(home: Path, chat_file: Path) -> None:
     assert client.finetune.estimate(model="tiny-phi3", training_file=stored.id).examples == 8
 
 
+def test_peft_passthrough_methods_are_estimated_on_a_small_vocabulary(home: Path, chat_file: Path) -> None:
+    import phitune
+
+    ia3 = {"peft_type": "IA3", "target_modules": ["qkv_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+    client = phitune.Client(home=home)
+    method = {"type": "peft", "config": ia3}
+    result = client.finetune.estimate(model="tiny-phi3", training_file=chat_file, method=method)
+    assert result.fits and 0 < result.trainable_parameters < result.parameters / 100
+
+
 def test_probe_is_measured_once_and_cached(tmp_path: Path) -> None:
     cache = tmp_path / "probe.json"
     first = probe_machine(cache)

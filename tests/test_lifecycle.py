@@ -66,7 +66,10 @@ def test_full_lifecycle(home: Path, chat_file: Path) -> None:
     assert job.fine_tuned_model is not None and job.fine_tuned_model.startswith("ft:tiny-phi3:demo:")
     assert job.id in {j.id for j in client.finetune.list()}
 
-    metrics = [e for e in client.finetune.events(job.id) if e.type == "metrics" and "train_loss" in (e.data or {})]
+    events = client.finetune.events(job.id)
+    (load,) = [e.data["load"] for e in events if e.data and "load" in e.data]  # the base's load, with its peak
+    assert load["peak_rss_bytes"] > 0 and load["weight_bytes"] > 0 and load["seconds"] >= 0
+    metrics = [e for e in events if e.type == "metrics" and "train_loss" in (e.data or {})]
     assert [e.data["step"] for e in metrics if e.data] == [1, 2, 3, 4, 5, 6]
     for event in metrics:
         assert event.data is not None

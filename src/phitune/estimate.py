@@ -8,7 +8,8 @@ The memory model follows what the local trainer holds at its peak (a backward pa
 - ``trainable``: trainable parameters in fp32 with their gradients and AdamW's two moments (16 bytes each);
 - ``activations``: per token and decoder layer, ``ACT_H`` x hidden + ``ACT_I`` x intermediate bytes kept for the
   backward pass; with gradient checkpointing ``CHECKPOINT_BYTES`` x hidden per token and layer, plus one layer
-  recomputed at a time;
+  recomputed at a time, plus the matmul and attention outputs of the layers that keep them
+  (:func:`kept_matmul_layers`: as many as half the memory beside that peak holds, so they recompute no matmul);
 - ``logits``: the LM head and loss. The trainer computes them in chunks (:mod:`phitune.trainer.loss`): one chunk of
   logits at a time plus the stored gradient of the hidden states (and of the head in full fine-tuning). Where it uses
   the plain loss (prompt learning, DeepSpeed ZeRO-3), vocabulary x ``LOGIT_BYTES`` per labelled token;
@@ -16,7 +17,8 @@ The memory model follows what the local trainer holds at its peak (a backward pa
   Phi-3-mini and -medium: ``QLORA_TRANSIENT_LAYERS`` decoder layers' worth), autocast's bf16 copies of every weight in
   full fine-tuning.
 
-Time comes from the FLOPs of a step (forward, backward, recomputation) and its memory-bound work, at a fraction
+Time comes from the FLOPs of a step (forward, backward, the recomputation of layers that keep no matmul outputs) and
+its memory-bound work, at a fraction
 (``MATMUL_EFFICIENCY``) of this machine's matmul throughput measured by a short timed GEMM (:func:`probe_machine`,
 cached), plus QLoRA's per-pass dequantisation at its measured rate and AdamW's update. The constants were fitted on
 this project's 2-core CPU machine against measured runs; ``docs/sizing.md`` has predicted against measured values.
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +43,7 @@ from .types import PEFT, DoRA, Full, JobSpec, LoRA, QLoRA, Response
 
 GiB = 2**30
 
-RUNTIME_BYTES = 480 * 2**20
+RUNTIME_BYTES = 450 * 2**20
 """Resident memory of a trainer process before the model: interpreter, torch, transformers, peft, tokenizer, data."""
 ACT_H = 60.0
 """Activation bytes kept per token, decoder layer and unit of hidden size (bf16 autocast, LoRA on every linear)."""
@@ -49,6 +52,9 @@ ACT_I = 15.0
 CHECKPOINT_BYTES = 4.0
 """Bytes kept per token, decoder layer and unit of hidden size with gradient checkpointing: the layer's bf16 input (2)
 and the allocator's slack around it (fitted against Phi-3-mini and the 60M model at 256-token micro-batches)."""
+KEEP_MATMULS_SHARE = 0.5
+"""Share of the memory left beside a fully recomputing job's predicted peak that kept matmul outputs may take (see
+:func:`kept_matmul_layers`); the rest is margin for what the estimate does not see."""
 ACT_FULL = 1.25
 """Activations grow by this factor when every weight trains (each linear also keeps its input for its gradient)."""
 LOGIT_BYTES = 14
@@ -68,9 +74,9 @@ LAYER_OVERHEAD_SECONDS = 1e-3
 """Fixed cost per decoder layer and pass (operator dispatch)."""
 OPTIMIZER_SECONDS_PER_PARAMETER = 8e-9
 """AdamW's memory-bound update (and gradient clipping) per trainable parameter and optimizer step, on the CPU."""
-QLORA_TRANSIENT_LAYERS = 4
+QLORA_TRANSIENT_LAYERS = 3
 """Decoder layers' worth of bf16 weights that QLoRA's dequantisation adds at the peak (fitted: Phi-3-mini and -medium
-both peak ~4 layers above weights + adapters + activations)."""
+both peak 3-4 layers above weights + adapters + activations)."""
 PROBE_TTL_SECONDS = 24 * 3600
 
 _QUANT_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
@@ -309,6 +315,9 @@ class Estimate(Response):
     parameters: int
     trainable_parameters: int
     micro_batch_tokens: int = Field(description="Tokens of the largest micro-batch of one process (batch x length).")
+    kept_matmul_layers: int = Field(
+        0, description="Decoder layers whose matmul outputs gradient checkpointing keeps instead of recomputing."
+    )
     processes: int = 1
     memory: MemoryBreakdown = Field(description="Per process.")
     peak_bytes: int = Field(description="Peak memory of the job: every process together.")
@@ -367,14 +376,18 @@ def estimate(
     micro = math.ceil(hp.batch_size / processes)
     memory = _memory(shape, spec, micro * length, compute)
     peak = _job_peak(memory, spec)
-    available = available_bytes if available_bytes is not None else _available(device)
+    available = available_bytes if available_bytes is not None else available_memory(device)
+    kept = kept_matmul_layers(shape, spec, micro * length, compute, available - peak)
+    if kept:
+        memory.activations += kept * micro * length * matmul_output_bytes(shape, compute)
+        peak = _job_peak(memory, spec)
     trainable = _trainable_parameters(shape, spec)
 
     # -- speed: a micro-batch of one process, padded to the typical length
     typical = min(
         hp.max_seq_length, (data.p95_tokens if hp.batch_size > 1 else round(data.mean_tokens)) if data else length
     )
-    seconds_per_micro = _seconds(shape, spec, micro, typical, compute, probe)
+    seconds_per_micro = _seconds(shape, spec, micro, typical, compute, probe, kept)
     tokens_per_second = processes * micro * typical / seconds_per_micro
     examples = data.examples if data else None
     epoch_tokens = trainable_tokens = steps = epoch_seconds = None
@@ -393,6 +406,7 @@ def estimate(
         parameters=shape.parameters,
         trainable_parameters=trainable,
         micro_batch_tokens=micro * length,
+        kept_matmul_layers=kept,
         processes=processes,
         memory=memory,
         peak_bytes=peak,
@@ -438,6 +452,65 @@ def check_fits(
             result.suggestions or ["nothing within reach: a smaller model, or a machine with more memory"],
         )
     return result
+
+
+def matmul_output_bytes(shape: ModelShape, compute: str) -> int:
+    """Bytes per token of one decoder layer's matmul and attention outputs (what a layer that keeps them holds)."""
+    shapes = shape.linear_shapes()
+    values = sum(shapes[n][1] for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) + shape.hidden_size
+    return values * (2 if compute == "bf16" else 4)
+
+
+def kept_matmul_layers(shape: ModelShape, spec: JobSpec, tokens: int, compute: str, headroom: int) -> int:
+    """How many decoder layers gradient checkpointing can let keep their matmul outputs, so that only the cheap
+    element-wise work is recomputed in them (a third less compute for a frozen base): as many as
+    ``KEEP_MATMULS_SHARE`` of ``headroom`` (the memory beside a fully recomputing job's peak) holds. Single-process
+    jobs only; none without gradient checkpointing, where every activation is kept anyway."""
+    if not spec.hyperparameters.gradient_checkpointing or spec.distributed.nproc > 1 or headroom <= 0:
+        return 0
+    per_layer = tokens * matmul_output_bytes(shape, compute)
+    return min(shape.num_hidden_layers, int(headroom * KEEP_MATMULS_SHARE) // max(per_layer, 1))
+
+
+def plan_kept_matmul_layers(spec: JobSpec, model_path: str, tokens: int) -> tuple[int, int]:
+    """For the trainer: (layers that keep their matmul outputs, layers) for ``spec`` on the model at
+    ``model_path``, with micro-batches of at most ``tokens`` tokens, against :func:`available_memory`."""
+    shape = model_shape(model_path)
+    compute = _compute_dtype(spec)
+    peak = _job_peak(_memory(shape, spec, tokens, compute), spec)
+    device = "cuda" if _cuda() else "cpu"
+    return kept_matmul_layers(shape, spec, tokens, compute, available_memory(device) - peak), shape.num_hidden_layers
+
+
+MEMORY_LIMIT_ENV = "PHITUNE_MEMORY_LIMIT"
+"""The memory a local job may use (``24GiB``, ``512MiB``, ``8G`` or bytes): the fit check's available memory."""
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    **{f"{prefix}{suffix}": 1024 ** (i + 1) for i, prefix in enumerate("kmgt") for suffix in ("", "ib")},
+    **{f"{prefix}b": 1000 ** (i + 1) for i, prefix in enumerate("kmgt")},
+}
+
+
+def memory_limit() -> int | None:
+    """``$PHITUNE_MEMORY_LIMIT`` in bytes, or None where unset. ``K``, ``M``, ``G``, ``T`` and ``KiB``... are powers
+    of 1024, ``KB``... of 1000."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    match = _SIZE.fullmatch(text)
+    unit = _UNITS.get(match[2].lower()) if match else None
+    if match is None or unit is None or float(match[1]) <= 0:
+        raise SpecError(MEMORY_LIMIT_ENV, f"{text!r} is not a size: give bytes or a size with a unit, like 24GiB")
+    return int(float(match[1]) * unit)
+
+
+def available_memory(device: str = "cpu") -> int:
+    """The memory a local job may use: ``$PHITUNE_MEMORY_LIMIT`` where set, else what is available now (free GPU
+    memory on CUDA)."""
+    limit = memory_limit()
+    return limit if limit is not None else _available(device)
 
 
 # ------------------------------------------------------------------------------------------------------ details
@@ -568,8 +641,10 @@ def _job_peak(memory: MemoryBreakdown, spec: JobSpec) -> int:
     return n * (memory.total - sharded) + sharded
 
 
-def _seconds(shape: ModelShape, spec: JobSpec, micro: int, length: int, compute: str, probe: MachineProbe) -> float:
-    """Seconds per micro-batch of ``micro`` sequences of ``length`` tokens."""
+def _seconds(
+    shape: ModelShape, spec: JobSpec, micro: int, length: int, compute: str, probe: MachineProbe, kept: int = 0
+) -> float:
+    """Seconds per micro-batch of ``micro`` sequences of ``length`` tokens; ``kept`` layers recompute no matmul."""
     method, hp = spec.method, spec.hyperparameters
     layers, tokens = shape.num_hidden_layers, micro * length
     decoder = 2 * tokens * layers * shape.layer_linear_parameters
@@ -577,9 +652,12 @@ def _seconds(shape: ModelShape, spec: JobSpec, micro: int, length: int, compute:
     head = 2 * tokens * shape.vocab_size * shape.hidden_size
     backward = 2 if isinstance(method, Full) else 1  # a frozen base needs input gradients only
     passes = 1 + backward + (1 if hp.gradient_checkpointing else 0)
+    matmul_passes = passes - (kept / layers if hp.gradient_checkpointing else 0)
     activation_bytes = tokens * layers * (ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size)
     work = (
-        (decoder + attention) * passes + head * (1 + backward) + ELEMENTWISE_FLOPS_PER_BYTE * activation_bytes * passes
+        (decoder + attention) * matmul_passes
+        + head * (1 + backward)
+        + ELEMENTWISE_FLOPS_PER_BYTE * activation_bytes * passes
     )
     rate = (probe.bf16_flops if compute == "bf16" else probe.fp32_flops) * MATMUL_EFFICIENCY
     seconds = work / rate + STEP_OVERHEAD_SECONDS + LAYER_OVERHEAD_SECONDS * layers * passes

@@ -23,6 +23,7 @@ from ..errors import (
     SpecError,
     UnsupportedOptionError,
 )
+from ..estimate import Estimate, memory_limit
 from ..local.store import Store
 from ..local.worker import ensure_worker
 from ..types import (
@@ -43,37 +44,14 @@ from ..types import (
 )
 
 if TYPE_CHECKING:
-    from ..estimate import Estimate
     from ..trainer.infer import Generation, ModelPool, ServedModel
     from ..trainer.onnx_engine import OnnxServed
 
 logger = logging.getLogger("phitune.local")
 _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MEMORY_LIMIT_ENV = "PHITUNE_MEMORY_LIMIT"
-"""The memory a local job may use (``24GiB``, ``512MiB``, ``8G`` or bytes): the fit check's available memory."""
 SKIP_FIT_CHECK_ENV = "PHITUNE_SKIP_FIT_CHECK"
 """Set to 1 to submit local jobs without the fit check."""
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "b": 1,
-    **{f"{prefix}{suffix}": 1024 ** (i + 1) for i, prefix in enumerate("kmgt") for suffix in ("", "ib")},
-    **{f"{prefix}b": 1000 ** (i + 1) for i, prefix in enumerate("kmgt")},
-}
 _FIT_CHECK_LOCK = threading.Lock()  # one machine probe at a time: threads of a process share its cache's temp file
-
-
-def memory_limit() -> int | None:
-    """``$PHITUNE_MEMORY_LIMIT`` in bytes, or None where unset. ``K``, ``M``, ``G``, ``T`` and ``KiB``... are powers
-    of 1024, ``KB``... of 1000."""
-    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
-    if not text:
-        return None
-    match = _SIZE.fullmatch(text)
-    unit = _UNITS.get(match[2].lower()) if match else None
-    if match is None or unit is None or float(match[1]) <= 0:
-        raise SpecError(MEMORY_LIMIT_ENV, f"{text!r} is not a size: give bytes or a size with a unit, like 24GiB")
-    return int(float(match[1]) * unit)
 
 
 class LocalBackend:
@@ -135,16 +113,14 @@ class LocalBackend:
         with ``$PHITUNE_SKIP_FIT_CHECK=1``."""
         if os.environ.get(SKIP_FIT_CHECK_ENV, "").lower() in ("1", "true", "yes"):
             return
-        available = memory_limit()
+        memory_limit()  # a malformed limit is an error even where nothing gets estimated
         if importlib.util.find_spec("torch") is None:
             return
         from ..estimate import check_fits
 
         try:
             with _FIT_CHECK_LOCK:
-                result = check_fits(
-                    spec, home=self.home, dataset=self.store.file_blob(spec.training_file), available_bytes=available
-                )
+                result = check_fits(spec, home=self.home, dataset=self.store.file_blob(spec.training_file))
         except PhituneError:
             raise
         except Exception as exc:  # e.g. a config.json without a decoder's dimensions: the check refuses nothing

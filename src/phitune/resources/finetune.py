@@ -132,10 +132,6 @@ class FineTuning(Resource):
         if dataset is not None and not dataset.is_file():
             stored = getattr(self._backend, "file_content", None)  # the local backend's stored files
             dataset = Path(stored(spec.training_file)) if stored is not None else None
-        if available_bytes is None:
-            from ..backends.local import memory_limit
-
-            available_bytes = memory_limit()
         return _estimate.estimate(spec, home=self._client.home, dataset=dataset, available_bytes=available_bytes)
 
     def get(self, job_id: str) -> FineTuneJob:

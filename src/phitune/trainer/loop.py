@@ -91,17 +91,20 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
 
     # -- model and data
     tokenizer = load_tokenizer(run.base_path)
-    model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
-    control.message(load_report.message, data=load_report.data())
-    if isinstance(run.spec.method, QLoRA):
-        _report_quantized_base(control, model, run.spec.method)
-    model = apply_method(model, run.spec.method, gradient_checkpointing=hp.gradient_checkpointing)
-    trainable, total = count_parameters(model)
-    batch_of = _batching(model, tokenizer.pad_token_id)
     train_set = data.load_examples(run.train_path, tokenizer, max_seq_length=hp.max_seq_length)
     valid_set = (
         data.load_examples(run.valid_path, tokenizer, max_seq_length=hp.max_seq_length) if run.valid_path else []
     )
+    kept_layers = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
+    model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
+    control.message(load_report.message, data=load_report.data())
+    if isinstance(run.spec.method, QLoRA):
+        _report_quantized_base(control, model, run.spec.method)
+    model = apply_method(
+        model, run.spec.method, gradient_checkpointing=hp.gradient_checkpointing, keep_matmul_layers=kept_layers
+    )
+    trainable, total = count_parameters(model)
+    batch_of = _batching(model, tokenizer.pad_token_id)
     batches_per_epoch = math.ceil(len(train_set) / hp.batch_size)
     total_micro = hp.epochs * batches_per_epoch
     total_steps = math.ceil(total_micro / hp.gradient_accumulation_steps)
@@ -315,6 +318,28 @@ def _peak_memory_mb(device: str) -> float:
     if torch.device(device).type == "cuda":
         return float(torch.cuda.max_memory_allocated(device)) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _plan_checkpointing(run: TrainRun, control: Control, ranks: Ranks, train_set: list[data.Example]) -> int:
+    """How many decoder layers gradient checkpointing lets keep their matmul outputs, from the memory free beside
+    the job's predicted peak (:func:`phitune.estimate.plan_kept_matmul_layers`); 0 where that is unknown."""
+    from ..estimate import plan_kept_matmul_layers
+
+    hp = run.spec.hyperparameters
+    if not hp.gradient_checkpointing or ranks.world > 1 or not train_set:
+        return 0
+    tokens = min(hp.batch_size, len(train_set)) * max(len(example.input_ids) for example in train_set)
+    try:
+        kept, layers = plan_kept_matmul_layers(run.spec, run.base_path, tokens)
+    except ValueError:  # SpecError or pydantic's ValidationError: a config without a decoder's dimensions
+        return 0
+    if kept:
+        control.message(
+            f"gradient checkpointing keeps the matmul outputs of {kept} of {layers} decoder layers (memory allows): "
+            "their backward recomputes no matmul",
+            data={"kept_matmul_layers": kept, "layers": layers},
+        )
+    return kept
 
 
 def _report_quantized_base(control: Control, model: Any, method: QLoRA) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,14 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool) -> Any:
-    """Wrap ``model`` for training with ``method``; returns the model whose trainable parameters are optimised."""
+def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool, keep_matmul_layers: int = 0) -> Any:
+    """Wrap ``model`` for training with ``method``; returns the model whose trainable parameters are optimised.
+    With gradient checkpointing, the first ``keep_matmul_layers`` decoder layers keep their matmul outputs
+    (:func:`keep_matmul_outputs`)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        keep_matmul_outputs(model, keep_matmul_layers, adapter_rank=getattr(method, "r", 0))
     if isinstance(method, Full):
         model.requires_grad_(True)
         return model
@@ -82,6 +86,58 @@ def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool) ->
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return peft.get_peft_model(model, config)
+
+
+def keep_matmul_outputs(model: Any, layers: int, *, adapter_rank: int = 0) -> None:
+    """Selective activation checkpointing (``torch.utils.checkpoint``'s policies) for the first ``layers``
+    checkpointed decoder layers: they keep the outputs of their base matmuls and of attention, so recomputing them
+    in the backward redoes only the element-wise work between those, not the matmuls that are nearly all of the
+    FLOPs. The low-rank adapter matmuls (rank <= ``adapter_rank``) are recomputed: cheap, and their outputs are as
+    wide as the base's. Values are bit-identical to full recomputation."""
+    if layers <= 0:
+        return
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    policy = functools.partial(_keep_matmuls, adapter_rank=adapter_rank)
+    contexts = functools.partial(create_selective_checkpoint_contexts, policy)
+    selective = functools.partial(checkpoint, use_reentrant=False, context_fn=contexts)
+    checkpointed = [
+        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+    ]
+    for layer in checkpointed[:layers]:
+        layer._gradient_checkpointing_func = selective
+
+
+def _keep_matmuls(ctx: Any, op: Any, *args: Any, adapter_rank: int, **kwargs: Any) -> Any:
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    if op in (aten.mm.default, aten.addmm.default):  # mm(input, weight.T), addmm(bias, input, weight.T)
+        if min(args[-1].shape) > adapter_rank:
+            return CheckpointPolicy.MUST_SAVE
+    elif op in _attention_ops() or str(op) == QLORA_MATMUL:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+QLORA_MATMUL = "bitsandbytes.gemm_4bit.default"
+"""bitsandbytes' 4-bit matmul op: dequantisation and matmul in one, so a kept layer redoes neither."""
+
+
+@functools.cache
+def _attention_ops() -> frozenset[Any]:
+    """The fused attention kernels SDPA dispatches to (those this torch build has)."""
+    import torch
+
+    names = (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    return frozenset(getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
 
 
 def peft_config(method: PEFT) -> Any:

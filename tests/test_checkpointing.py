@@ -1,0 +1,88 @@
+"""Selective activation checkpointing: layers that keep their matmul outputs recompute no matmul in the backward,
+train to bit-identical values, and are planned from the memory beside the job's predicted peak."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import phitune  # noqa: E402
+from phitune.estimate import GiB, estimate, kept_matmul_layers, matmul_output_bytes, model_shape  # noqa: E402
+from phitune.trainer.loading import load_for_training  # noqa: E402
+from phitune.trainer.model import QLORA_MATMUL, apply_method  # noqa: E402
+from phitune.types import Hyperparameters, JobSpec, LoRA, QLoRA  # noqa: E402
+
+
+class MatmulCounter(TorchDispatchMode):  # type: ignore[misc]
+    """Counts the matmuls run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) or str(func) == QLORA_MATMUL:
+            self.matmuls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _train_once(model_dir: Path, method: LoRA | QLoRA, kept: int) -> tuple[int, float, list[Any]]:
+    """(matmuls in the backward, loss, adapter gradients) of one step with ``kept`` layers keeping outputs."""
+    torch.manual_seed(0)
+    model, _ = load_for_training(str(model_dir), method, device="cpu", precision="fp32")
+    model = apply_method(model, method, gradient_checkpointing=True, keep_matmul_layers=kept)
+    model.train()
+    ids = torch.randint(3, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=ids, labels=ids).loss
+    with MatmulCounter() as counter:
+        loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return counter.matmuls, float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("method", [LoRA(r=4, dropout=0.0), QLoRA(r=4, dropout=0.0)], ids=["lora", "qlora"])
+def test_kept_layers_recompute_no_base_matmul_and_train_identically(tiny_model_dir: Path, method: Any) -> None:
+    if isinstance(method, QLoRA):
+        pytest.importorskip("bitsandbytes")
+    layers = model_shape(str(tiny_model_dir)).num_hidden_layers
+    full, loss_full, grads_full = _train_once(tiny_model_dir, method, 0)
+    selective, loss_selective, grads_selective = _train_once(tiny_model_dir, method, layers)
+    # each layer's recomputation skips its 4 base matmuls (qkv, o, gate_up, down; QLoRA's dequantise in the same op);
+    # the adapters' are still redone
+    assert full - selective == 4 * layers
+    assert loss_full == loss_selective
+    assert all(torch.equal(a, b) for a, b in zip(grads_full, grads_selective, strict=True))
+
+
+def test_kept_layers_follow_the_memory_beside_the_peak() -> None:
+    hp = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True)
+    spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
+    shape = model_shape(spec.model)
+    per_layer = 256 * matmul_output_bytes(shape, "bf16")
+    assert kept_matmul_layers(shape, spec, 256, "bf16", 0) == 0
+    assert kept_matmul_layers(shape, spec, 256, "bf16", 10 * per_layer) == 5  # half the headroom is used
+    assert kept_matmul_layers(shape, spec, 256, "bf16", 100 * GiB) == shape.num_hidden_layers
+    unchecked = spec.model_copy(update={"hyperparameters": hp.model_copy(update={"gradient_checkpointing": False})})
+    assert kept_matmul_layers(shape, unchecked, 256, "bf16", 100 * GiB) == 0
+
+    tight = estimate(spec, tokens_per_example=256, available_bytes=9 * GiB)
+    roomy = estimate(spec, tokens_per_example=256, available_bytes=24 * GiB)
+    assert tight.kept_matmul_layers < roomy.kept_matmul_layers == shape.num_hidden_layers
+    assert roomy.peak_bytes - tight.peak_bytes == (roomy.kept_matmul_layers - tight.kept_matmul_layers) * per_layer
+    assert roomy.tokens_per_second > tight.tokens_per_second and roomy.fits
+
+
+def test_a_job_reports_its_kept_layers(home: Path, chat_file: Path) -> None:
+    client = phitune.Client(home=home)
+    hp = {"max_steps": 2, "gradient_checkpointing": True, "batch_size": 2}
+    job = client.finetune.create(model="tiny-phi3", training_file=chat_file, method=QLoRA(r=4), hyperparameters=hp)
+    job = client.finetune.wait(job.id, timeout=300, progress=False)
+    assert job.status == "succeeded", job.error
+    (plan,) = [e.data for e in client.finetune.events(job.id) if e.data and "kept_matmul_layers" in e.data]
+    assert plan["kept_matmul_layers"] == plan["layers"]  # tiny-phi3 fits many times over
