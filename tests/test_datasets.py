@@ -412,12 +412,12 @@ def problem_file(path: Path) -> tuple[Path, list[tuple[int, str]], list[int]]:
 def test_parallel_report_is_the_serial_one(tmp_path: Path, small_ranges: list[list[int]], max_errors: int) -> None:
     path, expected, warned = problem_file(tmp_path / "data.jsonl")
     options: dict[str, Any] = {"model": "tiny-phi3", "max_seq_length": 100, "max_errors": max_errors}
-    serial = validate(path, **options)
+    serial = validate(path, workers=1, **options)
     assert not small_ranges
     assert found(serial) == expected[:max_errors]
     assert serial.error_count == len(expected)
     assert [warning.line for warning in serial.warnings] == warned[:max_errors]
-    for workers in (2, 3):
+    for workers in (2, 3, None):  # None: one per CPU
         assert validate(path, workers=workers, **options) == serial
     data = path.read_bytes()
     for bounds in small_ranges:
@@ -427,7 +427,7 @@ def test_parallel_report_is_the_serial_one(tmp_path: Path, small_ranges: list[li
 
 def test_parallel_without_a_well_formed_line(tmp_path: Path, small_ranges: list[list[int]]) -> None:
     path = write(tmp_path / "bad.jsonl", ["{", "[]", {"question": "q"}] * 200)
-    serial = validate(path)
+    serial = validate(path, workers=1)
     assert serial.format is None and serial.error_count == 600
     assert validate(path, workers=2) == serial
     assert not small_ranges  # one process read the whole file, looking for its format

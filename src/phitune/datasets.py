@@ -74,6 +74,9 @@ _CHUNK_BYTES = 1 << 18
 _PIECE_BYTES = 1 << 23
 """About the most bytes one task of a parallel pass checks (a file splits into a multiple of ``workers`` tasks)."""
 
+DEFAULT_WORKERS = 4
+"""Processes a large file is checked in by default (where the machine has as many CPUs)."""
+
 _PARALLEL_MIN_BYTES = 1 << 25
 """Smaller files are checked in one process whatever ``workers`` says: starting processes costs about 30 ms of CPU,
 what one process takes to check 15 MB."""
@@ -360,7 +363,7 @@ def validate(
     epochs: int = 1,
     counter: TokenCounter | None = None,
     max_errors: int = 1000,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> DatasetReport:
     """Check every line of a JSONL dataset in one streaming pass with bounded memory.
 
@@ -369,8 +372,9 @@ def validate(
     :class:`ApproximateCounter`. ``error_count`` counts every error; ``errors`` and ``warnings`` keep the first
     ``max_errors`` each. Token statistics cover the valid examples, before any truncation.
 
-    ``workers`` above 1 checks a file of more than 32 MiB in that many processes (forked where the platform allows,
-    else ``counter`` must pickle), each reading its own ranges of whole lines; the report is the same as with one.
+    A file of more than 32 MiB is checked in ``workers`` processes (default: one per CPU, at most
+    ``DEFAULT_WORKERS``; forked where the platform allows, else ``counter`` must pickle), each reading its own ranges
+    of whole lines; the report is the same as with one. ``workers=1`` keeps it in this process.
     Raises ``OSError`` when the file cannot be read and :class:`~phitune.errors.SpecError` for invalid arguments.
     """
     if epochs < 1:
@@ -379,6 +383,8 @@ def validate(
         raise SpecError("max_seq_length", f"must be at least 1, got {max_seq_length}")
     if max_errors < 0:
         raise SpecError("max_errors", f"must not be negative, got {max_errors}")
+    if workers is None:
+        workers = min(os.cpu_count() or 1, DEFAULT_WORKERS)
     if workers < 1:
         raise SpecError("workers", f"must be at least 1, got {workers}")
     entry = find(model) if model else None

@@ -20,9 +20,11 @@ class Files(Resource):
         model: str | None = None,
         epochs: int = 1,
         max_seq_length: int | None = None,
+        workers: int | None = None,
     ) -> DatasetReport:
         """Check every line of a JSONL dataset in one streaming pass: every problem with its line number, token
-        statistics (exact with the model's tokenizer where it is on this machine) and the trained-token estimate."""
+        statistics (exact with the model's tokenizer where it is on this machine) and the trained-token estimate.
+        Files over 32 MiB are checked in ``workers`` processes (default: one per CPU, up to 4)."""
         from ..datasets import counter_for, validate
 
         return validate(
@@ -31,6 +33,7 @@ class Files(Resource):
             epochs=epochs,
             max_seq_length=max_seq_length,
             counter=counter_for(self._tokenizer_dir(model)),
+            workers=workers,
         )
 
     def upload(self, path: str | os.PathLike[str], *, model: str | None = None) -> FileObject:
