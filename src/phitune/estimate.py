@@ -77,7 +77,9 @@ OPTIMIZER_SECONDS_PER_PARAMETER = 8e-9
 QLORA_TRANSIENT_LAYERS = 3
 """Decoder layers' worth of bf16 weights that QLoRA's dequantisation adds at the peak (fitted: Phi-3-mini and -medium
 both peak 3-4 layers above weights + adapters + activations)."""
-PROBE_TTL_SECONDS = 24 * 3600
+PROBE_TTL_SECONDS = 3600
+"""How long a probe is reused: an hour, so that one taken while the machine was busy (a quarter of the quiet rate was
+seen here) does not skew estimates for long."""
 
 _QUANT_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 """Bytes per 4-bit weight: packed nibbles, plus one scale per block of 64 (uint8 with double quantisation, whose
@@ -207,7 +209,7 @@ def probe_machine(
     cache: Path | None = None, *, refresh: bool = False, quantized: bool = False, device: str | None = None
 ) -> MachineProbe:
     """This machine's matmul throughput (and dequantisation rate when ``quantized``), from ``cache`` when it holds
-    a measurement of the same machine and software younger than a day; else measured (about a second) and saved."""
+    a measurement of the same machine and software younger than an hour; else measured (about a second) and saved."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
