@@ -19,6 +19,7 @@ token of the batch (``batch x seq``), ``trainable_tokens_per_second`` only those
     python benchmarks/real_sizes.py load  /tmp/phitune-real/mini --method qlora
     python benchmarks/real_sizes.py train /tmp/phitune-real/mini --method lora --steps 4 --seq 256 --peer
     python benchmarks/real_sizes.py probe
+    python benchmarks/real_sizes.py table results/*.json                # measured against estimated, markdown
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    from phitune.estimate import available_memory
     from phitune.trainer import loop
     from phitune.types import Hyperparameters, JobSpec
 
@@ -135,6 +137,7 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint_dir=work / "checkpoints",
     )
     control = RecordingControl()
+    available = available_memory()  # what the trainer plans its checkpointing against (PHITUNE_MEMORY_LIMIT or free)
     started = time.perf_counter()
     result = loop.train(run, control)
     seconds = time.perf_counter() - started
@@ -148,6 +151,7 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "method": args.method,
         "side": "phitune",
+        "available_bytes": available,
         "batch": args.batch,
         "seq": args.seq,
         "gradient_checkpointing": not args.no_checkpointing,
@@ -291,15 +295,10 @@ def child_probe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------ main
-def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
-    """Add the estimator's prediction for a training run, and its errors against the measured peak and speed. The
-    machine is probed afresh right after the run (not from the cache), with the run's threads."""
-    import torch
-
-    from phitune.estimate import estimate, probe_machine
+def predict(result: dict[str, Any], probe: Any) -> Any:
+    """The estimator's prediction for a training run, with the memory the run planned against."""
+    from phitune.estimate import estimate
     from phitune.types import Hyperparameters, JobSpec
-
-    torch.set_num_threads(result["threads"])
 
     hp = Hyperparameters(
         batch_size=result["batch"],
@@ -307,17 +306,61 @@ def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
         gradient_checkpointing=result["gradient_checkpointing"],
     )
     spec = JobSpec(model=result["model"], training_file="-", method=result["method"], hyperparameters=hp)
+    return estimate(spec, tokens_per_example=result["seq"], probe=probe, available_bytes=result["available_bytes"])
+
+
+def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
+    """Add the estimator's prediction for a training run, and its errors against the measured peak and speed. The
+    machine is probed afresh right after the run (not from the cache), with the run's threads."""
+    import torch
+
+    from phitune.estimate import probe_machine
+
+    torch.set_num_threads(result["threads"])
     probe = probe_machine(None, quantized=result["method"] == "qlora")
-    predicted = estimate(spec, tokens_per_example=result["seq"], probe=probe)
+    predicted = predict(result, probe)
     result["estimate"] = {
         "peak_bytes": predicted.peak_bytes,
         "tokens_per_second": round(predicted.tokens_per_second, 2),
+        "kept_matmul_layers": predicted.kept_matmul_layers,
         "memory": predicted.memory.model_dump(),
         "probe": probe.model_dump(),
         "peak_error": round(predicted.peak_bytes / result["peak_rss_bytes"] - 1, 3),
         "speed_error": round(predicted.tokens_per_second / result["tokens_per_second"] - 1, 3),
     }
     return result
+
+
+def table(paths: list[str]) -> str:
+    """A markdown table of ``train`` results (one JSON object per line or per file) against the estimator as it is
+    now, from each run's probe and available memory."""
+    from phitune.estimate import MachineProbe
+
+    rows = []
+    for path in paths:
+        text = Path(path).read_text()
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError:
+            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = [
+        "| model | method | batch x seq | checkpointing | peak RSS | estimated | error | tokens/s | estimated | "
+        "transformers+peft: peak RSS, tokens/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        if row.get("kind") != "train":
+            continue
+        predicted, peer = predict(row, MachineProbe.model_validate(row["estimate"]["probe"])), row.get("peer")
+        kept = f", keeps {predicted.kept_matmul_layers}" if predicted.kept_matmul_layers else ""
+        lines.append(
+            f"| {Path(row['model']).name} | {row['method']} | {row['batch']} x {row['seq']} | "
+            f"{'yes' if row['gradient_checkpointing'] else 'no'}{kept} | {gib(row['peak_rss_bytes'])} GiB | "
+            f"{gib(predicted.peak_bytes)} GiB | {predicted.peak_bytes / row['peak_rss_bytes'] - 1:+.1%} | "
+            f"{row['tokens_per_second']} | {predicted.tokens_per_second:.2f} | "
+            + (f"{gib(peer['peak_rss_bytes'])} GiB, {peer['tokens_per_second']} |" if peer else "— |")
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         if name == "train":
             command.add_argument("--peer", action="store_true", help="also run plain transformers + peft (see above)")
     commands.add_parser("probe")
+    commands.add_parser("table", help="a markdown table of saved train results").add_argument("results", nargs="+")
     child = commands.add_parser("child")
     child.add_argument("--out", required=True)
     child.add_argument("rest", nargs=argparse.REMAINDER)
@@ -347,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
         inner = parser.parse_args(args.rest)
         handlers = {"load": child_load, "train": child_train, "peer": child_peer, "probe": child_probe}
         Path(args.out).write_text(json.dumps(handlers[inner.command](inner)))
+        return
+    if args.command == "table":
+        print(table(args.results))
         return
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--peer"]
     result = run_child(forwarded)

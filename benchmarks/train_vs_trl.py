@@ -16,13 +16,18 @@ it offers on CPU, and the fastest goes into the rounds (``trl_variants``; varian
 step are measured for speed only; ``--quick`` goes straight to ``plain_loss_padding_free``, the fastest in the full
 sweep here). Dense GEMM FLOP/s (bf16 and fp32, 2048^3, torch's threads) is measured just before each round.
 
+Our side runs as a user's job would: a bf16 frozen base, packed micro-batches, the chunked head-only loss, and
+gradient checkpointing, which on this machine keeps every layer's matmul outputs (memory allows), so the backward
+recomputes only element-wise work (``--no-checkpointing`` turns it off: a little faster, more activation memory).
+
 FLOPs (``flops``): the useful work of LoRA on a frozen base, counted the same for both sides —
 2·N·T forward + 2·N·T backward (input gradients only) for the frozen decoder weights N over all T tokens, 6·n·T for
 the LoRA adapters n, 4·V·H per trainable token for the LM head (the loss needs it only there), and causal attention
 6·L²·H per layer per example of length L. Recomputation, padding and unneeded head rows are not counted, so a side that
 does extra work scores a lower utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured just
-before, median over rounds. ``levers`` (full runs): each of our levers switched off alone, same micro-batches, in one
-process.
+before, median over rounds. ``levers`` (full runs): one process, the same micro-batches, forward and backward only:
+``all_on`` (no checkpointing), each lever switched off alone, and the cost of full and of selective checkpointing
+and the gain of ``torch.compile`` on the decoder layers (not used by the trainer: ~40 s of compilation per job).
 
     python benchmarks/train_vs_trl.py --quick --json     # under 5 minutes on 2 cores
     python benchmarks/train_vs_trl.py --json             # the full sweep and 3 rounds
@@ -374,13 +379,12 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     from phitune.trainer import data, packing
     from phitune.trainer.loop import token_loss_sum
     from phitune.trainer.loss import linear_cross_entropy
+    from phitune.trainer.model import keep_matmul_outputs
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     examples = data.load_examples(args.train_file, tokenizer, max_seq_length=args.seq)
     plan: list[list[list[int]]] = json.loads(args.plan)
     batches = [[examples[i] for i in batch] for step in plan[:2] for batch in step]
-    torch.manual_seed(SEED)
-    base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     lora = peft.LoraConfig(
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
@@ -388,12 +392,22 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         target_modules=list(LORA["target_modules"]),
         task_type="CAUSAL_LM",
     )
-    sdpa = peft.get_peft_model(base, lora).train()  # transformers' own attention
+
+    def adapted(dtype: Any) -> Any:
+        torch.manual_seed(SEED)
+        base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
+        return peft.get_peft_model(base, lora).train()
+
+    sdpa = adapted(torch.bfloat16)  # transformers' own attention; a bf16 frozen base, as the trainer loads it
     varlen = copy.deepcopy(sdpa)
     packing.use_varlen_attention(varlen)
+    fp32 = adapted(torch.float32)
+    packing.use_varlen_attention(fp32)
     checkpointed = copy.deepcopy(varlen)
     checkpointed.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpointed.enable_input_require_grads()
+    selective = copy.deepcopy(checkpointed)
+    keep_matmul_outputs(selective, MODEL["num_hidden_layers"], adapter_rank=LORA["r"])
     compiled = copy.deepcopy(varlen)
     for layer in compiled.get_base_model().model.layers:
         layer.compile(dynamic=True)
@@ -420,8 +434,9 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         "padded_batches": (varlen, lambda e: data.collate(e, tokenizer.pad_token_id), token_loss_sum, True),
         "packed_with_block_mask": (sdpa, packing.pack, transformers_packed, True),
         "head_on_every_position": (varlen, packing.pack, full_logits, True),
-        "fp32": (varlen, packing.pack, token_loss_sum, False),
+        "fp32": (fp32, packing.pack, token_loss_sum, False),
         "gradient_checkpointing": (checkpointed, packing.pack, token_loss_sum, True),
+        "selective_checkpointing": (selective, packing.pack, token_loss_sum, True),
         "torch_compile": (compiled, packing.pack, token_loss_sum, True),
     }
     wall: dict[str, list[float]] = {name: [] for name in levers}
@@ -577,7 +592,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024, help="maximum sequence length (longer examples dropped)")
     parser.add_argument("--micro-batch", type=int, default=8, help="examples per micro-batch")
     parser.add_argument("--accumulation", type=int, help="micro-batches per optimizer step (2; quick: 1)")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on our side")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gradient checkpointing on our side (default: on; the trainer keeps matmul outputs where memory allows)",
+    )
     parser.add_argument(
         "--variants", help="comma-separated TRL variants to try (default: all; quick: plain_loss_padding_free)"
     )
@@ -631,7 +651,7 @@ def main() -> None:
         print(f"trl {variant}: {sweep[variant]['trainable_tokens_per_second']} trainable tokens/s", file=sys.stderr)
     best = max(sweep, key=lambda v: sweep[v]["trainable_tokens_per_second"]) if sweep else variants[0]
     ours_runs, trl_runs, gemm = [], [], []
-    ours_extra = [*side, *(["--checkpointing"] if args.checkpointing else [])]
+    ours_extra = [*side, "--checkpointing" if args.checkpointing else "--no-checkpointing"]
     for _ in range(rounds):
         gemm.append(run_child("gemm", args, []))
         ours_runs.append(run_child("ours", args, ours_extra))
