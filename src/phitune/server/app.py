@@ -374,7 +374,8 @@ def create_app(
                 raise SpecError("purpose", f"{purpose!r}: this server stores 'fine-tune' files only")
 
             def store() -> FileObject:
-                report = client.files.validate(upload.path)
+                # in this process: forking a server's threads (event loop, thread pool) for a parallel pass is unsafe
+                report = client.files.validate(upload.path, workers=1)
                 if not report.ok:
                     raise DatasetError(upload.filename, report.errors, total=max(report.error_count, 1))
                 return backend.upload_file(str(upload.path), report=report)
