@@ -174,11 +174,28 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def transformers_kwargs(method: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments as a user of plain transformers would pass them: bf16, 4-bit NF4 with double
+    quantisation for QLoRA, fp32 for full fine-tuning."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if method == "qlora":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        return {"dtype": torch.bfloat16, "quantization_config": config, "device_map": {"": "cpu"}}
+    return {"dtype": torch.float32 if method == "full" else torch.bfloat16}
+
+
 def child_peer(args: argparse.Namespace) -> dict[str, Any]:
     """Plain transformers + peft on the examples phitune trains on: the loop a user would write without phitune."""
     import peft
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from phitune.trainer import data
     from phitune.trainer.model import load_tokenizer
@@ -190,17 +207,8 @@ def child_peer(args: argparse.Namespace) -> dict[str, Any]:
     path = write_dataset(work / "train.jsonl", examples=args.batch * (args.steps + 1), approx_chars=args.seq * 8)
     tokenizer = load_tokenizer(args.model)
     examples = data.load_examples(path, tokenizer, max_seq_length=args.seq)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
-    if args.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["device_map"] = {"": "cpu"}
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **transformers_kwargs(args.method))
     checkpointing = not args.no_checkpointing
     if args.method == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
@@ -249,7 +257,6 @@ def child_peer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_load(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
 
     from phitune.trainer.loading import LoadReport, PeakRSS, load_for_training, rss_bytes
     from phitune.types import Full, LoRA, QLoRA
@@ -258,19 +265,9 @@ def child_load(args: argparse.Namespace) -> dict[str, Any]:
     if args.loader == "lean":
         _, report = load_for_training(args.model, method, device="cpu")
         return {"kind": "load", **report.model_dump()}
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
-    if args.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["device_map"] = {"": "cpu"}
-    elif args.method == "full":
-        kwargs["dtype"] = torch.float32
+    kwargs = transformers_kwargs(args.method)
     started = time.perf_counter()
     with PeakRSS() as peak:
         model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
