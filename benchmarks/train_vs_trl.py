@@ -100,12 +100,13 @@ TRL_VARIANTS: dict[str, dict[str, Any]] = {
     "packing_bfd": {"gradient_checkpointing": False, "packing": True},
     "fp32": {"gradient_checkpointing": False, "bf16": False},
 }
-"""TRL 1.16 configurations tried on CPU (bf16 autocast unless ``bf16: False``). ``default`` is SFTConfig's defaults
-(gradient checkpointing on, TRL's fused LM head, padded batches). ``plain_loss`` replaces TRL's fused head — which on a
-CPU (no Triton) scores every position — by transformers' own model loss through ``Trainer.compute_loss``.
-``padding_free`` flattens each micro-batch into one row (on CPU transformers then builds a block-diagonal mask for
-SDPA). ``group_by_length`` and ``packing_bfd`` change which examples share a step, so their loss curves are not
-comparable (speed only). Liger's fused loss (``use_liger_kernel``) needs Triton and a GPU: not available on CPU."""
+"""TRL 1.16 configurations tried on CPU (a bf16 frozen base and bf16 autocast, as ours, unless ``bf16: False``).
+``default`` is SFTConfig's defaults (gradient checkpointing on, TRL's fused LM head, padded batches). ``plain_loss``
+replaces TRL's fused head — which on a CPU (no Triton) scores every position — by transformers' own model loss through
+``Trainer.compute_loss``. ``padding_free`` flattens each micro-batch into one row (on CPU transformers then builds a
+block-diagonal mask for SDPA). ``group_by_length`` and ``packing_bfd`` change which examples share a step, so their loss
+curves are not comparable (speed only). Liger's fused loss (``use_liger_kernel``) needs Triton and a GPU: not available
+on CPU."""
 
 QUICK_VARIANTS = ("plain_loss_padding_free",)
 SAME_BATCHES = {"default", "no_checkpointing", "padding_free", "plain_loss", "plain_loss_padding_free", "fp32"}
@@ -193,6 +194,19 @@ def step_plan(setup: dict[str, Any], micro_batch: int, accumulation: int, steps:
     ]
 
 
+def lora_config() -> Any:
+    """peft's config for :data:`LORA`: the same adapters on both sides."""
+    import peft
+
+    return peft.LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=list(LORA["target_modules"]),
+        task_type="CAUSAL_LM",
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- children
 class Timeline:
     """Wall time at the end of every optimizer step, and the step's train loss."""
@@ -277,15 +291,9 @@ def child_trl(args: argparse.Namespace, rss_after_imports: int) -> dict[str, Any
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tokenizer.chat_template = GENERATION_TEMPLATE
     torch.manual_seed(SEED)  # as phitune's loop: seed, load, wrap (identical LoRA initialisation)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    lora = peft.LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=list(LORA["target_modules"]),
-        task_type="CAUSAL_LM",
-    )
-    model = peft.get_peft_model(model, lora)
+    dtype = torch.bfloat16 if variant.get("bf16", True) else torch.float32  # a frozen base as the trainer keeps it
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
+    model = peft.get_peft_model(model, lora_config())
     timeline = Timeline()
     counted = [0]  # trainable tokens of the step in progress
 
@@ -385,18 +393,11 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     examples = data.load_examples(args.train_file, tokenizer, max_seq_length=args.seq)
     plan: list[list[list[int]]] = json.loads(args.plan)
     batches = [[examples[i] for i in batch] for step in plan[:2] for batch in step]
-    lora = peft.LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=list(LORA["target_modules"]),
-        task_type="CAUSAL_LM",
-    )
 
     def adapted(dtype: Any) -> Any:
         torch.manual_seed(SEED)
         base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
-        return peft.get_peft_model(base, lora).train()
+        return peft.get_peft_model(base, lora_config()).train()
 
     sdpa = adapted(torch.bfloat16)  # transformers' own attention; a bf16 frozen base, as the trainer loads it
     varlen = copy.deepcopy(sdpa)
