@@ -71,6 +71,9 @@ def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool, ke
             # frozen as loaded: peft's prepare_model_for_kbit_training would also copy the bf16 embeddings, norms and
             # head to fp32 (+0.8 GB on Phi-3-mini) for no gain here, the adapters train in fp32 either way
             model.requires_grad_(False)
+            from .quantized import reuse_dequantisation_buffer
+
+            reuse_dequantisation_buffer(model)
         config = peft.LoraConfig(
             r=method.r,
             lora_alpha=method.alpha,
@@ -123,7 +126,8 @@ def _keep_matmuls(ctx: Any, op: Any, *args: Any, adapter_rank: int, **kwargs: An
 
 
 QLORA_MATMUL = "bitsandbytes.gemm_4bit.default"
-"""bitsandbytes' 4-bit matmul op: dequantisation and matmul in one, so a kept layer redoes neither."""
+"""bitsandbytes' 4-bit matmul op: dequantisation and matmul in one, so a kept layer redoes neither (off CPU; on CPU
+the layers run :mod:`.quantized`'s matmul, which the aten.mm rule keeps)."""
 
 
 @functools.cache
