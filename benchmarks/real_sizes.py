@@ -151,6 +151,7 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "method": args.method,
         "side": "phitune",
+        "dataset": str(data),
         "available_bytes": available,
         "batch": args.batch,
         "seq": args.seq,
@@ -303,6 +304,9 @@ def predict(result: dict[str, Any], probe: Any) -> Any:
         gradient_checkpointing=result["gradient_checkpointing"],
     )
     spec = JobSpec(model=result["model"], training_file="-", method=result["method"], hyperparameters=hp)
+    dataset = result.get("dataset")
+    if dataset and Path(dataset).is_file():  # as a job's fit check counts it (tokens, embedding rows touched)
+        return estimate(spec, dataset=dataset, probe=probe, available_bytes=result["available_bytes"])
     return estimate(spec, tokens_per_example=result["seq"], probe=probe, available_bytes=result["available_bytes"])
 
 

@@ -152,6 +152,24 @@ def test_medium_qlora_fits_24_gib(tmp_path: Path) -> None:
     assert result.peak_bytes < 12 * GiB
 
 
+def test_a_mapped_embedding_counts_only_the_rows_the_data_holds(wider_model: Path, tmp_path: Path) -> None:
+    shape = model_shape(str(wider_model))
+    assert shape.checkpoint_dtype == "bfloat16"
+    data = write_chat(tmp_path / "few.jsonl", [("Hi.", "Hello there."), ("Bye.", "Goodbye.")])
+    embedding = shape.vocab_size * shape.hidden_size * 2
+    for method in ("lora", "qlora"):
+        spec = JobSpec(model=str(wider_model), training_file="file-x", method=method)
+        everything = estimate(spec, tokens_per_example=64, available_bytes=24 * GiB)
+        few_rows = estimate(spec, dataset=data, available_bytes=24 * GiB)
+        assert few_rows.tokens_per_epoch is not None
+        saved = everything.memory.weights - few_rows.memory.weights
+        rows = few_rows.tokens_per_epoch
+        assert saved == embedding - rows * (shape.hidden_size * 2 + 4096), method
+    full = JobSpec(model=str(wider_model), training_file="file-x", method="full")  # trained: converted, not mapped
+    weights = estimate(full, dataset=data, available_bytes=24 * GiB).memory.weights
+    assert weights == estimate(full, tokens_per_example=64, available_bytes=24 * GiB).memory.weights
+
+
 def test_unknown_shape_is_not_refused(tmp_path: Path) -> None:
     spec = JobSpec(model="someone/not-downloaded-model", training_file="file-x", method="full")
     assert check_fits(spec, home=tmp_path, available_bytes=1) is None

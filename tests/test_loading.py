@@ -74,8 +74,8 @@ def test_qlora_streams_without_a_bf16_copy(sharded: Path) -> None:
     # 4-bit decoder weights plus bf16 embeddings: about a quarter of the checkpoint
     assert report.weight_bytes < 0.35 * bf16
     # never the whole checkpoint resident: the final model plus one tensor in flight (largest: 1.4M weights, whose
-    # quantisation takes ~16 bytes a weight in temporaries)
-    assert report.peak_rss_bytes - before < 0.6 * bf16, report
+    # quantisation takes ~16 bytes a weight in temporaries), with room for the C heap's own slack
+    assert report.peak_rss_bytes - before < report.weight_bytes + 0.5 * bf16, report
     assert getattr(model, "is_loaded_in_4bit", False)
     assert report.data()["load"]["peak_rss_bytes"] == report.peak_rss_bytes
 
@@ -96,6 +96,28 @@ def test_lora_keeps_transformers_mapped_bf16(sharded: Path) -> None:
     assert report.loader == "from_pretrained" and report.dtype == "bf16"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert math.isclose(report.weight_bytes, checkpoint_bytes(sharded), rel_tol=0.01)
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose mapping in this process holds ``tensor``'s memory."""
+    address = tensor.untyped_storage().data_ptr()
+    files = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end:
+            files.add(name)
+    return files
+
+
+def test_qlora_keeps_its_bf16_embedding_mapped(sharded: Path) -> None:
+    model, _ = load_for_training(str(sharded), QLoRA(), device="cpu")
+    files = _mapped_files(model.get_input_embeddings().weight)
+    assert any(name.endswith(".safetensors") for name in files), files  # a view of the shard, read as rows are used
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0, 0] = 1.0  # a private mapping: the checkpoint is never written
+    reloaded, _ = load_for_training(str(sharded), QLoRA(), device="cpu")
+    assert reloaded.get_input_embeddings().weight[0, 0] != 1.0
 
 
 @pytest.mark.parametrize("method", [QLoRA(), Full()], ids=["qlora", "full"])

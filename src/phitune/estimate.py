@@ -4,7 +4,9 @@ The memory model follows what the local trainer holds at its peak (a backward pa
 
 - ``runtime``: the Python process with torch, transformers, peft and the data (measured on this stack);
 - ``weights``: the base as loaded (:mod:`phitune.trainer.loading`): bf16 for frozen bases where bf16 is fast, fp32 for
-  full fine-tuning, 4-bit NF4 blocks plus their scales for QLoRA's linear layers (embeddings and head in bf16);
+  full fine-tuning, 4-bit NF4 blocks plus their scales for QLoRA's linear layers (embeddings and head in bf16). A
+  frozen bf16 embedding loaded from a bf16 checkpoint stays memory-mapped on the CPU, and only the rows of the tokens
+  the data holds are ever read: it counts those rows (each with a page of slack) when the data is known;
 - ``trainable``: trainable parameters in fp32 with their gradients and AdamW's two moments (16 bytes each);
 - ``activations``: per token and decoder layer, ``ACT_H`` x hidden + ``ACT_I`` x intermediate bytes kept for the
   backward pass; with gradient checkpointing ``CHECKPOINT_BYTES`` x hidden per token and layer, plus one layer
@@ -77,10 +79,14 @@ OPTIMIZER_SECONDS_PER_PARAMETER = 8e-9
 QLORA_TRANSIENT_LAYERS = 3
 """Decoder layers' worth of bf16 weights that QLoRA's dequantisation adds at the peak (fitted: Phi-3-mini and -medium
 both peak 3-4 layers above weights + adapters + activations)."""
+PROBE_VERSION = 2
+"""Part of a cached probe's key: raised when what the probe times changes (2: dequantisation into a reused buffer)."""
 PROBE_TTL_SECONDS = 3600
 """How long a probe is reused: an hour, so that one taken while the machine was busy (a quarter of the quiet rate was
 seen here) does not skew estimates for long."""
 
+PAGE_BYTES = 4096
+"""A memory page: a touched row of a memory-mapped embedding brings in the pages it spans."""
 _QUANT_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 """Bytes per 4-bit weight: packed nibbles, plus one scale per block of 64 (uint8 with double quantisation, whose
 fp32 scales cover 256 blocks each; fp32 without)."""
@@ -98,6 +104,12 @@ class ModelShape(BaseModel):
     vocab_size: int
     tie_word_embeddings: bool = False
     head_dim: int | None = None
+    dtype: str | None = Field(None, description="The checkpoint's dtype (config.json's dtype or torch_dtype).")
+    torch_dtype: str | None = None
+
+    @property
+    def checkpoint_dtype(self) -> str | None:
+        return self.dtype or self.torch_dtype
 
     @property
     def kv_size(self) -> int:
@@ -213,7 +225,9 @@ def probe_machine(
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fingerprint = f"{platform.node()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{device}"
+    fingerprint = (
+        f"{platform.node()}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}|{device}|v{PROBE_VERSION}"
+    )
     cached: dict[str, Any] = {}
     if cache is not None and cache.is_file():
         try:
@@ -273,20 +287,24 @@ def _gemm_flops(dtype: Any, device: str) -> float:
 
 
 def _dequant_rate(device: str) -> float | None:
-    """bitsandbytes' NF4 -> bf16 dequantisation of a Phi-3-mini-sized weight (8192 x 3072), as QLoRA runs it on every
-    pass; random packed bytes and scales stand in for a quantised weight (the kernel's speed does not depend on them).
-    """
+    """NF4 -> bf16 dequantisation of a Phi-3-mini-sized weight (8192 x 3072) as QLoRA runs it on every pass: into the
+    reused buffer on CPU (:mod:`phitune.trainer.quantized`), bitsandbytes' own op elsewhere. Random packed bytes and
+    scales stand in for a quantised weight (the kernel's speed does not depend on them)."""
     try:
-        import bitsandbytes  # noqa: F401 - registers the torch.ops.bitsandbytes kernels
-    except ImportError:
+        from .trainer.quantized import dequantize_into
+    except ImportError:  # no bitsandbytes
         return None
     import torch
 
     shape = (8192, 3072)
     packed = torch.randint(0, 256, (shape[0] * shape[1] // 2,), dtype=torch.uint8, device=device)
     absmax = torch.rand(shape[0] * shape[1] // 64, dtype=torch.float32, device=device)
-    op = torch.ops.bitsandbytes.dequantize_4bit.default
-    seconds = _timed(lambda: op(packed, absmax, 64, "nf4", shape, torch.bfloat16), 0.3)
+    out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+    if dequantize_into(packed, absmax, blocksize=64, quant_type="nf4", out=out):
+        seconds = _timed(lambda: dequantize_into(packed, absmax, blocksize=64, quant_type="nf4", out=out), 0.3)
+    else:
+        op = torch.ops.bitsandbytes.dequantize_4bit.default
+        seconds = _timed(lambda: op(packed, absmax, 64, "nf4", shape, torch.bfloat16), 0.3)
     return float(shape[0] * shape[1] / seconds)
 
 
@@ -376,7 +394,8 @@ def estimate(
     compute = _compute_dtype(spec)
     processes = spec.distributed.nproc
     micro = math.ceil(hp.batch_size / processes)
-    memory = _memory(shape, spec, micro * length, compute)
+    embedding_rows = round(data.examples * data.mean_tokens) if data and data.examples and device == "cpu" else None
+    memory = _memory(shape, spec, micro * length, compute, embedding_rows=embedding_rows)
     peak = _job_peak(memory, spec)
     available = available_bytes if available_bytes is not None else available_memory(device)
     kept = kept_matmul_layers(shape, spec, micro * length, compute, available - peak)
@@ -423,7 +442,7 @@ def estimate(
         probe=probe,
     )
     if not result.fits:
-        result.suggestions = _suggestions(shape, spec, length, compute, available)
+        result.suggestions = _suggestions(shape, spec, length, compute, available, embedding_rows)
     return result
 
 
@@ -474,13 +493,17 @@ def kept_matmul_layers(shape: ModelShape, spec: JobSpec, tokens: int, compute: s
     return min(shape.num_hidden_layers, int(headroom * KEEP_MATMULS_SHARE) // max(per_layer, 1))
 
 
-def plan_kept_matmul_layers(spec: JobSpec, model_path: str, tokens: int) -> tuple[int, int]:
+def plan_kept_matmul_layers(
+    spec: JobSpec, model_path: str, tokens: int, *, distinct_tokens: int | None = None
+) -> tuple[int, int]:
     """For the trainer: (layers that keep their matmul outputs, layers) for ``spec`` on the model at
-    ``model_path``, with micro-batches of at most ``tokens`` tokens, against :func:`available_memory`."""
+    ``model_path``, with micro-batches of at most ``tokens`` tokens and ``distinct_tokens`` token ids in the data,
+    against :func:`available_memory`."""
     shape = model_shape(model_path)
     compute = _compute_dtype(spec)
-    peak = _job_peak(_memory(shape, spec, tokens, compute), spec)
     device = "cuda" if _cuda() else "cpu"
+    rows = distinct_tokens if device == "cpu" else None
+    peak = _job_peak(_memory(shape, spec, tokens, compute, embedding_rows=rows), spec)
     return kept_matmul_layers(shape, spec, tokens, compute, available_memory(device) - peak), shape.num_hidden_layers
 
 
@@ -584,8 +607,11 @@ def _count_on_meta(shape: ModelShape, method: LoRA | QLoRA | DoRA | PEFT) -> int
     return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
 
 
-def _memory(shape: ModelShape, spec: JobSpec, tokens: int, compute: str) -> MemoryBreakdown:
-    """Bytes at the peak of one process that trains micro-batches of ``tokens`` tokens."""
+def _memory(
+    shape: ModelShape, spec: JobSpec, tokens: int, compute: str, *, embedding_rows: int | None = None
+) -> MemoryBreakdown:
+    """Bytes at the peak of one process that trains micro-batches of ``tokens`` tokens. ``embedding_rows``: how many
+    rows of a memory-mapped embedding the data can touch (its distinct tokens, or an upper bound); None: all."""
     method, hp = spec.method, spec.hyperparameters
     h, i, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     weight_bytes = 2 if _weight_dtype(spec) == "bf16" else 4
@@ -595,6 +621,10 @@ def _memory(shape: ModelShape, spec: JobSpec, tokens: int, compute: str) -> Memo
         weights = round(linear * _QUANT_BYTES[method.double_quant]) + other * weight_bytes
     else:
         weights = shape.parameters * weight_bytes
+    mapped = not isinstance(method, Full) and shape.checkpoint_dtype == "bfloat16" and not shape.tie_word_embeddings
+    if embedding_rows is not None and mapped and weight_bytes == 2:
+        row = h * weight_bytes
+        weights -= max(0, vocab * row - min(embedding_rows, vocab) * (row + PAGE_BYTES))
     trainable = _trainable_parameters(shape, spec)
     trainable_bytes = trainable * (12 if isinstance(method, Full) else 16)  # Full: the fp32 weights are `weights`
     act_bytes = 1.0 if compute == "bf16" else 2.0  # fp32 compute keeps fp32 activations
@@ -694,7 +724,9 @@ def _dataset_tokens(dataset: str | os.PathLike[str], spec: JobSpec, home: Path |
     )
 
 
-def _suggestions(shape: ModelShape, spec: JobSpec, length: int, compute: str, available: int) -> list[str]:
+def _suggestions(
+    shape: ModelShape, spec: JobSpec, length: int, compute: str, available: int, embedding_rows: int | None
+) -> list[str]:
     """Changes to ``spec`` that would fit, each with its predicted peak: per kind of change (gradient checkpointing,
     QLoRA, a smaller micro-batch, shorter sequences) the mildest that fits alone; where none does, the first
     combination of them, in that order, that fits."""
@@ -724,7 +756,7 @@ def _suggestions(shape: ModelShape, spec: JobSpec, length: int, compute: str, av
         hyper = hp.model_copy(update={k: v for k, v in changes.items() if k != "method"})
         changed = spec.model_copy(update={"method": method, "hyperparameters": hyper})
         tokens = math.ceil(hyper.batch_size / spec.distributed.nproc) * min(length, hyper.max_seq_length)
-        return _job_peak(_memory(shape, changed, tokens, compute), changed)
+        return _job_peak(_memory(shape, changed, tokens, compute, embedding_rows=embedding_rows), changed)
 
     found: list[str] = []
     for options in kinds:

@@ -14,10 +14,13 @@ Phi-3-mini (3.82B parameters, two shards of 5.0 and 2.6 GB; docs/sizing.md has t
   after loading a model whose weights take 2.3 GB.
 
 :func:`load_for_training` therefore streams the 4-bit and the fp32 cases itself: the model is built on the meta
-device (buffers real), each tensor is read with ``pread`` (no mapping stays resident), converted or quantised (a
-slice of rows at a time) to its final form on its device, and dropped, so the peak is the final model plus one
-slice in flight: Phi-3-mini QLoRA peaks at 3.05 GB, Phi-3-medium at 8.7 GB. The modules are transformers' own (its
-bitsandbytes quantizer and ``replace_with_bnb_linear``), so peft sees the same model, and the outputs are identical.
+device (buffers real), each tensor to quantise or convert is read with ``pread`` (no mapping stays resident),
+brought to its final form on its device (quantised a slice of rows at a time), and dropped, so the peak is the
+final model plus one slice in flight: Phi-3-mini QLoRA peaks at 3.05 GB, Phi-3-medium at 8.7 GB. Tensors already
+in their final dtype (QLoRA's bf16 embedding, head and norms) stay views of the private, copy-on-write mapping, as
+``from_pretrained`` leaves a bf16 base: the embedding's rows are read only as tokens use them. The modules are
+transformers' own (its bitsandbytes quantizer and ``replace_with_bnb_linear``), so peft sees the same model, and
+the outputs are identical.
 """
 
 from __future__ import annotations
@@ -231,12 +234,15 @@ def _load_streamed(folder: Path, shards: list[Path], method: Method, dtype: Any,
     expected = {name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta}
     unexpected: list[str] = []
     for shard in shards:
-        with safe_open(str(shard), framework="pt", device="cpu", backend="pread") as tensors:
-            for name in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
+        with (
+            safe_open(str(shard), framework="pt", device="cpu", backend="pread") as read,
+            safe_open(str(shard), framework="pt", device="cpu") as mapped,
+        ):
+            for name in read.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if name not in expected:
                     unexpected.append(name)
                     continue
-                _assign(model, name, tensors.get_tensor(name), dtype, device)
+                _assign(model, name, read, mapped, dtype, device)
                 expected.discard(name)
                 _release_free_heap()
     if config.tie_word_embeddings:
@@ -265,18 +271,23 @@ def _release_free_heap() -> None:
         pass
 
 
-def _assign(model: Any, name: str, tensor: Any, dtype: Any, device: str) -> None:
-    """Put one checkpoint tensor into its (meta) parameter: quantised for a 4-bit layer, else cast to ``dtype``."""
+def _assign(model: Any, name: str, read: Any, mapped: Any, dtype: Any, device: str) -> None:
+    """Put checkpoint tensor ``name`` into its (meta) parameter: read and quantised for a 4-bit layer; a view of the
+    memory-mapped shard where it is already ``dtype`` on the CPU (its pages are read as they are touched: only the
+    rows of the embedding that the data uses ever are); else read and cast to ``dtype``."""
     import torch
 
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     old = owner._parameters[leaf]
     if type(old).__name__ == "Params4bit":
-        new = quantize_4bit(tensor.to(device=device, dtype=dtype), old)
+        new = quantize_4bit(read.get_tensor(name).to(device=device, dtype=dtype), old)
         owner._is_hf_initialized = True
     else:
-        new = torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=old.requires_grad)
+        tensor = mapped.get_tensor(name)  # lazy: nothing is read yet
+        if tensor.dtype != dtype or torch.device(device).type != "cpu":
+            tensor = read.get_tensor(name).to(device=device, dtype=dtype)
+        new = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
     owner._parameters[leaf] = new
 
 

@@ -330,7 +330,8 @@ def _plan_checkpointing(run: TrainRun, control: Control, ranks: Ranks, train_set
         return 0
     tokens = min(hp.batch_size, len(train_set)) * max(len(example.input_ids) for example in train_set)
     try:
-        kept, layers = plan_kept_matmul_layers(run.spec, run.base_path, tokens)
+        distinct = len({token for example in train_set for token in example.input_ids})
+        kept, layers = plan_kept_matmul_layers(run.spec, run.base_path, tokens, distinct_tokens=distinct)
     except ValueError:  # SpecError or pydantic's ValidationError: a config without a decoder's dimensions
         return 0
     if kept:
