@@ -324,6 +324,7 @@ def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": predicted.peak_bytes,
         "tokens_per_second": round(predicted.tokens_per_second, 2),
         "kept_matmul_layers": predicted.kept_matmul_layers,
+        "kept_down_projections": predicted.kept_down_projections,
         "memory": predicted.memory.model_dump(),
         "probe": probe.model_dump(),
         "peak_error": round(predicted.peak_bytes / result["peak_rss_bytes"] - 1, 3),
@@ -353,7 +354,8 @@ def table(paths: list[str]) -> str:
         if row.get("kind") != "train":
             continue
         predicted, peer = predict(row, MachineProbe.model_validate(row["estimate"]["probe"])), row.get("peer")
-        kept = f", keeps {predicted.kept_matmul_layers}" if predicted.kept_matmul_layers else ""
+        layers, down = predicted.kept_matmul_layers, predicted.kept_down_projections
+        kept = (f", keeps {layers}" + (f" + {down} down" if down else "")) if layers or down else ""
         lines.append(
             f"| {Path(row['model']).name} | {row['method']} | {row['batch']} x {row['seq']} | "
             f"{'yes' if row['gradient_checkpointing'] else 'no'}{kept} | {gib(row['peak_rss_bytes'])} GiB | "

@@ -13,7 +13,15 @@ torch = pytest.importorskip("torch")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import phitune  # noqa: E402
-from phitune.estimate import GiB, estimate, kept_matmul_layers, matmul_output_bytes, model_shape  # noqa: E402
+from phitune.estimate import (  # noqa: E402
+    GiB,
+    KeptOutputs,
+    down_projection_output_bytes,
+    estimate,
+    kept_outputs,
+    matmul_output_bytes,
+    model_shape,
+)
 from phitune.trainer.loading import load_for_training  # noqa: E402
 from phitune.trainer.model import QLORA_MATMUL, apply_method  # noqa: E402
 from phitune.types import Hyperparameters, JobSpec, LoRA, QLoRA  # noqa: E402
@@ -32,11 +40,14 @@ class MatmulCounter(TorchDispatchMode):  # type: ignore[misc]
         return func(*args, **(kwargs or {}))
 
 
-def _train_once(model_dir: Path, method: LoRA | QLoRA, kept: int) -> tuple[int, float, list[Any]]:
-    """(matmuls in the backward, loss, adapter gradients) of one step with ``kept`` layers keeping outputs."""
+def _train_once(model_dir: Path, method: LoRA | QLoRA, kept: int, down: int = 0) -> tuple[int, float, list[Any]]:
+    """(matmuls in the backward, loss, adapter gradients) of one step with ``kept`` layers keeping their matmul
+    outputs and ``down`` more their down projection's."""
     torch.manual_seed(0)
     model, _ = load_for_training(str(model_dir), method, device="cpu", precision="fp32")
-    model = apply_method(model, method, gradient_checkpointing=True, keep_matmul_layers=kept)
+    model = apply_method(
+        model, method, gradient_checkpointing=True, keep_matmul_layers=kept, keep_down_projections=down
+    )
     model.train()
     ids = torch.randint(3, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
@@ -53,28 +64,37 @@ def test_kept_layers_recompute_no_base_matmul_and_train_identically(tiny_model_d
     layers = model_shape(str(tiny_model_dir)).num_hidden_layers
     full, loss_full, grads_full = _train_once(tiny_model_dir, method, 0)
     selective, loss_selective, grads_selective = _train_once(tiny_model_dir, method, layers)
-    # each layer's recomputation skips its 4 base matmuls (qkv, o, gate_up, down; QLoRA's dequantise in the same op);
-    # the adapters' are still redone
+    down_only, loss_down, grads_down = _train_once(tiny_model_dir, method, 1, down=layers - 1)
+    # each layer's recomputation skips its 4 base matmuls (qkv, o, gate_up, down); the adapters' are still redone
     assert full - selective == 4 * layers
-    assert loss_full == loss_selective
+    # one whole layer skips its 4; the others skip their down projection alone
+    assert full - down_only == 4 + (layers - 1)
+    assert loss_full == loss_selective == loss_down
     assert all(torch.equal(a, b) for a, b in zip(grads_full, grads_selective, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads_full, grads_down, strict=True))
 
 
-def test_kept_layers_follow_the_memory_beside_the_peak() -> None:
+def test_kept_outputs_follow_the_memory_beside_the_peak() -> None:
     hp = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True)
     spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
     shape = model_shape(spec.model)
-    per_layer = 256 * matmul_output_bytes(shape, "bf16")
-    assert kept_matmul_layers(shape, spec, 256, "bf16", 0) == 0
-    assert kept_matmul_layers(shape, spec, 256, "bf16", 10 * per_layer) == 5  # half the headroom is used
-    assert kept_matmul_layers(shape, spec, 256, "bf16", 100 * GiB) == shape.num_hidden_layers
+    layers = shape.num_hidden_layers
+    whole, down = 256 * matmul_output_bytes(shape, "bf16"), 256 * down_projection_output_bytes(shape, "bf16")
+    assert kept_outputs(shape, spec, 256, "bf16", 0) == KeptOutputs()
+    # half the headroom is used, down projections first (the most recomputation saved per byte), then whole layers
+    assert kept_outputs(shape, spec, 256, "bf16", 10 * down) == KeptOutputs(down_projections=5)
+    upgraded = kept_outputs(shape, spec, 256, "bf16", 2 * (layers * down + 3 * (whole - down)))
+    assert upgraded == KeptOutputs(layers=3, down_projections=layers - 3)
+    assert kept_outputs(shape, spec, 256, "bf16", 100 * GiB) == KeptOutputs(layers=layers)
     unchecked = spec.model_copy(update={"hyperparameters": hp.model_copy(update={"gradient_checkpointing": False})})
-    assert kept_matmul_layers(shape, unchecked, 256, "bf16", 100 * GiB) == 0
+    assert kept_outputs(shape, unchecked, 256, "bf16", 100 * GiB) == KeptOutputs()
 
     tight = estimate(spec, tokens_per_example=256, available_bytes=9 * GiB)
     roomy = estimate(spec, tokens_per_example=256, available_bytes=24 * GiB)
-    assert tight.kept_matmul_layers < roomy.kept_matmul_layers == shape.num_hidden_layers
-    assert roomy.peak_bytes - tight.peak_bytes == (roomy.kept_matmul_layers - tight.kept_matmul_layers) * per_layer
+    assert tight.kept_matmul_layers < roomy.kept_matmul_layers == layers
+    assert tight.kept_matmul_layers + tight.kept_down_projections == layers
+    kept_tight = KeptOutputs(layers=tight.kept_matmul_layers, down_projections=tight.kept_down_projections)
+    assert roomy.peak_bytes - tight.peak_bytes == layers * whole - kept_tight.bytes(shape, 256, "bf16")
     assert roomy.tokens_per_second > tight.tokens_per_second and roomy.fits
 
 

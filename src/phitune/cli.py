@@ -99,8 +99,9 @@ def _print_estimate(result: Estimate) -> None:
     )
     parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in result.memory.model_dump().items())
     print(f"memory at the peak (GiB{' per process' if result.processes > 1 else ''}): {parts}")
-    if result.kept_matmul_layers:
-        print(f"gradient checkpointing keeps the matmul outputs of {result.kept_matmul_layers} layers (no recompute)")
+    if result.kept_matmul_layers or result.kept_down_projections:
+        down = f", the down projection's in {result.kept_down_projections} more" if result.kept_down_projections else ""
+        print(f"gradient checkpointing keeps the matmul outputs of {result.kept_matmul_layers} layers{down}")
     verdict = "fits" if result.fits else "does NOT fit; what would fit:"
     print(f"peak {result.peak_bytes / GiB:.2f} GiB of {result.available_bytes / GiB:.2f} GiB available: {verdict}")
     if not result.fits:

@@ -10,14 +10,14 @@ The memory model follows what the local trainer holds at its peak (a backward pa
 - ``trainable``: trainable parameters in fp32 with their gradients and AdamW's two moments (16 bytes each);
 - ``activations``: per token and decoder layer, ``ACT_H`` x hidden + ``ACT_I`` x intermediate bytes kept for the
   backward pass; with gradient checkpointing ``CHECKPOINT_BYTES`` x hidden per token and layer, plus one layer
-  recomputed at a time, plus the matmul and attention outputs of the layers that keep them
-  (:func:`kept_matmul_layers`: as many as half the memory beside that peak holds, so they recompute no matmul);
+  recomputed at a time, plus the matmul outputs checkpointing keeps (:func:`kept_outputs`, in half the memory beside
+  that peak: the down projection's in every layer first, then whole layers, which recompute no matmul);
 - ``logits``: the LM head and loss. The trainer computes them in chunks (:mod:`phitune.trainer.loss`): one chunk of
   logits at a time plus the stored gradient of the hidden states (and of the head in full fine-tuning). Where it uses
   the plain loss (prompt learning, DeepSpeed ZeRO-3), vocabulary x ``LOGIT_BYTES`` per labelled token;
-- ``transient``: QLoRA's bf16 copies of dequantised weights (each linear dequantises on every pass; measured at
-  Phi-3-mini and -medium: ``QLORA_TRANSIENT_LAYERS`` decoder layers' worth), autocast's bf16 copies of every weight in
-  full fine-tuning.
+- ``transient``: for a frozen base, the weight-sized temporaries of its matmuls (QLoRA's dequantised weight, the
+  matmul library's own copies) and the C allocator's slack around them: ``FROZEN_TRANSIENT_LAYERS`` decoder layers'
+  worth of bf16 weights, fitted; autocast's bf16 copies of every weight in full fine-tuning.
 
 Time comes from the FLOPs of a step (forward, backward, the recomputation of layers that keep no matmul outputs) and
 its memory-bound work, at a fraction
@@ -56,7 +56,7 @@ CHECKPOINT_BYTES = 4.0
 and the allocator's slack around it (fitted against Phi-3-mini and the 60M model at 256-token micro-batches)."""
 KEEP_MATMULS_SHARE = 0.5
 """Share of the memory left beside a fully recomputing job's predicted peak that kept matmul outputs may take (see
-:func:`kept_matmul_layers`); the rest is margin for what the estimate does not see."""
+:func:`kept_outputs`); the rest is margin for what the estimate does not see."""
 ACT_FULL = 1.25
 """Activations grow by this factor when every weight trains (each linear also keeps its input for its gradient)."""
 LOGIT_BYTES = 14
@@ -76,9 +76,9 @@ LAYER_OVERHEAD_SECONDS = 1e-3
 """Fixed cost per decoder layer and pass (operator dispatch)."""
 OPTIMIZER_SECONDS_PER_PARAMETER = 8e-9
 """AdamW's memory-bound update (and gradient clipping) per trainable parameter and optimizer step, on the CPU."""
-QLORA_TRANSIENT_LAYERS = 3
-"""Decoder layers' worth of bf16 weights that QLoRA's dequantisation adds at the peak (fitted: Phi-3-mini and -medium
-both peak 3-4 layers above weights + adapters + activations)."""
+FROZEN_TRANSIENT_LAYERS = 3
+"""Decoder layers' worth of bf16 weights that a frozen base's training adds at the peak beyond weights, adapters and
+activations (fitted on Phi-3-mini: 3.0 layers for QLoRA, 3.3-3.5 for LoRA in bf16; Phi-3-medium QLoRA 3-4)."""
 PROBE_VERSION = 2
 """Part of a cached probe's key: raised when what the probe times changes (2: dequantisation into a reused buffer)."""
 PROBE_TTL_SECONDS = 3600
@@ -338,6 +338,9 @@ class Estimate(Response):
     kept_matmul_layers: int = Field(
         0, description="Decoder layers whose matmul outputs gradient checkpointing keeps instead of recomputing."
     )
+    kept_down_projections: int = Field(
+        0, description="Other decoder layers that keep the output of their MLP's down projection alone."
+    )
     processes: int = 1
     memory: MemoryBreakdown = Field(description="Per process.")
     peak_bytes: int = Field(description="Peak memory of the job: every process together.")
@@ -398,9 +401,9 @@ def estimate(
     memory = _memory(shape, spec, micro * length, compute, embedding_rows=embedding_rows)
     peak = _job_peak(memory, spec)
     available = available_bytes if available_bytes is not None else available_memory(device)
-    kept = kept_matmul_layers(shape, spec, micro * length, compute, available - peak)
-    if kept:
-        memory.activations += kept * micro * length * matmul_output_bytes(shape, compute)
+    kept = kept_outputs(shape, spec, micro * length, compute, available - peak)
+    if kept.layers or kept.down_projections:
+        memory.activations += kept.bytes(shape, micro * length, compute)
         peak = _job_peak(memory, spec)
     trainable = _trainable_parameters(shape, spec)
 
@@ -427,7 +430,8 @@ def estimate(
         parameters=shape.parameters,
         trainable_parameters=trainable,
         micro_batch_tokens=micro * length,
-        kept_matmul_layers=kept,
+        kept_matmul_layers=kept.layers,
+        kept_down_projections=kept.down_projections,
         processes=processes,
         memory=memory,
         peak_bytes=peak,
@@ -482,29 +486,54 @@ def matmul_output_bytes(shape: ModelShape, compute: str) -> int:
     return values * (2 if compute == "bf16" else 4)
 
 
-def kept_matmul_layers(shape: ModelShape, spec: JobSpec, tokens: int, compute: str, headroom: int) -> int:
-    """How many decoder layers gradient checkpointing can let keep their matmul outputs, so that only the cheap
-    element-wise work is recomputed in them (a third less compute for a frozen base): as many as
-    ``KEEP_MATMULS_SHARE`` of ``headroom`` (the memory beside a fully recomputing job's peak) holds. Single-process
-    jobs only; none without gradient checkpointing, where every activation is kept anyway."""
+def down_projection_output_bytes(shape: ModelShape, compute: str) -> int:
+    """Bytes per token of one decoder layer's down-projection output: the matmul that saves the most recomputation per
+    byte kept (its inner dimension is the intermediate size, the others' the hidden size)."""
+    return shape.hidden_size * (2 if compute == "bf16" else 4)
+
+
+class KeptOutputs(BaseModel):
+    """What gradient checkpointing keeps instead of recomputing: every matmul and attention output of the first
+    ``layers`` decoder layers, the down projection's alone in the next ``down_projections``."""
+
+    layers: int = 0
+    down_projections: int = 0
+
+    def bytes(self, shape: ModelShape, tokens: int, compute: str) -> int:
+        return tokens * (
+            self.layers * matmul_output_bytes(shape, compute)
+            + self.down_projections * down_projection_output_bytes(shape, compute)
+        )
+
+
+def kept_outputs(shape: ModelShape, spec: JobSpec, tokens: int, compute: str, headroom: int) -> KeptOutputs:
+    """What gradient checkpointing can keep in ``KEEP_MATMULS_SHARE`` of ``headroom`` (the memory beside a fully
+    recomputing job's peak), the most recomputation saved per byte first: the down projection's output in every
+    layer, then whole layers (so that only element-wise work is recomputed in them: a third less compute for a frozen
+    base). Single-process jobs only; nothing without gradient checkpointing, where every activation is kept anyway."""
     if not spec.hyperparameters.gradient_checkpointing or spec.distributed.nproc > 1 or headroom <= 0:
-        return 0
-    per_layer = tokens * matmul_output_bytes(shape, compute)
-    return min(shape.num_hidden_layers, int(headroom * KEEP_MATMULS_SHARE) // max(per_layer, 1))
+        return KeptOutputs()
+    layers, budget = shape.num_hidden_layers, int(headroom * KEEP_MATMULS_SHARE)
+    down = max(1, tokens * down_projection_output_bytes(shape, compute))
+    if budget < layers * down:
+        return KeptOutputs(down_projections=budget // down)
+    upgrade = max(1, tokens * matmul_output_bytes(shape, compute) - down)  # a whole layer beyond its down projection
+    whole = min(layers, (budget - layers * down) // upgrade)
+    return KeptOutputs(layers=whole, down_projections=layers - whole)
 
 
-def plan_kept_matmul_layers(
+def plan_kept_outputs(
     spec: JobSpec, model_path: str, tokens: int, *, distinct_tokens: int | None = None
-) -> tuple[int, int]:
-    """For the trainer: (layers that keep their matmul outputs, layers) for ``spec`` on the model at
-    ``model_path``, with micro-batches of at most ``tokens`` tokens and ``distinct_tokens`` token ids in the data,
-    against :func:`available_memory`."""
+) -> tuple[KeptOutputs, int]:
+    """For the trainer: (what checkpointing keeps, decoder layers) for ``spec`` on the model at ``model_path``, with
+    micro-batches of at most ``tokens`` tokens and ``distinct_tokens`` token ids in the data, against
+    :func:`available_memory`."""
     shape = model_shape(model_path)
     compute = _compute_dtype(spec)
     device = "cuda" if _cuda() else "cpu"
     rows = distinct_tokens if device == "cpu" else None
     peak = _job_peak(_memory(shape, spec, tokens, compute, embedding_rows=rows), spec)
-    return kept_matmul_layers(shape, spec, tokens, compute, available_memory(device) - peak), shape.num_hidden_layers
+    return kept_outputs(shape, spec, tokens, compute, available_memory(device) - peak), shape.num_hidden_layers
 
 
 MEMORY_LIMIT_ENV = "PHITUNE_MEMORY_LIMIT"
@@ -643,9 +672,9 @@ def _memory(
         stored = tokens * h * act_bytes * 2  # the gradient of the hidden states, in the compute dtype
         logits = round(LOSS_CHUNK_ELEMENTS * 8 + stored + (vocab * h * 4 if isinstance(method, Full) else 0))
     transient = 0
-    if isinstance(method, QLoRA):
-        transient = QLORA_TRANSIENT_LAYERS * shape.layer_linear_parameters * 2  # bf16 dequantised weights
-    elif isinstance(method, Full) and compute == "bf16":
+    if not isinstance(method, Full):
+        transient = FROZEN_TRANSIENT_LAYERS * shape.layer_linear_parameters * 2
+    elif compute == "bf16":
         transient = linear * 2  # autocast caches a bf16 copy of every trainable weight for the step
     return MemoryBreakdown(
         runtime=RUNTIME_BYTES,
@@ -674,9 +703,16 @@ def _job_peak(memory: MemoryBreakdown, spec: JobSpec) -> int:
 
 
 def _seconds(
-    shape: ModelShape, spec: JobSpec, micro: int, length: int, compute: str, probe: MachineProbe, kept: int = 0
+    shape: ModelShape,
+    spec: JobSpec,
+    micro: int,
+    length: int,
+    compute: str,
+    probe: MachineProbe,
+    kept: KeptOutputs | None = None,
 ) -> float:
-    """Seconds per micro-batch of ``micro`` sequences of ``length`` tokens; ``kept`` layers recompute no matmul."""
+    """Seconds per micro-batch of ``micro`` sequences of ``length`` tokens; ``kept``: the matmuls not recomputed."""
+    kept = kept or KeptOutputs()
     method, hp = spec.method, spec.hyperparameters
     layers, tokens = shape.num_hidden_layers, micro * length
     decoder = 2 * tokens * layers * shape.layer_linear_parameters
@@ -684,10 +720,13 @@ def _seconds(
     head = 2 * tokens * shape.vocab_size * shape.hidden_size
     backward = 2 if isinstance(method, Full) else 1  # a frozen base needs input gradients only
     passes = 1 + backward + (1 if hp.gradient_checkpointing else 0)
-    matmul_passes = passes - (kept / layers if hp.gradient_checkpointing else 0)
+    matmul_passes = passes - (kept.layers / layers if hp.gradient_checkpointing else 0)
+    inner, outer = shape.linear_shapes()["down_proj"]
+    unrepeated = 2 * tokens * inner * outer * kept.down_projections if hp.gradient_checkpointing else 0
     activation_bytes = tokens * layers * (ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size)
     work = (
         (decoder + attention) * matmul_passes
+        - unrepeated
         + head * (1 + backward)
         + ELEMENTWISE_FLOPS_PER_BYTE * activation_bytes * passes
     )

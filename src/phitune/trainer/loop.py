@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..estimate import KeptOutputs, plan_kept_outputs
 from ..types import JobSpec, QLoRA
 from . import data, distributed, packing
 from .distributed import Engine, Ranks
@@ -95,13 +96,17 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     valid_set = (
         data.load_examples(run.valid_path, tokenizer, max_seq_length=hp.max_seq_length) if run.valid_path else []
     )
-    kept_layers = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
+    kept = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
     model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
     control.message(load_report.message, data=load_report.data())
     if isinstance(run.spec.method, QLoRA):
         _report_quantized_base(control, model, run.spec.method)
     model = apply_method(
-        model, run.spec.method, gradient_checkpointing=hp.gradient_checkpointing, keep_matmul_layers=kept_layers
+        model,
+        run.spec.method,
+        gradient_checkpointing=hp.gradient_checkpointing,
+        keep_matmul_layers=kept.layers if kept else 0,
+        keep_down_projections=kept.down_projections if kept else 0,
     )
     trainable, total = count_parameters(model)
     batch_of = _batching(model, tokenizer.pad_token_id)
@@ -320,25 +325,26 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _plan_checkpointing(run: TrainRun, control: Control, ranks: Ranks, train_set: list[data.Example]) -> int:
-    """How many decoder layers gradient checkpointing lets keep their matmul outputs, from the memory free beside
-    the job's predicted peak (:func:`phitune.estimate.plan_kept_matmul_layers`); 0 where that is unknown."""
-    from ..estimate import plan_kept_matmul_layers
-
+def _plan_checkpointing(
+    run: TrainRun, control: Control, ranks: Ranks, train_set: list[data.Example]
+) -> KeptOutputs | None:
+    """What gradient checkpointing keeps of the matmul outputs, from the memory free beside the job's predicted peak
+    (:func:`phitune.estimate.plan_kept_outputs`); None where that is unknown or nothing fits."""
     hp = run.spec.hyperparameters
     if not hp.gradient_checkpointing or ranks.world > 1 or not train_set:
-        return 0
+        return None
     tokens = min(hp.batch_size, len(train_set)) * max(len(example.input_ids) for example in train_set)
+    distinct = len({token for example in train_set for token in example.input_ids})
     try:
-        distinct = len({token for example in train_set for token in example.input_ids})
-        kept, layers = plan_kept_matmul_layers(run.spec, run.base_path, tokens, distinct_tokens=distinct)
+        kept, layers = plan_kept_outputs(run.spec, run.base_path, tokens, distinct_tokens=distinct)
     except ValueError:  # SpecError or pydantic's ValidationError: a config without a decoder's dimensions
-        return 0
-    if kept:
+        return None
+    if kept.layers or kept.down_projections:
+        down = f", the down projection's in {kept.down_projections} more" if kept.down_projections else ""
         control.message(
-            f"gradient checkpointing keeps the matmul outputs of {kept} of {layers} decoder layers (memory allows): "
-            "their backward recomputes no matmul",
-            data={"kept_matmul_layers": kept, "layers": layers},
+            f"gradient checkpointing keeps the matmul outputs of {kept.layers} of {layers} decoder layers{down} "
+            "(memory allows): their backward recomputes no such matmul",
+            data={"kept_matmul_layers": kept.layers, "kept_down_projections": kept.down_projections, "layers": layers},
         )
     return kept
 

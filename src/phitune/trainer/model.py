@@ -52,14 +52,23 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool, keep_matmul_layers: int = 0) -> Any:
+def apply_method(
+    model: Any,
+    method: Method,
+    *,
+    gradient_checkpointing: bool,
+    keep_matmul_layers: int = 0,
+    keep_down_projections: int = 0,
+) -> Any:
     """Wrap ``model`` for training with ``method``; returns the model whose trainable parameters are optimised.
-    With gradient checkpointing, the first ``keep_matmul_layers`` decoder layers keep their matmul outputs
-    (:func:`keep_matmul_outputs`)."""
+    With gradient checkpointing, the first ``keep_matmul_layers`` decoder layers keep their matmul outputs and the
+    next ``keep_down_projections`` their down projection's (:func:`keep_matmul_outputs`)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        keep_matmul_outputs(model, keep_matmul_layers, adapter_rank=getattr(method, "r", 0))
+        keep_matmul_outputs(
+            model, keep_matmul_layers, adapter_rank=getattr(method, "r", 0), down_projections=keep_down_projections
+        )
     if isinstance(method, Full):
         model.requires_grad_(True)
         return model
@@ -91,36 +100,47 @@ def apply_method(model: Any, method: Method, *, gradient_checkpointing: bool, ke
     return peft.get_peft_model(model, config)
 
 
-def keep_matmul_outputs(model: Any, layers: int, *, adapter_rank: int = 0) -> None:
+def keep_matmul_outputs(model: Any, layers: int, *, adapter_rank: int = 0, down_projections: int = 0) -> None:
     """Selective activation checkpointing (``torch.utils.checkpoint``'s policies) for the first ``layers``
     checkpointed decoder layers: they keep the outputs of their base matmuls and of attention, so recomputing them
     in the backward redoes only the element-wise work between those, not the matmuls that are nearly all of the
-    FLOPs. The low-rank adapter matmuls (rank <= ``adapter_rank``) are recomputed: cheap, and their outputs are as
-    wide as the base's. Values are bit-identical to full recomputation."""
-    if layers <= 0:
+    FLOPs. The next ``down_projections`` layers keep only the outputs of matmuls whose inner dimension exceeds the
+    hidden size (the MLP's down projection: the most FLOPs saved per byte kept). The low-rank adapter matmuls (rank
+    <= ``adapter_rank``) are recomputed: cheap, and their outputs are as wide as the base's. Values are bit-identical
+    to full recomputation."""
+    if layers <= 0 and down_projections <= 0:
         return
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    policy = functools.partial(_keep_matmuls, adapter_rank=adapter_rank)
-    contexts = functools.partial(create_selective_checkpoint_contexts, policy)
-    selective = functools.partial(checkpoint, use_reentrant=False, context_fn=contexts)
+    def selective(min_inner: int) -> Any:
+        policy = functools.partial(_keep_matmuls, adapter_rank=adapter_rank, min_inner=min_inner)
+        contexts = functools.partial(create_selective_checkpoint_contexts, policy)
+        return functools.partial(checkpoint, use_reentrant=False, context_fn=contexts)
+
     checkpointed = [
         m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
     ]
-    for layer in checkpointed[:layers]:
-        layer._gradient_checkpointing_func = selective
+    whole, deep = selective(0), selective(model.config.hidden_size + 1)
+    for layer in checkpointed[: max(layers, 0)]:
+        layer._gradient_checkpointing_func = whole
+    for layer in checkpointed[max(layers, 0) : max(layers, 0) + down_projections]:
+        layer._gradient_checkpointing_func = deep
 
 
-def _keep_matmuls(ctx: Any, op: Any, *args: Any, adapter_rank: int, **kwargs: Any) -> Any:
+def _keep_matmuls(ctx: Any, op: Any, *args: Any, adapter_rank: int, min_inner: int, **kwargs: Any) -> Any:
     import torch
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
     if op in (aten.mm.default, aten.addmm.default):  # mm(input, weight.T), addmm(bias, input, weight.T)
-        if min(args[-1].shape) > adapter_rank:
+        inner, outer = args[-1].shape
+        if min(inner, outer) > adapter_rank and inner >= min_inner:
             return CheckpointPolicy.MUST_SAVE
-    elif op in _attention_ops() or str(op) == QLORA_MATMUL:
+    elif str(op) == QLORA_MATMUL:  # gemm_4bit(input, packed, [out, in], ...)
+        if args[2][1] >= min_inner:
+            return CheckpointPolicy.MUST_SAVE
+    elif op in _attention_ops() and min_inner == 0:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
