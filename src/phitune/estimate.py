@@ -154,6 +154,7 @@ PHI3_MINI_SHAPE = ModelShape(
     num_attention_heads=32,
     num_key_value_heads=32,
     vocab_size=32064,
+    torch_dtype="bfloat16",
 )
 PHI3_MEDIUM_SHAPE = ModelShape(
     hidden_size=5120,
@@ -162,6 +163,7 @@ PHI3_MEDIUM_SHAPE = ModelShape(
     num_attention_heads=40,
     num_key_value_heads=10,
     vocab_size=32064,
+    torch_dtype="bfloat16",
 )
 CATALOG_SHAPES: dict[str, ModelShape] = {
     "Phi-3-mini-4k-instruct": PHI3_MINI_SHAPE,

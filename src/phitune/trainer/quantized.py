@@ -65,11 +65,10 @@ def dequantized_weight(weight: Any, state: Any, dtype: torch.dtype) -> Any:
     absmax = state.absmax
     if state.nested:  # as bitsandbytes.functional.dequantize_4bit
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    out = _thread_buffer(torch.Size(state.shape), dtype)
-    if weight.device.type == "cpu" and dequantize_into(
-        weight, absmax.float(), blocksize=state.blocksize, quant_type=state.quant_type, out=out
-    ):
-        return out
+    if weight.device.type == "cpu":
+        out = _thread_buffer(torch.Size(state.shape), dtype)
+        if dequantize_into(weight, absmax.float(), blocksize=state.blocksize, quant_type=state.quant_type, out=out):
+            return out
     return bnb.functional.dequantize_4bit(weight, state).to(dtype)
 
 
