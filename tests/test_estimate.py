@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,6 +216,39 @@ def test_probe_is_measured_once_and_cached(tmp_path: Path) -> None:
     quantized = probe_machine(cache, quantized=True)  # the dequantisation rate was missing: measured now
     assert quantized.dequant_per_second is not None and quantized.dequant_per_second > 1e6
     assert MachineProbe.model_validate(json.loads(cache.read_text())[first.fingerprint]) == quantized
+
+
+def test_concurrent_probes_share_a_cold_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients in several threads of one process probe a cold cache at once (a fresh machine's first jobs); every
+    thread's rename waits for the others', the worst interleaving."""
+    import threading
+
+    cache = tmp_path / "probe.json"
+    errors: list[BaseException] = []
+    everyone = threading.Barrier(8, timeout=60)
+    rename = os.replace
+
+    def rename_together(source: Any, target: Any) -> None:
+        everyone.wait()
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", rename_together)
+
+    def probe() -> None:
+        try:
+            probe_machine(cache, refresh=True)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    (stored,) = json.loads(cache.read_text()).values()
+    assert MachineProbe.model_validate(stored).bf16_flops > 0
+    assert [f.name for f in tmp_path.iterdir()] == ["probe.json"]  # no temporary file left behind
 
 
 def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_model_dir: Path) -> None:

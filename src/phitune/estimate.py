@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -254,7 +255,8 @@ def probe_machine(
     if cache is not None:
         cached[fingerprint] = probe.model_dump()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        # a temporary file of this thread's own, then an atomic rename: concurrent probes never see half a file
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(json.dumps(cached, indent=2))
         os.replace(tmp, cache)
     return probe
