@@ -122,9 +122,10 @@ def keep_matmul_outputs(model: Any, layers: int, *, adapter_rank: int = 0, down_
         m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
     ]
     whole, deep = selective(0), selective(model.config.hidden_size + 1)
-    for layer in checkpointed[: max(layers, 0)]:
+    first = max(layers, 0)
+    for layer in checkpointed[:first]:
         layer._gradient_checkpointing_func = whole
-    for layer in checkpointed[max(layers, 0) : max(layers, 0) + down_projections]:
+    for layer in checkpointed[first : first + down_projections]:
         layer._gradient_checkpointing_func = deep
 
 
