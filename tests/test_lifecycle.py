@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,6 +153,38 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(home: Path, chat_f
     assert (home / "jobs" / job.id / "train.log").exists()
     with pytest.raises(ConflictError):
         client.finetune.cancel(job.id)
+
+
+def test_concurrent_uploads_of_one_content(home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads uploading the same file at once share one blob; every rename into the blob store waits for the
+    others', the worst interleaving."""
+    everyone = threading.Barrier(4, timeout=60)
+    rename = os.replace
+
+    def rename_together(source: Any, target: Any) -> None:
+        everyone.wait()
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", rename_together)
+    uploaded: list[Any] = []
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            uploaded.append(phitune.Client(home=home).files.upload(chat_file))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len({f.id for f in uploaded}) == 4
+    (sha,) = {f.sha256 for f in uploaded}
+    blobs = list((home / "files" / sha[:2]).iterdir())
+    assert [b.name for b in blobs] == [f"{sha}.jsonl"]  # no temporary copy left behind
+    assert blobs[0].read_bytes() == chat_file.read_bytes()
 
 
 def test_concurrent_clients_share_one_home(home: Path, tmp_path: Path, chat_file: Path) -> None:

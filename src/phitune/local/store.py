@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,8 +110,8 @@ class Store:
                 digest.update(chunk)
         sha = digest.hexdigest()
         blob = self.path("files", sha[:2], f"{sha}.jsonl")
-        if not blob.exists():
-            tmp = blob.with_suffix(f".tmp{os.getpid()}")
+        if not blob.exists():  # a copy of this thread's own, then an atomic rename: uploads of one content may race
+            tmp = blob.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
             shutil.copyfile(source, tmp)
             os.replace(tmp, blob)
         obj = FileObject(
