@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +30,36 @@ def write_chat(path: Path, pairs: list[tuple[str, str]] = CHAT_EXAMPLES) -> Path
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             fh.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+def rename_at_once(
+    monkeypatch: pytest.MonkeyPatch, threads: int, task: Callable[[], Any]
+) -> tuple[list[Any], list[BaseException]]:
+    """Run ``task`` in ``threads`` threads, every ``os.replace`` waiting until each thread has reached its own: the
+    worst interleaving of their renames. Returns the tasks' results and errors."""
+    everyone = threading.Barrier(threads, timeout=60)
+    rename = os.replace
+
+    def rename_together(source: Any, target: Any) -> None:
+        everyone.wait()
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", rename_together)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(task())
+        except BaseException as exc:  # pragma: no cover - the caller asserts there are none
+            errors.append(exc)
+
+    running = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    return results, errors
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import write_chat
+from conftest import rename_at_once, write_chat
 from phitune.errors import SpecError, WontFitError
 from phitune.estimate import (
     CATALOG_SHAPES,
@@ -221,30 +220,8 @@ def test_probe_is_measured_once_and_cached(tmp_path: Path) -> None:
 def test_concurrent_probes_share_a_cold_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Clients in several threads of one process probe a cold cache at once (a fresh machine's first jobs); every
     thread's rename waits for the others', the worst interleaving."""
-    import threading
-
     cache = tmp_path / "probe.json"
-    errors: list[BaseException] = []
-    everyone = threading.Barrier(8, timeout=60)
-    rename = os.replace
-
-    def rename_together(source: Any, target: Any) -> None:
-        everyone.wait()
-        rename(source, target)
-
-    monkeypatch.setattr(os, "replace", rename_together)
-
-    def probe() -> None:
-        try:
-            probe_machine(cache, refresh=True)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=probe) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _, errors = rename_at_once(monkeypatch, 8, lambda: probe_machine(cache, refresh=True))
     assert not errors
     (stored,) = json.loads(cache.read_text()).values()
     assert MachineProbe.model_validate(stored).bf16_flops > 0

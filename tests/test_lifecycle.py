@@ -11,11 +11,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import phitune
+from conftest import rename_at_once
 from phitune.errors import ConflictError, DatasetError, NotFoundError, SpecError
 
 FAST = {"epochs": 50, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
@@ -158,28 +158,8 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(home: Path, chat_f
 def test_concurrent_uploads_of_one_content(home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Threads uploading the same file at once share one blob; every rename into the blob store waits for the
     others', the worst interleaving."""
-    everyone = threading.Barrier(4, timeout=60)
-    rename = os.replace
-
-    def rename_together(source: Any, target: Any) -> None:
-        everyone.wait()
-        rename(source, target)
-
-    monkeypatch.setattr(os, "replace", rename_together)
-    uploaded: list[Any] = []
-    errors: list[BaseException] = []
-
-    def upload() -> None:
-        try:
-            uploaded.append(phitune.Client(home=home).files.upload(chat_file))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=upload) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    client = phitune.Client(home=home)  # the home's database exists before the threads start
+    uploaded, errors = rename_at_once(monkeypatch, 4, lambda: client.files.upload(chat_file))
     assert not errors and len({f.id for f in uploaded}) == 4
     (sha,) = {f.sha256 for f in uploaded}
     blobs = list((home / "files" / sha[:2]).iterdir())
