@@ -53,10 +53,13 @@ def dequantize_into(packed: Any, absmax: Any, *, blocksize: int, quant_type: str
 def _thread_buffer(shape: torch.Size, dtype: torch.dtype) -> Any:
     """This thread's reusable buffer of ``dtype`` as a tensor of ``shape``, grown when a larger one is asked for."""
     numel, name = shape.numel(), str(dtype)
-    if getattr(_buffers, name, torch.empty(0)).numel() < numel:
+    buffer = getattr(_buffers, name, None)
+    if buffer is None or buffer.numel() < numel:
+        del buffer
         setattr(_buffers, name, None)  # the smaller one is freed before the larger one is allocated
-        setattr(_buffers, name, torch.empty(numel, dtype=dtype))
-    return getattr(_buffers, name)[:numel].view(shape)
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_buffers, name, buffer)
+    return buffer[:numel].view(shape)
 
 
 def dequantized_weight(weight: Any, state: Any, dtype: torch.dtype) -> Any:
