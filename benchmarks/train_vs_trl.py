@@ -484,6 +484,15 @@ def child_gemm(args: argparse.Namespace, rss_after_imports: int) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------------------- parent
+def child_env(kind: str) -> dict[str, str]:
+    """Our sides run in the environment the local worker gives its trainers (the allocator preloaded); TRL and the
+    GEMM probe in this process's, as TRL's users run it."""
+    from phitune.local.worker import trainer_env
+    from phitune.types import Distributed
+
+    return trainer_env(Distributed()) if kind in ("ours", "levers") else dict(os.environ)
+
+
 def run_child(kind: str, args: argparse.Namespace, extra: list[str], steps: int | None = None) -> dict[str, Any]:
     """Run this script as a child process; its JSON result plus ``peak_rss_bytes`` (the kernel's ru_maxrss of that
     child alone) and ``wall_seconds``."""
@@ -496,7 +505,7 @@ def run_child(kind: str, args: argparse.Namespace, extra: list[str], steps: int 
     started = time.perf_counter()
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--child", kind, "--out", out.name, *common, *extra]
-        process = subprocess.Popen(command, stdout=sys.stderr, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        process = subprocess.Popen(command, stdout=sys.stderr, env={**child_env(kind), "HF_HUB_OFFLINE": "1"})
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode != 0:

@@ -22,7 +22,8 @@ from phitune.estimate import (
     model_shape,
     probe_machine,
 )
-from phitune.types import Hyperparameters, JobSpec
+from phitune.local.worker import trainer_env
+from phitune.types import Distributed, Hyperparameters, JobSpec
 
 GiB = 2**30
 
@@ -61,7 +62,7 @@ def measured_peak(spec: JobSpec, work: Path) -> int:
         [sys.executable, "-c", _TRAIN, spec.model_dump_json(), str(work)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**trainer_env(Distributed()), "HF_HUB_OFFLINE": "1"},
     )
     assert process.stdout is not None
     output = process.stdout.read()

@@ -26,6 +26,7 @@ from ..errors import (
 from ..estimate import Estimate, memory_limit
 from ..local.store import Store
 from ..local.worker import ensure_worker
+from ..trainer import allocator
 from ..types import (
     PEFT,
     ChatChoice,
@@ -104,6 +105,7 @@ class LocalBackend:
         self.store.get_file(spec.training_file)
         if spec.validation_file is not None:
             self.store.get_file(spec.validation_file)
+        allocator.requested()  # the trainer's allocator: a malformed $PHITUNE_ALLOCATOR is refused here
         self._check_fit(spec)
 
     def _check_fit(self, spec: JobSpec) -> None:

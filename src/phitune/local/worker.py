@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from ..errors import SpecError
+from ..trainer import allocator
 from ..types import Distributed, JobError
 from .store import Store
 
@@ -89,9 +91,10 @@ def trainer_command(job_id: str, attempt: int, home: Path, layout: Distributed) 
 
 
 def trainer_env(layout: Distributed) -> dict[str, str]:
-    """The trainer's environment: the ranks of a distributed job share this machine's cores (torchrun would give
-    each rank one thread) unless ``OMP_NUM_THREADS`` is set."""
-    env = dict(os.environ)
+    """The trainer's environment: the allocator of :mod:`phitune.trainer.allocator` preloaded, and the ranks of a
+    distributed job sharing this machine's cores (torchrun would give each rank one thread) unless
+    ``OMP_NUM_THREADS`` is set."""
+    env = allocator.preload(dict(os.environ))
     if layout.strategy != "none" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // layout.nproc))
     return env
@@ -114,10 +117,15 @@ def run_job(store: Store, job_id: str, attempt: int) -> None:
     spec = store.get_job(job_id).spec
     assert spec is not None
     log: IO[bytes]
+    try:
+        env = trainer_env(spec.distributed)
+    except SpecError as exc:  # this worker's environment, set by the client that started it
+        store.transition(job_id, "failed", when=("running",), error=JobError(code="invalid_setting", message=str(exc)))
+        return
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             trainer_command(job_id, attempt, store.home, spec.distributed),
-            env=trainer_env(spec.distributed),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import MissingDependencyError, SpecError
 from ..types import Full, Method, QLoRA
+from . import allocator
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -58,6 +59,9 @@ class LoadReport(BaseModel):
     rss_after_bytes: int
     weight_bytes: int = Field(description="Bytes of every parameter and buffer as they lie in memory.")
     peak_gpu_bytes: int | None = None
+    allocator: Literal["mimalloc", "system"] = Field(
+        "system", description="The process's C allocator (:mod:`phitune.trainer.allocator`)."
+    )
 
     @property
     def message(self) -> str:
@@ -65,7 +69,7 @@ class LoadReport(BaseModel):
         return (
             f"base model loaded in {self.seconds:.1f} s ({self.loader}, {'4-bit + ' if self.quantized else ''}"
             f"{self.dtype}): weights {self.weight_bytes / gib:.2f} GiB, peak RSS while loading "
-            f"{self.peak_rss_bytes / gib:.2f} GiB"
+            f"{self.peak_rss_bytes / gib:.2f} GiB ({self.allocator} allocator)"
             + (f", peak GPU {self.peak_gpu_bytes / gib:.2f} GiB" if self.peak_gpu_bytes is not None else "")
         )
 
@@ -156,6 +160,7 @@ def load_for_training(
         rss_after_bytes=rss_bytes(),
         weight_bytes=weight_bytes,
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated(device)) if torch.device(device).type == "cuda" else None,
+        allocator=allocator.in_use(),
     )
     return model, report
 

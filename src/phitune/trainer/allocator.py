@@ -1,0 +1,69 @@
+"""The C allocator of the trainer process: mimalloc where its wheel is installed, else the C library's malloc.
+
+glibc's malloc fragments under a training step's pattern. Each checkpointed decoder layer allocates tens of MB of
+short-lived activations and, between them, small long-lived allocations (autograd's graph nodes, kept layer inputs)
+that glibc carves out of the freed activations' space, so the next layer's activations no longer fit there and the
+heap grows: 0.4-0.9 GB of free holes at the peak of a Phi-3-mini step. mimalloc keeps sizes apart and avoids most of
+it (same speed, measured in ``docs/sizing.md``). It has to be loaded before the process starts (``LD_PRELOAD``), so
+the worker starts each trainer with it (:func:`preload`), the way CPU training launchers preload jemalloc or tcmalloc.
+``$PHITUNE_ALLOCATOR=system`` keeps the C library's.
+
+Light: no torch.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from ..errors import SpecError
+
+ALLOCATOR_ENV = "PHITUNE_ALLOCATOR"
+"""``mimalloc`` (the default, where ``cmeel-mimalloc`` is installed) or ``system``."""
+_WHEEL = "cmeel-mimalloc"
+_LIBRARY = "cmeel.prefix/lib/libmimalloc.so"
+
+
+def requested() -> Literal["mimalloc", "system"]:
+    """The allocator ``$PHITUNE_ALLOCATOR`` asks for (mimalloc where unset); a clear error for any other value."""
+    value = os.environ.get(ALLOCATOR_ENV, "").strip().lower() or "mimalloc"
+    if value not in ("mimalloc", "system"):
+        raise SpecError(ALLOCATOR_ENV, f"{value!r} is not an allocator: use mimalloc or system")
+    return "mimalloc" if value == "mimalloc" else "system"
+
+
+def mimalloc_library() -> Path | None:
+    """The shared library of the installed ``cmeel-mimalloc`` wheel; None where it is not installed (or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        path = Path(str(importlib.metadata.distribution(_WHEEL).locate_file(_LIBRARY)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def for_trainers() -> Literal["mimalloc", "system"]:
+    """The allocator the worker's trainers get: mimalloc where it is requested and installed."""
+    return "mimalloc" if requested() == "mimalloc" and mimalloc_library() is not None else "system"
+
+
+def preload(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the requested allocator preloaded into the processes started with it."""
+    library = mimalloc_library() if requested() == "mimalloc" else None
+    preloaded = [entry for entry in env.get("LD_PRELOAD", "").split(":") if entry]
+    if library is None or str(library) in preloaded:
+        return env
+    return {**env, "LD_PRELOAD": ":".join([str(library), *preloaded])}
+
+
+def in_use() -> Literal["mimalloc", "system"]:
+    """The allocator this process runs on: mimalloc where its library is mapped (Linux), else the C library's."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            return "mimalloc" if any("libmimalloc" in line for line in maps) else "system"
+    except OSError:
+        return "system"
