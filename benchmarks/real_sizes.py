@@ -37,6 +37,7 @@ import time
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 CORPUS = Path(__file__).resolve().parents[1] / "src" / "phitune" / "assets" / "tiny_corpus.txt"
 
@@ -44,11 +45,16 @@ CORPUS = Path(__file__).resolve().parents[1] / "src" / "phitune" / "assets" / "t
 # ---------------------------------------------------------------------------------------------------- parent side
 def run_child(args: list[str], timeout: float | None = None) -> dict[str, Any]:
     """Run this script's ``child`` command; return its JSON result with ``peak_rss_bytes`` (the child's ru_maxrss)
-    and ``wall_seconds``."""
+    and ``wall_seconds``. Our children run in the environment the local worker gives its trainers (the allocator
+    preloaded); the peer in this process's, as its users run it."""
+    from phitune.local.worker import trainer_env
+    from phitune.types import Distributed
+
+    env = dict(os.environ) if args[0] == "peer" else trainer_env(Distributed())
     started = time.perf_counter()
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "child", "--out", out.name, *args]
-        process = subprocess.Popen(command, stdout=sys.stderr)  # the child's chatter stays off our JSON
+        process = subprocess.Popen(command, stdout=sys.stderr, env=env)  # the child's chatter stays off our JSON
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -294,8 +300,10 @@ def child_probe(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------------ main
 def predict(result: dict[str, Any], probe: Any) -> Any:
-    """The estimator's prediction for a training run, with the memory the run planned against."""
+    """The estimator's prediction for a training run, with the memory it planned against and the allocator it ran on
+    (runs recorded before the trainer reported one ran on glibc's)."""
     from phitune.estimate import estimate
+    from phitune.trainer.allocator import ALLOCATOR_ENV
     from phitune.types import Hyperparameters, JobSpec
 
     hp = Hyperparameters(
@@ -305,9 +313,11 @@ def predict(result: dict[str, Any], probe: Any) -> Any:
     )
     spec = JobSpec(model=result["model"], training_file="-", method=result["method"], hyperparameters=hp)
     dataset = result.get("dataset")
-    if dataset and Path(dataset).is_file():  # as a job's fit check counts it (tokens, embedding rows touched)
-        return estimate(spec, dataset=dataset, probe=probe, available_bytes=result["available_bytes"])
-    return estimate(spec, tokens_per_example=result["seq"], probe=probe, available_bytes=result["available_bytes"])
+    ran_on = {ALLOCATOR_ENV: (result.get("load") or {}).get("allocator", "system")}
+    with mock.patch.dict(os.environ, ran_on):
+        if dataset and Path(dataset).is_file():  # as a job's fit check counts it (tokens, embedding rows touched)
+            return estimate(spec, dataset=dataset, probe=probe, available_bytes=result["available_bytes"])
+        return estimate(spec, tokens_per_example=result["seq"], probe=probe, available_bytes=result["available_bytes"])
 
 
 def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
@@ -346,9 +356,9 @@ def table(paths: list[str]) -> str:
         except json.JSONDecodeError:
             rows += [json.loads(line) for line in text.splitlines() if line.strip()]
     lines = [
-        "| model | method | batch x seq | checkpointing | peak RSS | estimated | error | tokens/s | estimated | "
-        "transformers+peft: peak RSS, tokens/s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | method | batch x seq | checkpointing | allocator | peak RSS | estimated | error | tokens/s | "
+        "estimated | transformers+peft: peak RSS, tokens/s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if row.get("kind") != "train":
@@ -358,7 +368,8 @@ def table(paths: list[str]) -> str:
         kept = (f", keeps {layers}" + (f" + {down} down" if down else "")) if layers or down else ""
         lines.append(
             f"| {Path(row['model']).name} | {row['method']} | {row['batch']} x {row['seq']} | "
-            f"{'yes' if row['gradient_checkpointing'] else 'no'}{kept} | {gib(row['peak_rss_bytes'])} GiB | "
+            f"{'yes' if row['gradient_checkpointing'] else 'no'}{kept} | "
+            f"{(row.get('load') or {}).get('allocator', 'system')} | {gib(row['peak_rss_bytes'])} GiB | "
             f"{gib(predicted.peak_bytes)} GiB | {predicted.peak_bytes / row['peak_rss_bytes'] - 1:+.1%} | "
             f"{row['tokens_per_second']} | {predicted.tokens_per_second:.2f} | "
             + (f"{gib(peer['peak_rss_bytes'])} GiB, {peer['tokens_per_second']} |" if peer else "— |")

@@ -15,9 +15,10 @@ The memory model follows what the local trainer holds at its peak (a backward pa
 - ``logits``: the LM head and loss. The trainer computes them in chunks (:mod:`phitune.trainer.loss`): one chunk of
   logits at a time plus the stored gradient of the hidden states (and of the head in full fine-tuning). Where it uses
   the plain loss (prompt learning, DeepSpeed ZeRO-3), vocabulary x ``LOGIT_BYTES`` per labelled token;
-- ``transient``: for a frozen base, the weight-sized temporaries of its matmuls (QLoRA's dequantised weight, the
-  matmul library's own copies) and the C allocator's slack around them: ``FROZEN_TRANSIENT_LAYERS`` decoder layers'
-  worth of bf16 weights, fitted; autocast's bf16 copies of every weight in full fine-tuning.
+- ``transient``: QLoRA's dequantisation buffer (``DEQUANTISED_WEIGHTS`` of its largest weight in bf16, fitted);
+  the bf16 copies of every weight that autocast makes in full fine-tuning; and where the trainer runs on the C
+  library's allocator rather than mimalloc (:mod:`phitune.trainer.allocator`), the heap's fragmentation, a
+  frozen base's ``SYSTEM_HEAP_SLACK_LAYERS`` decoder layers of bf16 weights.
 
 Time comes from the FLOPs of a step (forward, backward, the recomputation of layers that keep no matmul outputs) and
 its memory-bound work, at a fraction
@@ -42,12 +43,14 @@ from pydantic import BaseModel, Field
 
 from . import catalog
 from .errors import SpecError, WontFitError
+from .trainer import allocator
 from .types import PEFT, DoRA, Full, JobSpec, LoRA, QLoRA, Response
 
 GiB = 2**30
 
-RUNTIME_BYTES = 450 * 2**20
-"""Resident memory of a trainer process before the model: interpreter, torch, transformers, peft, tokenizer, data."""
+RUNTIME_BYTES = 480 * 2**20
+"""Resident memory of a trainer process before the model: interpreter, torch, transformers, peft, tokenizer, data, on
+mimalloc (tiny-phi3 jobs measured 505-510 MB with peft)."""
 ACT_H = 60.0
 """Activation bytes kept per token, decoder layer and unit of hidden size (bf16 autocast, LoRA on every linear)."""
 ACT_I = 15.0
@@ -77,9 +80,12 @@ LAYER_OVERHEAD_SECONDS = 1e-3
 """Fixed cost per decoder layer and pass (operator dispatch)."""
 OPTIMIZER_SECONDS_PER_PARAMETER = 8e-9
 """AdamW's memory-bound update (and gradient clipping) per trainable parameter and optimizer step, on the CPU."""
-FROZEN_TRANSIENT_LAYERS = 3
-"""Decoder layers' worth of bf16 weights that a frozen base's training adds at the peak beyond weights, adapters and
-activations (fitted on Phi-3-mini: 3.0 layers for QLoRA, 3.3-3.5 for LoRA in bf16; Phi-3-medium QLoRA 3-4)."""
+DEQUANTISED_WEIGHTS = 1.7
+"""QLoRA's transient at the peak, in units of its largest linear weight in bf16: the trainer's dequantisation buffer
+(one weight) and bitsandbytes' temporaries beside it (fitted on Phi-3-mini: 1.7)."""
+SYSTEM_HEAP_SLACK_LAYERS = 1.0
+"""Decoder layers of bf16 weights that the C library's allocator adds at the peak of a frozen base's training, over
+mimalloc: free holes in its heap (Phi-3-mini: 0.5 layers for LoRA, 1.4 for QLoRA)."""
 PROBE_VERSION = 2
 """Part of a cached probe's key: raised when what the probe times changes (2: dequantisation into a reused buffer)."""
 PROBE_TTL_SECONDS = 3600
@@ -676,10 +682,12 @@ def _memory(
         stored = tokens * h * act_bytes * 2  # the gradient of the hidden states, in the compute dtype
         logits = round(LOSS_CHUNK_ELEMENTS * 8 + stored + (vocab * h * 4 if isinstance(method, Full) else 0))
     transient = 0
-    if not isinstance(method, Full):
-        transient = FROZEN_TRANSIENT_LAYERS * shape.layer_linear_parameters * 2
-    elif compute == "bf16":
-        transient = linear * 2  # autocast caches a bf16 copy of every trainable weight for the step
+    if isinstance(method, QLoRA):
+        transient += round(DEQUANTISED_WEIGHTS * max(a * b for a, b in shape.linear_shapes().values()) * 2)
+    if isinstance(method, Full):
+        transient += linear * 2 if compute == "bf16" else 0  # autocast's bf16 copy of each weight, saved for backward
+    elif allocator.for_trainers() == "system":
+        transient += round(SYSTEM_HEAP_SLACK_LAYERS * shape.layer_linear_parameters * 2)
     return MemoryBreakdown(
         runtime=RUNTIME_BYTES,
         weights=weights,
