@@ -39,8 +39,12 @@ def test_trainers_run_on_mimalloc_unless_told_otherwise(monkeypatch: pytest.Monk
     other = "/opt/profiler/libtrace.so"
     assert allocator.preload({"LD_PRELOAD": other})["LD_PRELOAD"] == f"{LIBRARY}:{other}"  # a user's preload stays
 
+    monkeypatch.setenv(allocator.ALLOCATOR_ENV, "mimalloc")  # asked for by name: the same
+    assert trainer_env(Distributed())["LD_PRELOAD"] == str(LIBRARY) and allocator.for_trainers() == "mimalloc"
+
     monkeypatch.setenv(allocator.ALLOCATOR_ENV, "system")
     assert "LD_PRELOAD" not in trainer_env(Distributed()) and allocator_of(trainer_env(Distributed())) == "system"
+    assert allocator.for_trainers() == "system"
 
 
 def test_an_unknown_allocator_is_refused_before_anything_is_stored(

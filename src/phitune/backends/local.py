@@ -105,7 +105,7 @@ class LocalBackend:
         self.store.get_file(spec.training_file)
         if spec.validation_file is not None:
             self.store.get_file(spec.validation_file)
-        allocator.requested()  # the trainer's allocator: a malformed $PHITUNE_ALLOCATOR is refused here
+        allocator.for_trainers()  # a malformed or unmet $PHITUNE_ALLOCATOR is refused here
         self._check_fit(spec)
 
     def _check_fit(self, spec: JobSpec) -> None:

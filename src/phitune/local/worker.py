@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from ..errors import SpecError
+from ..errors import PhituneError
 from ..trainer import allocator
 from ..types import Distributed, JobError
 from .store import Store
@@ -119,7 +119,7 @@ def run_job(store: Store, job_id: str, attempt: int) -> None:
     log: IO[bytes]
     try:
         env = trainer_env(spec.distributed)
-    except SpecError as exc:  # this worker's environment, set by the client that started it
+    except PhituneError as exc:  # this worker's environment (set by the client that started it) asks the impossible
         store.transition(job_id, "failed", when=("running",), error=JobError(code="invalid_setting", message=str(exc)))
         return
     with open(log_path, "ab") as log:

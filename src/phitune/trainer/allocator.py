@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from ..errors import SpecError
+from ..errors import MissingDependencyError, SpecError
 
 ALLOCATOR_ENV = "PHITUNE_ALLOCATOR"
 """``mimalloc`` (the default, where ``cmeel-mimalloc`` is installed) or ``system``."""
@@ -27,12 +27,20 @@ _WHEEL = "cmeel-mimalloc"
 _LIBRARY = "cmeel.prefix/lib/libmimalloc.so"
 
 
-def requested() -> Literal["mimalloc", "system"]:
-    """The allocator ``$PHITUNE_ALLOCATOR`` asks for (mimalloc where unset); a clear error for any other value."""
-    value = os.environ.get(ALLOCATOR_ENV, "").strip().lower() or "mimalloc"
-    if value not in ("mimalloc", "system"):
-        raise SpecError(ALLOCATOR_ENV, f"{value!r} is not an allocator: use mimalloc or system")
-    return "mimalloc" if value == "mimalloc" else "system"
+def for_trainers() -> Literal["mimalloc", "system"]:
+    """The allocator the worker's trainers get: mimalloc unless ``$PHITUNE_ALLOCATOR`` is ``system`` or (where it
+    is unset) the wheel is not installed. A clear error for any other value, and for ``mimalloc`` asked for but not
+    installed."""
+    return "mimalloc" if _trainers_library() is not None else "system"
+
+
+def preload(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the trainers' allocator preloaded into the processes started with it."""
+    library = _trainers_library()
+    preloaded = [entry for entry in env.get("LD_PRELOAD", "").split(":") if entry]
+    if library is None or str(library) in preloaded:
+        return env
+    return {**env, "LD_PRELOAD": ":".join([str(library), *preloaded])}
 
 
 def mimalloc_library() -> Path | None:
@@ -46,18 +54,14 @@ def mimalloc_library() -> Path | None:
     return path if path.is_file() else None
 
 
-def for_trainers() -> Literal["mimalloc", "system"]:
-    """The allocator the worker's trainers get: mimalloc where it is requested and installed."""
-    return "mimalloc" if requested() == "mimalloc" and mimalloc_library() is not None else "system"
-
-
-def preload(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with the requested allocator preloaded into the processes started with it."""
-    library = mimalloc_library() if requested() == "mimalloc" else None
-    preloaded = [entry for entry in env.get("LD_PRELOAD", "").split(":") if entry]
-    if library is None or str(library) in preloaded:
-        return env
-    return {**env, "LD_PRELOAD": ":".join([str(library), *preloaded])}
+def _trainers_library() -> Path | None:
+    value = os.environ.get(ALLOCATOR_ENV, "").strip().lower()
+    if value not in ("", "mimalloc", "system"):
+        raise SpecError(ALLOCATOR_ENV, f"{value!r} is not an allocator: use mimalloc or system")
+    library = mimalloc_library() if value != "system" else None
+    if library is None and value == "mimalloc":
+        raise MissingDependencyError(_WHEEL, "local")
+    return library
 
 
 def in_use() -> Literal["mimalloc", "system"]:
