@@ -60,6 +60,8 @@ def _trainers_library() -> Path | None:
         raise SpecError(ALLOCATOR_ENV, f"{value!r} is not an allocator: use mimalloc or system")
     library = mimalloc_library() if value != "system" else None
     if library is None and value == "mimalloc":
+        if not sys.platform.startswith("linux"):
+            raise SpecError(ALLOCATOR_ENV, "mimalloc is preloaded on Linux only: unset it or use system")
         raise MissingDependencyError(_WHEEL, "local")
     return library
 
