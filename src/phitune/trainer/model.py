@@ -97,7 +97,12 @@ def apply_method(
         raise SpecError("method", f"unknown method {method!r}")
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    return peft.get_peft_model(model, config)
+    adapted = peft.get_peft_model(model, config)
+    if isinstance(method, LoRA | QLoRA | DoRA):
+        from .lora import fuse_lora_layers
+
+        fuse_lora_layers(adapted)
+    return adapted
 
 
 def keep_matmul_outputs(model: Any, layers: int, *, adapter_rank: int = 0, down_projections: int = 0) -> None:
@@ -153,7 +158,8 @@ the layers run :mod:`.quantized`'s matmul, which the aten.mm rule keeps)."""
 
 @functools.cache
 def _attention_ops() -> frozenset[Any]:
-    """The fused attention kernels SDPA dispatches to (those this torch build has)."""
+    """The fused attention kernels SDPA dispatches to (those this torch build has), and phitune's
+    (:mod:`.attention`)."""
     import torch
 
     names = (
@@ -162,7 +168,10 @@ def _attention_ops() -> frozenset[Any]:
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention",
     )
-    return frozenset(getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
+    from .attention import causal_attention
+
+    fused = (getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
+    return frozenset((*fused, causal_attention._opoverload))
 
 
 def peft_config(method: PEFT) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import attention
 from .data import IGNORE_INDEX, Example
 
 ATTENTION = "phitune_varlen"
@@ -92,6 +93,10 @@ def varlen_attention(
     # split, not slicing: the backward of a split is one concatenation, of each slice a zero-filled full-size tensor
     for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True):
         window = _window_mask(q.shape[2], sliding_window, q.device)
+        if attention.preferred(q, dropout=kwargs.get("dropout", 0.0), window=window is not None):
+            scale = kwargs.get("scaling") or q.shape[-1] ** -0.5
+            outputs.append(attention.causal_attention(q[0], k[0], v[0], scale)[None])
+            continue
         outputs.append(
             F.scaled_dot_product_attention(
                 q,
