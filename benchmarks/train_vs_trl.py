@@ -16,18 +16,20 @@ it offers on CPU, and the fastest goes into the rounds (``trl_variants``; varian
 step are measured for speed only; ``--quick`` goes straight to ``plain_loss_padding_free``, the fastest in the full
 sweep here). Dense GEMM FLOP/s (bf16 and fp32, 2048^3, torch's threads) is measured just before each round.
 
-Our side runs as a user's job would: a bf16 frozen base, packed micro-batches, the chunked head-only loss, and
-gradient checkpointing, which on this machine keeps every layer's matmul outputs (memory allows), so the backward
-recomputes only element-wise work (``--no-checkpointing`` turns it off: a little faster, more activation memory).
+Our side runs as a user's job would: a bf16 frozen base, packed micro-batches with the GEMM attention kernel per
+example, LoRA layers that add the adapter inside one GEMM, the chunked head-only loss, and gradient checkpointing, which
+on this machine keeps every layer's matmul outputs (memory allows), so the backward recomputes only element-wise work
+(``--no-checkpointing`` turns it off: a little faster, more activation memory).
 
-FLOPs (``flops``): the useful work of LoRA on a frozen base, counted the same for both sides —
-2·N·T forward + 2·N·T backward (input gradients only) for the frozen decoder weights N over all T tokens, 6·n·T for
-the LoRA adapters n, 4·V·H per trainable token for the LM head (the loss needs it only there), and causal attention
-6·L²·H per layer per example of length L. Recomputation, padding and unneeded head rows are not counted, so a side that
-does extra work scores a lower utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured just
-before, median over rounds. ``levers`` (full runs): one process, the same micro-batches, forward and backward only:
-``all_on`` (no checkpointing), each lever switched off alone, and the cost of full and of selective checkpointing
-and the gain of ``torch.compile`` on the decoder layers (not used by the trainer: ~40 s of compilation per job).
+FLOPs (``flops``): the useful work of LoRA on a frozen base, counted the same for both sides — 2·N·T forward + 2·N·T
+backward (input gradients only) for the frozen decoder weights N over all T tokens, 6·n·T for the LoRA adapters n, 4·V·H
+per trainable token for the LM head (the loss needs it only there), and causal attention 6·L²·H per layer per example of
+length L. Recomputation, padding and unneeded head rows are not counted, so a side that does extra work scores a lower
+utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured just before, median over rounds. ``levers``
+(full runs): one process, the same micro-batches, forward and backward only: ``all_on`` (no checkpointing), each lever
+switched off alone (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``;
+``peft_lora_forward``: peft's own LoRA forward), and the cost of full and of selective checkpointing and the gain of
+``torch.compile`` on the decoder layers (not used by the trainer: ~40 s of compilation per job).
 
     python benchmarks/train_vs_trl.py --quick --json     # under 5 minutes on 2 cores
     python benchmarks/train_vs_trl.py --json             # the full sweep and 3 rounds
@@ -384,8 +386,9 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     import torch.nn.functional as F
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.trainer import data, packing
+    from phitune.trainer import attention, data, packing
     from phitune.trainer.loop import token_loss_sum
+    from phitune.trainer.lora import fuse_lora_layers
     from phitune.trainer.loss import linear_cross_entropy
     from phitune.trainer.model import keep_matmul_outputs
 
@@ -394,14 +397,19 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     plan: list[list[list[int]]] = json.loads(args.plan)
     batches = [[examples[i] for i in batch] for step in plan[:2] for batch in step]
 
-    def adapted(dtype: Any) -> Any:
+    def adapted(dtype: Any, fused: bool = True) -> Any:
         torch.manual_seed(SEED)
         base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
-        return peft.get_peft_model(base, lora_config()).train()
+        model = peft.get_peft_model(base, lora_config()).train()
+        if fused:
+            fuse_lora_layers(model)  # as the trainer's apply_method does
+        return model
 
     sdpa = adapted(torch.bfloat16)  # transformers' own attention; a bf16 frozen base, as the trainer loads it
     varlen = copy.deepcopy(sdpa)
     packing.use_varlen_attention(varlen)
+    unfused = adapted(torch.bfloat16, fused=False)
+    packing.use_varlen_attention(unfused)
     fp32 = adapted(torch.float32)
     packing.use_varlen_attention(fp32)
     checkpointed = copy.deepcopy(varlen)
@@ -412,8 +420,9 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     compiled = copy.deepcopy(varlen)
     for layer in compiled.get_base_model().model.layers:
         layer.compile(dynamic=True)
-    attention = packing.varlen_attention
-    compiled_attention = torch.compiler.disable(attention)  # the per-example loop stays eager
+    varlen_fn = packing.varlen_attention
+    compiled_attention = torch.compiler.disable(varlen_fn)  # the per-example loop stays eager
+    longest_gemm_attention = attention.MAX_LENGTH
 
     def full_logits(model: Any, batch: dict[str, Any]) -> Any:
         """transformers' loss path: the LM head on every position, then cross-entropy where labels are set."""
@@ -434,6 +443,8 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         "all_on": (varlen, packing.pack, token_loss_sum, True),
         "padded_batches": (varlen, lambda e: data.collate(e, tokenizer.pad_token_id), token_loss_sum, True),
         "packed_with_block_mask": (sdpa, packing.pack, transformers_packed, True),
+        "sdpa_per_example": (varlen, packing.pack, token_loss_sum, True),
+        "peft_lora_forward": (unfused, packing.pack, token_loss_sum, True),
         "head_on_every_position": (varlen, packing.pack, full_logits, True),
         "fp32": (fp32, packing.pack, token_loss_sum, False),
         "gradient_checkpointing": (checkpointed, packing.pack, token_loss_sum, True),
@@ -444,7 +455,8 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     cpu: dict[str, list[float]] = {name: [] for name in levers}
     for repeat in range(args.steps + 2):  # the first two rounds warm up (and compile)
         for name, (model, batching, loss_of, bf16) in levers.items():
-            AttentionInterface.register(packing.ATTENTION, compiled_attention if name == "torch_compile" else attention)
+            AttentionInterface.register(packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn)
+            attention.MAX_LENGTH = 0 if name == "sdpa_per_example" else longest_gemm_attention
             batch = batching(batches[repeat % len(batches)])
             started, started_cpu = time.perf_counter(), time.process_time()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
