@@ -6,9 +6,10 @@ that restart at every example (so rotary embeddings see each one as if alone) an
 
 Attention must not cross those boundaries. transformers, given packed position ids and no attention mask, would build
 a ``[tokens, tokens]`` block-diagonal mask and make SDPA compute every masked-out block; here :func:`varlen_attention`
-(registered with transformers as the ``"phitune_varlen"`` attention) runs SDPA's causal kernel on each example's slice
-instead: the work of attention is the sum of the examples' squared lengths, not the square of their sum, and no
-``[tokens, tokens]`` mask is ever built.
+(registered with transformers as the ``"phitune_varlen"`` attention) runs causal attention on each example's slice
+instead (:mod:`phitune.trainer.attention` on a CPU up to its length limit, else SDPA's kernel): the work of attention
+is the sum of the examples' squared lengths, not the square of their sum, and no ``[tokens, tokens]`` mask is ever
+built.
 
 Loss cannot cross a boundary either: an example's first label is never trained (nothing before it in the example
 predicts it), so the last position of one example is never asked to predict the first token of the next.
@@ -76,8 +77,9 @@ def varlen_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface. Queries, keys and values are ``[batch, heads, tokens, dim]``;
     ``segments`` are the cumulative example lengths of a packed row (ints), else each row is one example. Every
-    example gets SDPA's causal kernel on its own slice; an example longer than ``sliding_window`` gets the window's
-    mask. A padded batch (``attention_mask`` given) goes to transformers' SDPA with that mask."""
+    example gets causal attention on its own slice (:func:`phitune.trainer.attention.preferred` says whose kernel);
+    an example longer than ``sliding_window`` gets SDPA with the window's mask. A padded batch (``attention_mask``
+    given) goes to transformers' SDPA with that mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None:
