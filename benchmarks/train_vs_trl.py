@@ -27,9 +27,10 @@ per trainable token for the LM head (the loss needs it only there), and causal a
 length L. Recomputation, padding and unneeded head rows are not counted, so a side that does extra work scores a lower
 utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured just before, median over rounds. ``levers``
 (full runs): one process, the same micro-batches, forward and backward only: ``all_on`` (no checkpointing), each lever
-switched off alone (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``;
-``peft_lora_forward``: peft's own LoRA forward), and the cost of full and of selective checkpointing and the gain of
-``torch.compile`` on the decoder layers (not used by the trainer: ~40 s of compilation per job).
+switched off alone, as the median of its time over all_on's on the same micro-batch (``sdpa_per_example``: SDPA's CPU
+kernel instead of ``phitune.trainer.attention``; ``peft_lora_forward``: peft's own LoRA forward), and the cost of full
+and of selective checkpointing and the gain of ``torch.compile`` on the decoder layers (not used by the trainer: ~40 s
+of compilation per job).
 
     python benchmarks/train_vs_trl.py --quick --json     # under 5 minutes on 2 cores
     python benchmarks/train_vs_trl.py --json             # the full sweep and 3 rounds
@@ -451,27 +452,40 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         "selective_checkpointing": (selective, packing.pack, token_loss_sum, True),
         "torch_compile": (compiled, packing.pack, token_loss_sum, True),
     }
+    # torch.compile goes last, in a phase of its own against all_on: its compile workers linger and would slow
+    # whatever ran next
+    phases = [[name for name in levers if name != "torch_compile"], ["all_on", "torch_compile"]]
     wall: dict[str, list[float]] = {name: [] for name in levers}
     cpu: dict[str, list[float]] = {name: [] for name in levers}
-    for repeat in range(args.steps + 2):  # the first two rounds warm up (and compile)
-        for name, (model, batching, loss_of, bf16) in levers.items():
-            AttentionInterface.register(packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn)
-            attention.MAX_LENGTH = 0 if name == "sdpa_per_example" else longest_gemm_attention
-            batch = batching(batches[repeat % len(batches)])
-            started, started_cpu = time.perf_counter(), time.process_time()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                value = loss_of(model, batch)
-            value.backward()
-            model.zero_grad(set_to_none=True)
+    slowdowns: dict[str, list[float]] = {name: [] for name in levers}
+    for names in phases:
+        for repeat in range(args.steps + 2):  # the first two rounds warm up (and compile)
+            batch_examples = batches[repeat % len(batches)]
+            timed: dict[str, float] = {}
+            for name in names:
+                model, batching, loss_of, bf16 = levers[name]
+                AttentionInterface.register(
+                    packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn
+                )
+                attention.MAX_LENGTH = 0 if name == "sdpa_per_example" else longest_gemm_attention
+                batch = batching(batch_examples)
+                started, started_cpu = time.perf_counter(), time.process_time()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    value = loss_of(model, batch)
+                value.backward()
+                model.zero_grad(set_to_none=True)
+                timed[name] = time.perf_counter() - started
+                if repeat >= 2:
+                    wall[name].append(timed[name])
+                    cpu[name].append(time.process_time() - started_cpu)
             if repeat >= 2:
-                wall[name].append(time.perf_counter() - started)
-                cpu[name].append(time.process_time() - started_cpu)
-    reference = statistics.median(wall["all_on"])
+                for name in names:
+                    slowdowns[name].append(timed[name] / timed["all_on"])
     return {
         name: {
             "seconds": round(statistics.median(wall[name]), 3),
             "cpu_seconds": round(statistics.median(cpu[name]), 3),
-            "slowdown_vs_all_on": round(statistics.median(wall[name]) / reference, 3),
+            "slowdown_vs_all_on": round(statistics.median(slowdowns[name]), 3),
         }
         for name in levers
     }
