@@ -27,10 +27,10 @@ per trainable token for the LM head (the loss needs it only there), and causal a
 length L. Recomputation, padding and unneeded head rows are not counted, so a side that does extra work scores a lower
 utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured just before, median over rounds. ``levers``
 (full runs): one process, the same micro-batches, forward and backward only: ``all_on`` (no checkpointing), each lever
-switched off alone, as the median of its time over all_on's on the same micro-batch (``sdpa_per_example``: SDPA's CPU
-kernel instead of ``phitune.trainer.attention``; ``peft_lora_forward``: peft's own LoRA forward), and the cost of full
-and of selective checkpointing and the gain of ``torch.compile`` on the decoder layers (not used by the trainer: ~40 s
-of compilation per job).
+switched off alone, as the median of its time over all_on's on the same micro-batch (in an order that rotates every
+repeat) (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``; ``peft_lora_forward``: peft's
+own LoRA forward), and the cost of full and of selective checkpointing and the gain of ``torch.compile`` on the decoder
+layers (not used by the trainer: ~40 s of compilation per job).
 
     python benchmarks/train_vs_trl.py --quick --json     # under 5 minutes on 2 cores
     python benchmarks/train_vs_trl.py --json             # the full sweep and 3 rounds
@@ -462,7 +462,9 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         for repeat in range(args.steps + 2):  # the first two rounds warm up (and compile)
             batch_examples = batches[repeat % len(batches)]
             timed: dict[str, float] = {}
-            for name in names:
+            # a rotating order: what ran just before (a lever that frees a [tokens, tokens] mask, say) changes the
+            # next one's time by up to 10-20% here, so no lever always follows the same one
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
                 model, batching, loss_of, bf16 = levers[name]
                 AttentionInterface.register(
                     packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn
