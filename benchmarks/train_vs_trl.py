@@ -696,7 +696,7 @@ def main() -> None:
         trl_runs.append(trl(best, dump=not trl_runs))
     report["objective"] = compare_objective(examples, trl_runs[0].pop("tokens"), plan)
     if levers:
-        report["levers"] = run_child("levers", args, side, steps=6)
+        report["levers"] = run_child("levers", args, side, steps=16)
 
     ours = summarise(ours_runs, args.warmup)
     theirs = summarise(trl_runs, args.warmup)
