@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PHITUNE_WORKER_IDLE_TIMEOUT", "5")
 
-    with tempfile.TemporaryDirectory(prefix="phitune-gpu-smoke-") as tmp:
+    # the home goes once its worker has exited (it writes heartbeats until idle for PHITUNE_WORKER_IDLE_TIMEOUT)
+    with tempfile.TemporaryDirectory(prefix="phitune-gpu-smoke-", ignore_cleanup_errors=True) as tmp:
         home = Path(tmp) / "home"
         client = phitune.Client(home=home)
         data = chat_data(Path(tmp) / "train.jsonl", examples=8 * args.batch_size, words=args.words)
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["runs"].append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
         client.close()
+        time.sleep(float(os.environ["PHITUNE_WORKER_IDLE_TIMEOUT"]) + 2)
     print(json.dumps(report, indent=2))
     return 1 if any(r["status"] not in ("succeeded", "skipped") for r in report["runs"]) else 0
 
