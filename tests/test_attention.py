@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from op_counter import OpCounter  # noqa: E402
 from phitune.trainer import attention, packing  # noqa: E402
 from phitune.trainer.loading import load_for_training  # noqa: E402
 from phitune.trainer.loop import token_loss_sum  # noqa: E402
@@ -77,18 +77,6 @@ def test_sdpa_keeps_what_the_op_does_not_take() -> None:
     assert not attention.preferred(torch.zeros(1, HEADS, attention.MAX_LENGTH + 1, DIM), dropout=0.0, window=False)
 
 
-class AttentionCounter(TorchDispatchMode):  # type: ignore[misc]
-    """Counts the attention ops run while it is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.calls += func is torch.ops.phitune.causal_attention.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_kept_layers_do_not_redo_attention_in_the_backward(tiny_model_dir: Path) -> None:
     from phitune.trainer import data
 
@@ -102,7 +90,7 @@ def test_kept_layers_do_not_redo_attention_in_the_backward(tiny_model_dir: Path)
         ids = torch.randint(3, 1000, (3, 20), generator=torch.Generator().manual_seed(1)).tolist()
         batch = packing.pack([data.Example(row, row) for row in ids])
         loss = token_loss_sum(model, batch)
-        with AttentionCounter() as counter:
+        with OpCounter(lambda op: op is torch.ops.phitune.causal_attention.default) as counter:
             loss.backward()
         return counter.calls, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 

@@ -10,9 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
 import phitune  # noqa: E402
+from op_counter import OpCounter  # noqa: E402
 from phitune.estimate import (  # noqa: E402
     GiB,
     KeptOutputs,
@@ -27,17 +26,8 @@ from phitune.trainer.model import QLORA_MATMUL, apply_method  # noqa: E402
 from phitune.types import Hyperparameters, JobSpec, LoRA, QLoRA  # noqa: E402
 
 
-class MatmulCounter(TorchDispatchMode):  # type: ignore[misc]
-    """Counts the matmuls run while it is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.matmuls = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) or str(func) == QLORA_MATMUL:
-            self.matmuls += 1
-        return func(*args, **(kwargs or {}))
+def _is_matmul(op: Any) -> bool:
+    return op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) or str(op) == QLORA_MATMUL
 
 
 def _train_once(model_dir: Path, method: LoRA | QLoRA, kept: int, down: int = 0) -> tuple[int, float, list[Any]]:
@@ -51,10 +41,10 @@ def _train_once(model_dir: Path, method: LoRA | QLoRA, kept: int, down: int = 0)
     model.train()
     ids = torch.randint(3, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
-    with MatmulCounter() as counter:
+    with OpCounter(_is_matmul) as counter:
         loss.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    return counter.matmuls, float(loss.detach()), grads
+    return counter.calls, float(loss.detach()), grads
 
 
 @pytest.mark.parametrize("method", [LoRA(r=4, dropout=0.0), QLoRA(r=4, dropout=0.0)], ids=["lora", "qlora"])

@@ -162,14 +162,14 @@ def _attention_ops() -> frozenset[Any]:
     (:mod:`.attention`)."""
     import torch
 
+    from .attention import causal_attention
+
     names = (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention",
     )
-    from .attention import causal_attention
-
     fused = (getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
     return frozenset((*fused, causal_attention._opoverload))
 
