@@ -79,3 +79,23 @@ def test_no_rows_give_a_differentiable_zero() -> None:
     value = loss.linear_cross_entropy(hidden, weight, targets)
     value.backward()
     assert float(value) == 0.0 and hidden.grad is not None and float(weight.grad.abs().sum()) == 0.0
+
+
+def test_chunk_buffers_are_reused_between_calls_and_never_leak_between_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread keeps its chunk buffers: a smaller call reuses them, a larger one, another vocabulary or dtype gets
+    new ones; whatever an earlier call left in them never reaches a later result."""
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 8 * 300)
+    monkeypatch.setattr(loss, "_buffers", type(loss._buffers)())
+    calls = [(_inputs(5), True), (_inputs(3), True), (_inputs(20), True), (_inputs(4, vocab=200), False)]
+    kept = []
+    for (hidden, weight, targets), bf16 in calls:
+        ours = _value_and_grads(loss.linear_cross_entropy, hidden, weight, targets, bf16=bf16)
+        theirs = _value_and_grads(_reference, hidden, weight, targets, bf16=bf16)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+        products = loss._buffers.chunk[1]
+        kept.append((products.data_ptr(), tuple(products.shape), products.dtype))
+    assert kept[0] == (kept[0][0], (5, 300), torch.bfloat16)
+    assert kept[1] == kept[0]  # 3 rows fit in the 5 rows of the first call's buffers
+    assert kept[2][1:] == ((8, 300), torch.bfloat16)  # grown to a full chunk of 8 rows
+    assert kept[3][1:] == ((4, 200), torch.float32)  # another vocabulary and dtype

@@ -66,8 +66,9 @@ ACT_FULL = 1.25
 LOGIT_BYTES = 14
 """Bytes per labelled token and vocabulary entry of the plain loss: bf16 logits, their fp32 copy, log-softmax,
 gradient."""
-LOSS_CHUNK_ELEMENTS = 4 * 2**20
-"""Logits per chunk of the chunked loss; each takes ~8 bytes (bf16 and fp32 logits, bf16 gradient)."""
+LOSS_CHUNK_ELEMENTS = 8 * 2**20
+"""Logits per chunk of the chunked loss (the trainer's ``CHUNK_ELEMENTS``), in the buffers it keeps: fp32 logits and
+their bf16 product and gradient, 6 bytes each."""
 PROMPT_LEARNING = frozenset({"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"})
 MATMUL_EFFICIENCY = 0.8
 """Fraction of the probed GEMM throughput that a training step's matmuls reach."""
@@ -680,7 +681,7 @@ def _memory(
         logits = tokens * vocab * LOGIT_BYTES
     else:
         stored = tokens * h * act_bytes * 2  # the gradient of the hidden states, in the compute dtype
-        logits = round(LOSS_CHUNK_ELEMENTS * 8 + stored + (vocab * h * 4 if isinstance(method, Full) else 0))
+        logits = round(LOSS_CHUNK_ELEMENTS * 6 + stored + (vocab * h * 4 if isinstance(method, Full) else 0))
     transient = 0
     if isinstance(method, QLoRA):
         transient += round(DEQUANTISED_WEIGHTS * max(a * b for a, b in shape.linear_shapes().values()) * 2)
