@@ -4,7 +4,10 @@ peft computes ``base(x) + lora_B(lora_A(x)) * scaling``: after the two matmuls, 
 output to scale it and another to add it, each again in the backward, and, under autocast, a copy of ``x`` in the
 adapter's dtype that autocast casts straight back. :class:`FusedLoraLinear` computes the same sum as
 ``addmm(base(x), lora_A(x), lora_B.weight.T, alpha=scaling)``: the scaling and the sum happen in the GEMM's
-accumulator, in fp32, rounded once. Parameters, state dict, merging and saving are peft's own.
+accumulator, in fp32, rounded once. The sum is written over the base product, which nothing else keeps (a matmul's
+backward needs its inputs, not its output), so no second ``[tokens, out]`` tensor is made — except under selective
+checkpointing, whose dispatch mode may keep that product for the backward. Parameters, state dict, merging and saving
+are peft's own.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import peft
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 class FusedLoraLinear(peft.tuners.lora.Linear):  # type: ignore[misc]
@@ -36,13 +40,15 @@ class FusedLoraLinear(peft.tuners.lora.Linear):  # type: ignore[misc]
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
         low_rank = self.lora_A[adapter](self.lora_dropout[adapter](x))
-        fused = torch.addmm(
-            result.reshape(-1, result.shape[-1]),
-            low_rank.reshape(-1, low_rank.shape[-1]),
-            self.lora_B[adapter].weight.T,
-            alpha=self.scaling[adapter],
-        )
-        return fused.view(result.shape)
+        product = result.view(-1, result.shape[-1])
+        low_rank = low_rank.reshape(-1, low_rank.shape[-1])
+        scaling = self.scaling[adapter]
+        if _get_current_dispatch_mode() is not None:  # a mode (selective checkpointing) may hold on to the product
+            return torch.addmm(product, low_rank, self.lora_B[adapter].weight.T, alpha=scaling).view(result.shape)
+        # in place, autocast does not cast: both factors in the product's dtype, as autocast would give them
+        lora_b = self.lora_B[adapter].weight.T.to(product.dtype)
+        product.addmm_(low_rank.to(product.dtype), lora_b, alpha=scaling)
+        return result
 
 
 def fuse_lora_layers(model: Any) -> int:
