@@ -45,6 +45,15 @@ def test_fused_layers_give_peft_values_and_gradients() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_layers_trace_under_torch_compile() -> None:
+    """AOTAutograd (what torch.compile runs) cannot trace the in-place sum; compiled, the layer adds out of place."""
+    reference, fused = _pair()
+    x = torch.randn(3, 5, 12)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    for got, expected in zip(_run(compiled, x), _run(reference, x), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_under_bf16_autocast_the_sum_is_rounded_once() -> None:
     """peft rounds the adapter's product, its scaled copy and the sum to bf16; the fused GEMM rounds the sum once.
     Against an fp32 run, the fused output is at least as close as peft's."""

@@ -6,8 +6,8 @@ adapter's dtype that autocast casts straight back. :class:`FusedLoraLinear` comp
 ``addmm(base(x), lora_A(x), lora_B.weight.T, alpha=scaling)``: the scaling and the sum happen in the GEMM's
 accumulator, in fp32, rounded once. The sum is written over the base product, which nothing else keeps (a matmul's
 backward needs its inputs, not its output), so no second ``[tokens, out]`` tensor is made — except under selective
-checkpointing, whose dispatch mode may keep that product for the backward. Parameters, state dict, merging and saving
-are peft's own.
+checkpointing, whose dispatch mode may keep that product for the backward, and under ``torch.compile``. Parameters,
+state dict, merging and saving are peft's own.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class FusedLoraLinear(peft.tuners.lora.Linear):  # type: ignore[misc]
         product = result.view(-1, result.shape[-1])
         low_rank = low_rank.reshape(-1, low_rank.shape[-1])
         scaling = self.scaling[adapter]
-        if _get_current_dispatch_mode() is not None:  # a mode (selective checkpointing) may hold on to the product
+        # a mode (selective checkpointing) may hold on to the product; AOTAutograd (torch.compile) cannot trace the
+        # write into a view, and fuses the sum itself
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return torch.addmm(product, low_rank, self.lora_B[adapter].weight.T, alpha=scaling).view(result.shape)
         # in place, autocast does not cast: both factors in the product's dtype, as autocast would give them
         lora_b = self.lora_B[adapter].weight.T.to(product.dtype)
