@@ -12,8 +12,8 @@ Numerics follow ``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")``
 matmuls run in the autocast dtype (bf16 on CPUs with AVX512-BF16), the softmax in fp32.
 
 A chunk's logits live in buffers that each thread keeps and reuses (:func:`_chunk_buffers`, 48 MiB for Phi-3's
-vocabulary in bf16): allocated afresh, every chunk's 33 MB of fp32 logits is a new mapping whose pages fault in on
-first touch, which took a tenth of a LoRA step on the benchmark model (``benchmarks/train_vs_trl.py``).
+vocabulary in bf16). Allocated afresh, every chunk's 33 MB of fp32 logits was new memory whose pages fault in on first
+touch: the benchmark model's forward + backward (``benchmarks/train_vs_trl.py``) took 1.17x as long.
 """
 
 from __future__ import annotations
