@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 
-from phitune.trainer import loss  # noqa: E402
+from phitune.trainer import buffers, loss  # noqa: E402
 
 
 def _inputs(rows: int, features: int = 24, vocab: int = 300, *, head_grad: bool = True) -> tuple[Any, Any, Any]:
@@ -82,10 +82,10 @@ def test_no_rows_give_a_differentiable_zero() -> None:
 
 
 def test_chunk_buffers_are_reused_between_calls_and_never_leak_between_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A thread keeps its chunk buffers: a smaller call reuses them, a larger one, another vocabulary or dtype gets
-    new ones; whatever an earlier call left in them never reaches a later result."""
+    """A thread keeps its chunk buffers: a smaller call reuses them, a larger one or another dtype gets new ones;
+    whatever an earlier call left in them never reaches a later result."""
     monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 8 * 300)
-    monkeypatch.setattr(loss, "_buffers", type(loss._buffers)())
+    monkeypatch.setattr(buffers, "_kept", type(buffers._kept)())
     calls = [(_inputs(5), True), (_inputs(3), True), (_inputs(20), True), (_inputs(4, vocab=200), False)]
     kept = []
     for (hidden, weight, targets), bf16 in calls:
@@ -93,9 +93,10 @@ def test_chunk_buffers_are_reused_between_calls_and_never_leak_between_them(monk
         theirs = _value_and_grads(_reference, hidden, weight, targets, bf16=bf16)
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
-        products = loss._buffers.chunk[1]
-        kept.append((products.data_ptr(), tuple(products.shape), products.dtype))
-    assert kept[0] == (kept[0][0], (5, 300), torch.bfloat16)
+        kept.append({key[:2]: (t.data_ptr(), t.numel()) for key, t in buffers._kept.by_key.items()})
+    products, logits = ("loss products", torch.bfloat16), ("loss logits", torch.float32)
+    assert kept[0].keys() == {products, logits} and kept[0][products][1] == kept[0][logits][1] == 5 * 300
     assert kept[1] == kept[0]  # 3 rows fit in the 5 rows of the first call's buffers
-    assert kept[2][1:] == ((8, 300), torch.bfloat16)  # grown to a full chunk of 8 rows
-    assert kept[3][1:] == ((4, 200), torch.float32)  # another vocabulary and dtype
+    assert kept[2][products][1] == kept[2][logits][1] == 8 * 300  # grown to a full chunk of 8 rows
+    fp32_products = ("loss products", torch.float32)  # an fp32 head: its products are the fp32 logits
+    assert kept[3].keys() == {products, logits, fp32_products} and kept[3][fp32_products][1] == 4 * 200

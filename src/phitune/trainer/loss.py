@@ -11,23 +11,22 @@ loss does.
 Numerics follow ``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` under the same autocast: the head's
 matmuls run in the autocast dtype (bf16 on CPUs with AVX512-BF16), the softmax in fp32.
 
-A chunk's logits live in buffers that each thread keeps and reuses (:func:`_chunk_buffers`, 48 MiB for Phi-3's
+A chunk's logits live in buffers that each thread keeps and reuses (:mod:`.buffers`, 48 MiB for Phi-3's
 vocabulary in bf16). Allocated afresh, every chunk's 33 MB of fp32 logits was new memory whose pages fault in on first
 touch: the benchmark model's forward + backward (``benchmarks/train_vs_trl.py``) took 1.17x as long.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 
+from .buffers import thread_buffer
+
 CHUNK_ELEMENTS = 8 * 2**20
 """Logits per chunk (rows x vocabulary): 261 rows of Phi-3's 32064, 32 MiB in fp32. At 128 rows the head's matmul ran
 at ~70% of this CPU's bf16 GEMM rate, at 512 rows at ~90%."""
-
-_buffers = threading.local()
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,14 +78,16 @@ def _chunks(
 ) -> torch.Tensor:
     """The summed loss, chunk by chunk; fills ``grad_hidden`` and accumulates ``grad_weight`` (fp32) when given."""
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    products, buffer = _chunk_buffers(min(rows, hidden.shape[0]), weight)
+    shape = (min(rows, hidden.shape[0]), weight.shape[0])
+    # the head's matmul output (later the gradient it multiplies out), and the fp32 logits unless the head is fp32
+    products = thread_buffer("loss products", shape, weight.dtype, weight.device)
+    widen = weight.dtype != torch.float32
+    wide = thread_buffer("loss logits", shape, torch.float32, weight.device) if widen else products
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
-        product, logits = products[: h.shape[0]], buffer[: h.shape[0]]
-        torch.mm(h, weight.T, out=product)
-        if logits is not product:
-            logits.copy_(product)
+        product = torch.mm(h, weight.T, out=products[: h.shape[0]])
+        logits = wide[: h.shape[0]].copy_(product) if widen else product
         picked = logits.gather(1, t[:, None]).squeeze(1)
         peak = logits.amax(dim=1, keepdim=True)
         probabilities = logits.sub_(peak).exp_()  # in place: the chunk's logits are not needed again
@@ -96,24 +97,10 @@ def _chunks(
             continue
         grad_logits = probabilities.div_(sums)  # softmax
         grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-        if grad_logits is not product:
+        if widen:
             grad_logits = product.copy_(grad_logits)  # rounded to the head's dtype for its matmuls
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[start : start + rows])
         if grad_weight is not None:
             grad_weight.add_(grad_logits.T @ h)
     return total
-
-
-def _chunk_buffers(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This thread's ``[rows, vocab]`` buffers for a chunk: one in the head's dtype (its matmul's output, later the
-    gradient it multiplies out) and one in fp32 for the softmax, the same tensor when the head is fp32. Kept for the
-    next call; replaced when a call needs more rows or another vocabulary, dtype or device."""
-    key = (weight.shape[0], weight.dtype, weight.device)
-    cached: tuple[Any, torch.Tensor, torch.Tensor] | None = getattr(_buffers, "chunk", None)
-    if cached is None or cached[0] != key or cached[1].shape[0] < rows:
-        products = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
-        wide = products if weight.dtype == torch.float32 else torch.empty_like(products, dtype=torch.float32)
-        cached = (key, products, wide)
-        _buffers.chunk = cached
-    return cached[1], cached[2]

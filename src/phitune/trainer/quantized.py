@@ -10,15 +10,15 @@ bitsandbytes' own kernel, the same values, the pages faulted once.
 from __future__ import annotations
 
 import ctypes
-import threading
 from typing import Any
 
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 
+from .buffers import thread_buffer
+
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_buffers = threading.local()
 
 
 def dequantize_into(packed: Any, absmax: Any, *, blocksize: int, quant_type: str, out: Any) -> bool:
@@ -50,18 +50,6 @@ def dequantize_into(packed: Any, absmax: Any, *, blocksize: int, quant_type: str
     return True
 
 
-def _thread_buffer(shape: torch.Size, dtype: torch.dtype) -> Any:
-    """This thread's reusable buffer of ``dtype`` as a tensor of ``shape``, grown when a larger one is asked for."""
-    numel, name = shape.numel(), str(dtype)
-    buffer = getattr(_buffers, name, None)
-    if buffer is None or buffer.numel() < numel:
-        del buffer
-        setattr(_buffers, name, None)  # the smaller one is freed before the larger one is allocated
-        buffer = torch.empty(numel, dtype=dtype)
-        setattr(_buffers, name, buffer)
-    return buffer[:numel].view(shape)
-
-
 def dequantized_weight(weight: Any, state: Any, dtype: torch.dtype) -> Any:
     """The 4-bit ``weight`` (with its ``QuantState``) in ``dtype``, [out_features, in_features]: in this thread's
     reused buffer where the CPU kernel applies (valid until the next call), else bitsandbytes' own fresh tensor."""
@@ -69,7 +57,7 @@ def dequantized_weight(weight: Any, state: Any, dtype: torch.dtype) -> Any:
     if state.nested:  # as bitsandbytes.functional.dequantize_4bit
         absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     if weight.device.type == "cpu":
-        out = _thread_buffer(torch.Size(state.shape), dtype)
+        out = thread_buffer("dequantised weight", tuple(state.shape), dtype)
         if dequantize_into(weight, absmax.float(), blocksize=state.blocksize, quant_type=state.quant_type, out=out):
             return out
     return bnb.functional.dequantize_4bit(weight, state).to(dtype)
