@@ -63,3 +63,20 @@ def test_the_trainer_casts_weights_at_each_use() -> None:
 
     with _autocast("cpu", True):
         assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+
+
+@pytest.mark.skipif(LIBRARY is None, reason="cmeel-mimalloc is not installed (the 'local' extra brings it on Linux)")
+def test_the_trainer_keeps_freed_memory_on_mimalloc_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``keep_freed_memory`` sets mimalloc's purge delay to -1 (never return freed memory) in the process it runs in;
+    the option's index is checked against the environment variable mimalloc reads at start."""
+    monkeypatch.delenv(allocator.ALLOCATOR_ENV, raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    code = (
+        "import ctypes; from phitune.trainer import allocator\n"
+        "def delay(): return ctypes.CDLL(allocator._mapped_mimalloc()).mi_option_get(allocator._PURGE_DELAY)\n"
+        "before = delay(); kept = allocator.keep_freed_memory(); print(before, kept, delay())"
+    )
+    env = {**trainer_env(Distributed()), "MIMALLOC_PURGE_DELAY": "1234"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1234", "True", "-1"]
+    assert allocator.keep_freed_memory() is False  # this process runs on the C library's malloc: nothing to set

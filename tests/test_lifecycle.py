@@ -17,6 +17,7 @@ import pytest
 import phitune
 from conftest import rename_at_once
 from phitune.errors import ConflictError, DatasetError, NotFoundError, SpecError
+from phitune.trainer import allocator
 
 FAST = {"epochs": 50, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
 
@@ -70,6 +71,8 @@ def test_full_lifecycle(home: Path, chat_file: Path) -> None:
     events = client.finetune.events(job.id)
     (load,) = [e.data["load"] for e in events if e.data and "load" in e.data]  # the base's load, with its peak
     assert load["peak_rss_bytes"] > 0 and load["weight_bytes"] > 0 and load["seconds"] >= 0
+    kept = any("allocator keeps the memory it frees" in e.message for e in events)  # no PHITUNE_MEMORY_LIMIT here
+    assert kept == (allocator.for_trainers() == "mimalloc")
     metrics = [e for e in events if e.type == "metrics" and "train_loss" in (e.data or {})]
     assert [e.data["step"] for e in metrics if e.data] == [1, 2, 3, 4, 5, 6]
     for event in metrics:

@@ -8,11 +8,16 @@ it (same speed, measured in ``docs/sizing.md``). It has to be loaded before the 
 the worker starts each trainer with it (:func:`preload`), the way CPU training launchers preload jemalloc or tcmalloc.
 ``$PHITUNE_ALLOCATOR=system`` keeps the C library's.
 
+mimalloc hands memory that stays free for 10 ms back to the OS, and every page of it comes back by a fault when the
+next layer or step allocates again. A training step allocates the same sizes over and over, so the trainer asks it to
+keep what it frees instead (:func:`keep_freed_memory`), as PyTorch's CUDA caching allocator does on a GPU.
+
 Light: no torch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import sys
@@ -25,6 +30,8 @@ ALLOCATOR_ENV = "PHITUNE_ALLOCATOR"
 """``mimalloc`` (the default, where ``cmeel-mimalloc`` is installed) or ``system``."""
 _WHEEL = "cmeel-mimalloc"
 _LIBRARY = "cmeel.prefix/lib/libmimalloc.so"
+_PURGE_DELAY = 15
+"""``mi_option_purge_delay`` in ``mimalloc.h`` (the same index in 2.1 and 3.x)."""
 
 
 def for_trainers() -> Literal["mimalloc", "system"]:
@@ -68,8 +75,30 @@ def _trainers_library() -> Path | None:
 
 def in_use() -> Literal["mimalloc", "system"]:
     """The allocator this process runs on: mimalloc where its library is mapped (Linux), else the C library's."""
+    return "mimalloc" if _mapped_mimalloc() is not None else "system"
+
+
+def keep_freed_memory() -> bool:
+    """Where this process runs on mimalloc: return what is free now to the OS (a loader's scratch memory), then keep
+    what is freed from here on for reuse instead of returning it. The peak grows by what fragmentation strands (1-3%
+    measured); reused pages cost no faults. Returns whether it did so (False on the C library's malloc)."""
+    path = _mapped_mimalloc()
+    if path is None:
+        return False
+    library = ctypes.CDLL(path)  # the preloaded copy: the loader hands back the library already mapped
+    library.mi_collect(ctypes.c_bool(True))
+    library.mi_option_set(ctypes.c_int(_PURGE_DELAY), ctypes.c_long(-1))
+    return True
+
+
+def _mapped_mimalloc() -> str | None:
+    """The path of the mimalloc library mapped into this process, if any."""
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
-            return "mimalloc" if any("libmimalloc" in line for line in maps) else "system"
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if "libmimalloc" in path:
+                    return path
     except OSError:
-        return "system"
+        return None
+    return None

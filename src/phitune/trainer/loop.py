@@ -33,9 +33,9 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..estimate import KeptOutputs, plan_kept_outputs
+from ..estimate import KeptOutputs, memory_limit, plan_kept_outputs
 from ..types import JobSpec, QLoRA
-from . import data, distributed, packing
+from . import allocator, data, distributed, packing
 from .distributed import Engine, Ranks
 from .loading import load_for_training
 from .loss import linear_cross_entropy
@@ -142,6 +142,8 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         return _save_checkpoint(run, control, ranks, engine, tokenizer, scheduler, progress, metrics)
 
     # -- the loop
+    if memory_limit() is None and allocator.keep_freed_memory():  # a limit asks for the leanest peak instead
+        control.message("the allocator keeps the memory it frees for the next steps ($PHITUNE_MEMORY_LIMIT unset)")
     last_loss: float | None = None
     valid_loss: float | None = None
     valid_step = -1  # the step valid_loss belongs to
