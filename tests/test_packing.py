@@ -129,3 +129,23 @@ def test_a_packed_batch_needs_the_varlen_attention() -> None:
     reference, _ = _models()
     with pytest.raises(ValueError, match="use_varlen_attention"), torch.no_grad():
         token_loss_sum(reference, packing.pack(_examples()))
+
+
+def test_training_builds_no_generation_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss forward asks for no key/value cache (the model's config has ``use_cache`` on, as a loaded model's has):
+    a cache would copy every layer's keys and values during training."""
+    from transformers import cache_utils
+
+    built: list[object] = []
+    original = cache_utils.DynamicCache.__init__
+
+    def spy(self: object, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", spy)
+    reference, varlen = _models(lora=True)
+    assert varlen.config.use_cache
+    token_loss_sum(varlen.train(), packing.pack(_examples())).backward()
+    token_loss_sum(reference.train(), data.collate(_examples(), pad_id=0)).backward()
+    assert built == []

@@ -252,7 +252,7 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     selected = labels != data.IGNORE_INDEX
     body, head = _body_and_head(model)
     if body is None:  # methods that change the input (prompt tuning): the plain forward
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1][selected]
         return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
     packed: dict[str, Any] = {}
@@ -260,7 +260,10 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if body.config._attn_implementation != packing.ATTENTION:
             raise ValueError("a packed batch needs packing.use_varlen_attention(model), or examples would mix")
         packed = {"position_ids": batch["position_ids"], "segments": tuple(batch["cu_seq_lens"].tolist())}
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **packed).last_hidden_state
+    # no cache: without gradient checkpointing, transformers would otherwise copy every layer's keys and values into one
+    hidden = body(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **packed
+    ).last_hidden_state
     hidden = hidden[:, :-1][selected]
     if hasattr(head.weight, "ds_id") or head.bias is not None:  # DeepSpeed ZeRO-3 gathers the weight in head() only
         return F.cross_entropy(head(hidden).float(), labels[selected], reduction="sum")
