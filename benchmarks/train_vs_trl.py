@@ -16,11 +16,11 @@ it offers on CPU, and the fastest goes into the rounds (``trl_variants``; varian
 step are measured for speed only; ``--quick`` goes straight to ``plain_loss_padding_free``, the fastest in the full
 sweep here). Dense GEMM FLOP/s (bf16 and fp32, 2048^3, torch's threads) is measured just before each round.
 
-Our side runs as a user's job would, with the trainer's defaults: a bf16 frozen base, packed micro-batches with the
-GEMM attention kernel per example, LoRA layers that add the adapter inside one GEMM, the chunked head-only loss, and no
-gradient checkpointing: it is off by default, and here memory allows every activation (``--checkpointing`` turns it on;
-the trainer then keeps every layer's matmul outputs, which holds about as much memory, and recomputes only element-wise
-work, ~15% slower on this model).
+Our side runs as a user's job would, with the trainer's defaults: a bf16 frozen base, packed micro-batches with the GEMM
+attention kernel per example, LoRA layers that add the adapter inside one GEMM, the chunked head-only loss, mimalloc
+keeping the memory it frees (no ``$PHITUNE_MEMORY_LIMIT``), and no gradient checkpointing: it is off by default, and
+here memory allows every activation (``--checkpointing`` turns it on; the trainer then keeps every layer's matmul
+outputs, which holds about as much memory, and recomputes only element-wise work, ~15% slower on this model).
 
 FLOPs (``flops``): the useful work of LoRA on a frozen base, counted the same for both sides — 2·N·T forward + 2·N·T
 backward (input gradients only) for the frozen decoder weights N over all T tokens, 6·n·T for the LoRA adapters n, 4·V·H
@@ -30,8 +30,9 @@ utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured jus
 (full runs): one process, the same micro-batches, forward and backward only: ``all_on`` (no checkpointing), each lever
 switched off alone, as the median of its time over all_on's on the same micro-batch (in an order that rotates every
 repeat) (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``; ``peft_lora_forward``: peft's
-own LoRA forward), and the cost of full and of selective checkpointing and the gain of ``torch.compile`` on the decoder
-layers (not used by the trainer: ~40 s of compilation per job).
+own LoRA forward; ``allocator_returns_freed_memory``: mimalloc's default purge of memory free for 10 ms, which the
+trainer turns off without ``$PHITUNE_MEMORY_LIMIT``), and the cost of full and of selective checkpointing and the gain
+of ``torch.compile`` on the decoder layers (not used by the trainer: ~40 s of compilation per job).
 
     python benchmarks/train_vs_trl.py --quick --json     # under 5 minutes on 2 cores
     python benchmarks/train_vs_trl.py --json             # the full sweep and 3 rounds
@@ -388,7 +389,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     import torch.nn.functional as F
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.trainer import attention, data, packing
+    from phitune.trainer import allocator, attention, data, packing
     from phitune.trainer.loop import token_loss_sum
     from phitune.trainer.lora import fuse_lora_layers
     from phitune.trainer.loss import linear_cross_entropy
@@ -443,6 +444,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
 
     levers: dict[str, tuple[Any, Any, Any, bool]] = {  # model, batching, loss, bf16
         "all_on": (varlen, packing.pack, token_loss_sum, True),
+        "allocator_returns_freed_memory": (varlen, packing.pack, token_loss_sum, True),
         "padded_batches": (varlen, lambda e: data.collate(e, tokenizer.pad_token_id), token_loss_sum, True),
         "packed_with_block_mask": (sdpa, packing.pack, transformers_packed, True),
         "sdpa_per_example": (varlen, packing.pack, token_loss_sum, True),
@@ -471,6 +473,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
                     packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn
                 )
                 attention.MAX_LENGTH = 0 if name == "sdpa_per_example" else longest_gemm_attention
+                allocator.keep_freed_memory(name != "allocator_returns_freed_memory")  # as the trainer, but one
                 batch = batching(batch_examples)
                 started, started_cpu = time.perf_counter(), time.process_time()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
