@@ -30,9 +30,8 @@ utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured jus
 (full runs): one process, the same micro-batches, forward and backward only: ``all_on`` (no checkpointing), each lever
 switched off alone, as the median of its time over all_on's on the same micro-batch (in an order that rotates every
 repeat) (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``; ``peft_lora_forward``: peft's
-own LoRA forward; ``allocator_returns_freed_memory``: mimalloc's default purge of memory free for 10 ms, which the
-trainer turns off without ``$PHITUNE_MEMORY_LIMIT``), and the cost of full and of selective checkpointing and the gain
-of ``torch.compile`` on the decoder layers (not used by the trainer: ~40 s of compilation per job).
+own LoRA forward), and the cost of full and of selective checkpointing and the gain of ``torch.compile`` on the decoder
+layers (not used by the trainer: ~40 s of compilation per job).
 
     python benchmarks/train_vs_trl.py --quick --json     # under 5 minutes on 2 cores
     python benchmarks/train_vs_trl.py --json             # the full sweep and 3 rounds
@@ -399,6 +398,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     examples = data.load_examples(args.train_file, tokenizer, max_seq_length=args.seq)
     plan: list[list[list[int]]] = json.loads(args.plan)
     batches = [[examples[i] for i in batch] for step in plan[:2] for batch in step]
+    allocator.keep_freed_memory()  # as the trainer does without $PHITUNE_MEMORY_LIMIT
 
     def adapted(dtype: Any, fused: bool = True) -> Any:
         torch.manual_seed(SEED)
@@ -444,7 +444,6 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
 
     levers: dict[str, tuple[Any, Any, Any, bool]] = {  # model, batching, loss, bf16
         "all_on": (varlen, packing.pack, token_loss_sum, True),
-        "allocator_returns_freed_memory": (varlen, packing.pack, token_loss_sum, True),
         "padded_batches": (varlen, lambda e: data.collate(e, tokenizer.pad_token_id), token_loss_sum, True),
         "packed_with_block_mask": (sdpa, packing.pack, transformers_packed, True),
         "sdpa_per_example": (varlen, packing.pack, token_loss_sum, True),
@@ -473,7 +472,6 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
                     packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn
                 )
                 attention.MAX_LENGTH = 0 if name == "sdpa_per_example" else longest_gemm_attention
-                allocator.keep_freed_memory(name != "allocator_returns_freed_memory")  # as the trainer, but one
                 batch = batching(batch_examples)
                 started, started_cpu = time.perf_counter(), time.process_time()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

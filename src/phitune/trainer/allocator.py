@@ -32,7 +32,6 @@ _WHEEL = "cmeel-mimalloc"
 _LIBRARY = "cmeel.prefix/lib/libmimalloc.so"
 _PURGE_DELAY = 15
 """``mi_option_purge_delay`` in ``mimalloc.h`` (the same index in 2.1 and 3.x)."""
-_started_with: dict[str, int] = {}
 
 
 def for_trainers() -> Literal["mimalloc", "system"]:
@@ -79,21 +78,16 @@ def in_use() -> Literal["mimalloc", "system"]:
     return "mimalloc" if _mapped_mimalloc() is not None else "system"
 
 
-def keep_freed_memory(keep: bool = True) -> bool:
+def keep_freed_memory() -> bool:
     """Where this process runs on mimalloc: return what is free now to the OS (a loader's scratch memory), then keep
-    what is freed from here on for reuse instead of returning it; ``keep=False`` restores the delay mimalloc started
-    with. Keeping raises the peak by what fragmentation strands; reused pages cost no faults. Returns whether mimalloc
-    was there to tell (False on the C library's malloc)."""
+    what is freed from here on for reuse instead of returning it. The peak grows by what fragmentation strands; reused
+    pages cost no faults. Returns whether mimalloc was there to tell (False on the C library's malloc)."""
     path = _mapped_mimalloc()
     if path is None:
         return False
     library = ctypes.CDLL(path)  # the preloaded copy: the loader hands back the library already mapped
-    current = library.mi_option_get(ctypes.c_int(_PURGE_DELAY))
-    _started_with.setdefault("delay", current)
-    if keep and current != -1:  # once, when it starts keeping
-        library.mi_collect(ctypes.c_bool(True))
-    delay = -1 if keep else _started_with["delay"]
-    library.mi_option_set(ctypes.c_int(_PURGE_DELAY), ctypes.c_long(delay))
+    library.mi_collect(ctypes.c_bool(True))
+    library.mi_option_set(ctypes.c_int(_PURGE_DELAY), ctypes.c_long(-1))
     return True
 
 
