@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from op_counter import OpCounter  # noqa: E402
 from phitune.trainer.lora import FusedLoraLinear, fuse_lora_layers  # noqa: E402
 from phitune.trainer.model import apply_method  # noqa: E402
 from phitune.types import DoRA, LoRA  # noqa: E402
@@ -43,6 +44,26 @@ def test_fused_layers_give_peft_values_and_gradients() -> None:
     assert all(isinstance(m, FusedLoraLinear) for m in (fused.base_model.model[0], fused.base_model.model[2]))
     for got, expected in zip(_run(fused, x), _run(reference, x), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_in_place_sum_matches_addmm_bit_for_bit_and_copies_no_gradient() -> None:
+    """Under bf16 autocast, on 3-D inputs: the same values and gradients as the out-of-place ``addmm`` the layer takes
+    under a dispatch mode (here one that counts nothing), and a backward without a copy of any ``[tokens, out]``
+    gradient (autograd's in-place-into-a-view bookkeeping made two per layer)."""
+    _, fused = _pair(r=3)
+    x = torch.randn(2, 7, 12)
+    with OpCounter(lambda op: False):
+        expected = _run(fused, x, autocast=True)
+    copies = OpCounter(lambda op: op in (torch.ops.aten.copy_.default, torch.ops.aten.clone.default))
+    fused.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+    with copies:
+        (out.float() ** 2).sum().backward()
+    got = [out.detach(), *(p.grad for p in fused.parameters() if p.requires_grad)]
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+    assert copies.calls == 0
 
 
 def test_fused_layers_trace_under_torch_compile() -> None:

@@ -6,8 +6,10 @@ adapter's dtype that autocast casts straight back. :class:`FusedLoraLinear` comp
 ``addmm(base(x), lora_A(x), lora_B.weight.T, alpha=scaling)``: the scaling and the sum happen in the GEMM's
 accumulator, in fp32, rounded once. The sum is written over the base product, which nothing else keeps (a matmul's
 backward needs its inputs, not its output), so no second ``[tokens, out]`` tensor is made — except under selective
-checkpointing, whose dispatch mode may keep that product for the backward, and under ``torch.compile``. Parameters,
-state dict, merging and saving are peft's own.
+checkpointing, whose dispatch mode may keep that product for the backward, and under ``torch.compile``. The write is
+an autograd function of its own (:class:`_AddLowRank`) on the 2-D product of the 2-D input: written into a view, it
+made the backward copy the ``[tokens, out]`` gradient twice per layer. Parameters, state dict, merging and saving are
+peft's own.
 """
 
 from __future__ import annotations
@@ -38,19 +40,47 @@ class FusedLoraLinear(peft.tuners.lora.Linear):  # type: ignore[misc]
             or not (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[adapter].weight.dtype)
         ):
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
-        low_rank = self.lora_A[adapter](self.lora_dropout[adapter](x))
-        product = result.view(-1, result.shape[-1])
-        low_rank = low_rank.reshape(-1, low_rank.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])  # 2-D, so that the base product is no view (see _AddLowRank)
+        product = self.base_layer(rows)
+        low_rank = self.lora_A[adapter](self.lora_dropout[adapter](rows))
         scaling = self.scaling[adapter]
+        lora_b = self.lora_B[adapter].weight
         # a mode (selective checkpointing) may hold on to the product; AOTAutograd (torch.compile) cannot trace the
-        # write into a view, and fuses the sum itself
+        # in-place write, and fuses the sum itself
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-            return torch.addmm(product, low_rank, self.lora_B[adapter].weight.T, alpha=scaling).view(result.shape)
-        # in place, autocast does not cast: both factors in the product's dtype, as autocast would give them
-        lora_b = self.lora_B[adapter].weight.T.to(product.dtype)
-        product.addmm_(low_rank.to(product.dtype), lora_b, alpha=scaling)
-        return result
+            product = torch.addmm(product, low_rank, lora_b.T, alpha=scaling)
+        else:
+            product = _AddLowRank.apply(product, low_rank, lora_b, scaling)
+        return product.view(*x.shape[:-1], product.shape[-1])
+
+
+class _AddLowRank(torch.autograd.Function):  # type: ignore[misc]
+    """``product += scaling * low_rank @ lora_b.T`` in place, on 2-D ``product`` and ``low_rank``, with the gradients
+    autograd gives the same ``addmm_`` (the factors in the product's dtype, as autocast would give them: an in-place op
+    is not autocast). Written through autograd into a view (such as the 3-D output of ``nn.Linear``), the backward
+    copied the ``[tokens, out]`` gradient twice (autograd's bookkeeping for in-place writes into views)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, product: torch.Tensor, low_rank: torch.Tensor, lora_b: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        ctx.mark_dirty(product)
+        # saved as addmm saves its factors, so that a checkpointed layer that recomputes through addmm (under a
+        # dispatch mode) finds the same tensors
+        factor, transposed = low_rank.to(product.dtype), lora_b.T.to(product.dtype)
+        ctx.save_for_backward(factor, transposed)
+        ctx.scaling, ctx.dtypes = scaling, (low_rank.dtype, lora_b.dtype)
+        return product.addmm_(factor, transposed, alpha=scaling)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, None]:
+        factor, transposed = ctx.saved_tensors
+        grad_low_rank = grad_lora_b = None
+        if ctx.needs_input_grad[1]:
+            grad_low_rank = (grad.mm(transposed.T) * ctx.scaling).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_lora_b = (grad.T.mm(factor) * ctx.scaling).to(ctx.dtypes[1])
+        return grad, grad_low_rank, grad_lora_b, None
 
 
 def fuse_lora_layers(model: Any) -> int:
