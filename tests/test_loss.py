@@ -57,6 +57,25 @@ def test_bf16_autocast_matches_cross_entropy_under_the_same_autocast(monkeypatch
     torch.testing.assert_close(grad_weight, ref_weight, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_targets_far_below_the_largest_logit_keep_an_exact_finite_loss(
+    bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target ~100-1000 below its row's largest logit has a probability that fp32 rounds to zero: its loss comes
+    from the logits, as ``F.cross_entropy``'s does."""
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 4 * 300)
+    hidden, weight, targets = _inputs(9)
+    with torch.no_grad():
+        hidden[2:7] *= 40  # logits in the hundreds
+        targets[2:7] = (hidden[2:7] @ weight.T).argmin(1)
+    ours = _value_and_grads(loss.linear_cross_entropy, hidden, weight, targets, bf16=bf16)
+    theirs = _value_and_grads(_reference, hidden, weight, targets, bf16=bf16)
+    assert ours[0] > 1000 and torch.isfinite(ours[0])
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-4)
+    for a, b in zip(ours[1:], theirs[1:], strict=True):  # bf16: products rounded and summed differently
+        torch.testing.assert_close(a, b, rtol=2e-2 if bf16 else 1e-5, atol=2e-3 if bf16 else 1e-5)
+
+
 def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_do() -> None:
     hidden, weight, targets = _inputs(9, head_grad=False)
     _, grad_hidden, grad_weight = _value_and_grads(loss.linear_cross_entropy, hidden, weight, targets, bf16=False)
