@@ -17,10 +17,12 @@ step are measured for speed only; ``--quick`` goes straight to ``plain_loss_padd
 sweep here). Dense GEMM FLOP/s (bf16 and fp32, 2048^3, torch's threads) is measured just before each round.
 
 Our side runs as a user's job would, with the trainer's defaults: a bf16 frozen base, packed micro-batches with the GEMM
-attention kernel per example, LoRA layers that add the adapter inside one GEMM, the chunked head-only loss, mimalloc
-keeping the memory it frees (no ``$PHITUNE_MEMORY_LIMIT``), and no gradient checkpointing: it is off by default, and
-here memory allows every activation (``--checkpointing`` turns it on; the trainer then keeps every layer's matmul
-outputs, which holds about as much memory, and recomputes only element-wise work, ~15% slower on this model).
+attention kernel per example (rows padded to a bucket length and each example's attention to a multiple of 32 tokens,
+so that matmul shapes repeat: oneDNN builds a primitive for every new shape), LoRA layers that add the adapter inside
+one GEMM, the chunked head-only loss, mimalloc keeping the memory it frees (no ``$PHITUNE_MEMORY_LIMIT``), and no
+gradient checkpointing: it is off by default, and here memory allows every activation (``--checkpointing`` turns it
+on; the trainer then keeps every layer's matmul outputs, which holds about as much memory, and recomputes only
+element-wise work, ~15% slower on this model).
 
 FLOPs (``flops``): the useful work of LoRA on a frozen base, counted the same for both sides — 2·N·T forward + 2·N·T
 backward (input gradients only) for the frozen decoder weights N over all T tokens, 6·n·T for the LoRA adapters n, 4·V·H
@@ -40,6 +42,7 @@ layers (not used by the trainer: ~40 s of compilation per job).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -399,6 +402,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     plan: list[list[list[int]]] = json.loads(args.plan)
     batches = [[examples[i] for i in batch] for step in plan[:2] for batch in step]
     allocator.keep_freed_memory()  # as the trainer does without $PHITUNE_MEMORY_LIMIT
+    pack = functools.partial(packing.pack, pad_id=tokenizer.pad_token_id)  # as the trainer packs: rows to a bucket
 
     def adapted(dtype: Any, fused: bool = True) -> Any:
         torch.manual_seed(SEED)
@@ -443,16 +447,16 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         return linear_cross_entropy(hidden[:, :-1][selected], base.lm_head.weight, labels[selected])
 
     levers: dict[str, tuple[Any, Any, Any, bool]] = {  # model, batching, loss, bf16
-        "all_on": (varlen, packing.pack, token_loss_sum, True),
+        "all_on": (varlen, pack, token_loss_sum, True),
         "padded_batches": (varlen, lambda e: data.collate(e, tokenizer.pad_token_id), token_loss_sum, True),
-        "packed_with_block_mask": (sdpa, packing.pack, transformers_packed, True),
-        "sdpa_per_example": (varlen, packing.pack, token_loss_sum, True),
-        "peft_lora_forward": (unfused, packing.pack, token_loss_sum, True),
-        "head_on_every_position": (varlen, packing.pack, full_logits, True),
-        "fp32": (fp32, packing.pack, token_loss_sum, False),
-        "gradient_checkpointing": (checkpointed, packing.pack, token_loss_sum, True),
-        "selective_checkpointing": (selective, packing.pack, token_loss_sum, True),
-        "torch_compile": (compiled, packing.pack, token_loss_sum, True),
+        "packed_with_block_mask": (sdpa, pack, transformers_packed, True),
+        "sdpa_per_example": (varlen, pack, token_loss_sum, True),
+        "peft_lora_forward": (unfused, pack, token_loss_sum, True),
+        "head_on_every_position": (varlen, pack, full_logits, True),
+        "fp32": (fp32, pack, token_loss_sum, False),
+        "gradient_checkpointing": (checkpointed, pack, token_loss_sum, True),
+        "selective_checkpointing": (selective, pack, token_loss_sum, True),
+        "torch_compile": (compiled, pack, token_loss_sum, True),
     }
     # torch.compile goes last, in a phase of its own against all_on: its compile workers linger and would slow
     # whatever ran next

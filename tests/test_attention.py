@@ -4,6 +4,7 @@ it does not apply; kept by selective checkpointing like SDPA's kernels, so a kep
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from op_counter import OpCounter  # noqa: E402
 from phitune.trainer import attention, packing  # noqa: E402
@@ -65,6 +67,36 @@ def test_bf16_errors_are_of_sdpa_size() -> None:
         error = float((got.double() - exact).abs().max() / scale)
         sdpa_error = float((theirs.double() - exact).abs().max() / scale)
         assert error <= 3 * sdpa_error, (name, error, sdpa_error)
+
+
+class _MatmulShapes(TorchDispatchMode):  # type: ignore[misc]
+    """Records the input shapes of the batched matmuls run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[tuple[int, ...], ...]] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            self.shapes.add(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_lengths_within_one_multiple_run_the_same_matmul_shapes() -> None:
+    """oneDNN builds a primitive for every new matmul shape; examples padded to a multiple of LENGTH_MULTIPLE tokens
+    share theirs, and the padding changes no value."""
+    recorded = []
+    for length in (attention.LENGTH_MULTIPLE + 1, 2 * attention.LENGTH_MULTIPLE - 3):
+        query, key, value, grad = _inputs(length, torch.float32)
+        with torch.no_grad(), _MatmulShapes() as mode:
+            out = attention._forward(query, key, value, DIM**-0.5)
+            context = SimpleNamespace(saved_tensors=(query, key, value), scale=DIM**-0.5)
+            grads = attention._backward(context, grad)[:3]
+        recorded.append(mode.shapes)
+        assert out.shape == query.shape and all(g.shape == query.shape for g in grads)
+        for got, expected in zip((out, *grads), _reference(query, key, value, grad), strict=True):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert recorded[0] == recorded[1] and recorded[0]
 
 
 def test_sdpa_keeps_what_the_op_does_not_take() -> None:

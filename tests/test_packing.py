@@ -115,6 +115,39 @@ def test_packed_gradients_equal_the_padded_batch_gradients() -> None:
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-4, msg=name)  # gradients of order 10
 
 
+def test_a_row_padded_to_its_bucket_trains_as_without_the_padding() -> None:
+    """The trainer pads each row up to a bucket length (few distinct matmul shapes): the padding is a segment of its
+    own, without loss, so the loss and gradients are those of the unpadded row."""
+    _, varlen = _models(lora=True)
+    varlen.train()
+    examples = _examples((13, 5, 21, 10))
+    padded = packing.pack(examples, pad_id=0)
+    assert padded["input_ids"].shape == (1, packing.bucket(49)) == (1, 64)
+    assert padded["cu_seq_lens"].tolist() == [0, 13, 18, 39, 49, 64]
+    assert padded["input_ids"][0, 49:].tolist() == [0] * 15
+    assert padded["position_ids"][0, 49:].tolist() == list(range(15))
+    assert (padded["labels"][0, 49:] == data.IGNORE_INDEX).all()
+    results = []
+    for batch in (packing.pack(examples), padded):
+        loss = token_loss_sum(varlen, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in varlen.named_parameters() if p.grad is not None}))
+        varlen.zero_grad(set_to_none=True)
+    (plain_loss, plain_grads), (padded_loss, padded_grads) = results
+    torch.testing.assert_close(padded_loss, plain_loss, rtol=1e-6, atol=0)
+    assert plain_grads.keys() == padded_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_buckets_are_few_and_add_little() -> None:
+    for low in (256, 1024, 4096):
+        buckets = {packing.bucket(n) for n in range(low, 2 * low)}
+        assert len(buckets) == 16 + 1  # 1/16 to 1/32 of the length apart, and 2 * low itself
+        assert all(n <= packing.bucket(n) <= n * 17 / 16 for n in range(low, 2 * low))
+    assert [packing.bucket(n) for n in (1, 16, 17, 100, 2865)] == [16, 16, 32, 112, 2944]
+
+
 def test_padded_batches_still_run_through_transformers_sdpa() -> None:
     """A model set up for packing still scores padded batches correctly (their masks reach SDPA)."""
     reference, varlen = _models(sliding_window=6)

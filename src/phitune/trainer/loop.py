@@ -242,7 +242,7 @@ def _batching(model: Any, pad_id: int) -> Batching:
     if _body_and_head(model)[0] is None:
         return functools.partial(data.collate, pad_id=pad_id)
     packing.use_varlen_attention(model)
-    return packing.pack
+    return functools.partial(packing.pack, pad_id=pad_id)
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
