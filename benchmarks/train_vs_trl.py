@@ -32,8 +32,9 @@ utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured jus
 (full runs): one process, the same micro-batches, forward and backward only: ``all_on`` (no checkpointing), each lever
 switched off alone, as the median of its time over all_on's on the same micro-batch (in an order that rotates every
 repeat) (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``; ``peft_lora_forward``: peft's
-own LoRA forward), and the cost of full and of selective checkpointing and the gain of ``torch.compile`` on the decoder
-layers (not used by the trainer: ~40 s of compilation per job).
+own LoRA forward; ``transformers_rms_norm``: transformers' RMSNorm instead of ``phitune.trainer.norm``), and the cost
+of full and of selective checkpointing and the gain of ``torch.compile`` on the decoder layers (not used by the
+trainer: ~40 s of compilation per job).
 
     python benchmarks/train_vs_trl.py --quick --json     # under 5 minutes on 2 cores
     python benchmarks/train_vs_trl.py --json             # the full sweep and 3 rounds
@@ -396,6 +397,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     from phitune.trainer.lora import fuse_lora_layers
     from phitune.trainer.loss import linear_cross_entropy
     from phitune.trainer.model import keep_matmul_outputs
+    from phitune.trainer.norm import use_training_rms_norm
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     examples = data.load_examples(args.train_file, tokenizer, max_seq_length=args.seq)
@@ -404,12 +406,14 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     allocator.keep_freed_memory()  # as the trainer does without $PHITUNE_MEMORY_LIMIT
     pack = functools.partial(packing.pack, pad_id=tokenizer.pad_token_id)  # as the trainer packs: rows to a bucket
 
-    def adapted(dtype: Any, fused: bool = True) -> Any:
+    def adapted(dtype: Any, fused: bool = True, norm: bool = True) -> Any:
         torch.manual_seed(SEED)
         base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
+        if norm:
+            use_training_rms_norm(base)  # as the trainer's apply_method does
         model = peft.get_peft_model(base, lora_config()).train()
         if fused:
-            fuse_lora_layers(model)  # as the trainer's apply_method does
+            fuse_lora_layers(model)  # as apply_method does
         return model
 
     sdpa = adapted(torch.bfloat16)  # transformers' own attention; a bf16 frozen base, as the trainer loads it
@@ -417,6 +421,8 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     packing.use_varlen_attention(varlen)
     unfused = adapted(torch.bfloat16, fused=False)
     packing.use_varlen_attention(unfused)
+    plain_norm = adapted(torch.bfloat16, norm=False)
+    packing.use_varlen_attention(plain_norm)
     fp32 = adapted(torch.float32)
     packing.use_varlen_attention(fp32)
     checkpointed = copy.deepcopy(varlen)
@@ -452,6 +458,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         "packed_with_block_mask": (sdpa, pack, transformers_packed, True),
         "sdpa_per_example": (varlen, pack, token_loss_sum, True),
         "peft_lora_forward": (unfused, pack, token_loss_sum, True),
+        "transformers_rms_norm": (plain_norm, pack, token_loss_sum, True),
         "head_on_every_position": (varlen, pack, full_logits, True),
         "fp32": (fp32, pack, token_loss_sum, False),
         "gradient_checkpointing": (checkpointed, pack, token_loss_sum, True),

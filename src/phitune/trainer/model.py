@@ -62,7 +62,11 @@ def apply_method(
 ) -> Any:
     """Wrap ``model`` for training with ``method``; returns the model whose trainable parameters are optimised.
     With gradient checkpointing, the first ``keep_matmul_layers`` decoder layers keep their matmul outputs and the
-    next ``keep_down_projections`` their down projection's (:func:`keep_matmul_outputs`)."""
+    next ``keep_down_projections`` their down projection's (:func:`keep_matmul_outputs`). RMSNorms train through
+    :mod:`.norm`."""
+    from .norm import use_training_rms_norm
+
+    use_training_rms_norm(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
