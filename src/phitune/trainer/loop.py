@@ -346,7 +346,8 @@ def _plan_checkpointing(
     hp = run.spec.hyperparameters
     if not hp.gradient_checkpointing or ranks.world > 1 or not train_set:
         return None
-    tokens = min(hp.batch_size, len(train_set)) * max(len(example.input_ids) for example in train_set)
+    longest = max(len(example.input_ids) for example in train_set)
+    tokens = packing.bucket(min(hp.batch_size, len(train_set)) * longest)  # the longest packed row, padded
     distinct = len({token for example in train_set for token in example.input_ids})
     try:
         kept, layers = plan_kept_outputs(run.spec, run.base_path, tokens, distinct_tokens=distinct)
