@@ -74,3 +74,16 @@ def test_a_model_trains_with_the_same_gradients_and_state_dict() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
     for (name, expected), got in zip(reference.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_apply_method_trains_through_the_training_norm(tiny_model_dir: Any, method: str) -> None:
+    from phitune.trainer.loading import load_for_training
+    from phitune.trainer.model import apply_method
+    from phitune.types import Full, LoRA
+
+    spec = LoRA(r=4) if method == "lora" else Full()
+    model, _ = load_for_training(str(tiny_model_dir), spec, device="cpu", precision="fp32")
+    model = apply_method(model, spec, gradient_checkpointing=False)
+    norms = [m for m in model.modules() if isinstance(m, Phi3RMSNorm)]
+    assert norms and all(type(m) is TrainingRMSNorm for m in norms)

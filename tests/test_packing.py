@@ -140,6 +140,14 @@ def test_a_row_padded_to_its_bucket_trains_as_without_the_padding() -> None:
         torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_the_trainer_pads_its_packed_rows() -> None:
+    from phitune.trainer.loop import _batching
+
+    _, varlen = _models()
+    batch = _batching(varlen, pad_id=0)(_examples((13, 5, 21, 10)))
+    assert batch["input_ids"].shape == (1, 64) and batch["cu_seq_lens"].tolist()[-2:] == [49, 64]
+
+
 def test_buckets_are_few_and_add_little() -> None:
     for low in (256, 1024, 4096):
         buckets = {packing.bucket(n) for n in range(low, 2 * low)}
