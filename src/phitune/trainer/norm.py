@@ -5,7 +5,7 @@ transformers' ``Phi3RMSNorm`` normalises in fp32 — ``weight * (x.float() * rsq
 ``[tokens, hidden]`` tensors in the backward. :class:`TrainingRMSNorm` computes the same function: the mean square
 straight from the input in one fp32 reduction, the normalised row in one pass, and a backward of three passes from
 the input and the per-row scale it keeps (``[tokens, 1]``): ~2x faster forward + backward on the benchmark model's
-``[2944, 384]`` bf16 rows, ~4% of its step. Values follow transformers' within fp32 rounding (the sum of squares is
+``[2944, 384]`` bf16 rows, 2-3% of its step. Values follow transformers' within fp32 rounding (the sum of squares is
 reduced in another order).
 """
 
