@@ -62,7 +62,7 @@ def pack(examples: Sequence[Example], *, pad_id: int | None = None) -> dict[str,
 
 def bucket(tokens: int) -> int:
     """``tokens`` rounded up to a multiple of 1/16 to 1/32 of it (a power of two, at least 16): ~2% more tokens on
-    average, and 16 to 32 row counts per doubling of the length, whose primitives oneDNN's cache (1024) keeps."""
+    average, and 16 row counts per doubling of the length, whose primitives oneDNN's cache (1024) keeps."""
     step = 1 << max(4, tokens.bit_length() - 5)
     return -(-tokens // step) * step
 
