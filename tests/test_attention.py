@@ -12,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from op_counter import OpCounter  # noqa: E402
 from phitune.trainer import attention, packing  # noqa: E402
@@ -69,30 +68,18 @@ def test_bf16_errors_are_of_sdpa_size() -> None:
         assert error <= 3 * sdpa_error, (name, error, sdpa_error)
 
 
-class _MatmulShapes(TorchDispatchMode):  # type: ignore[misc]
-    """Records the input shapes of the batched matmuls run while it is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: set[tuple[tuple[int, ...], ...]] = set()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
-            self.shapes.add(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
-        return func(*args, **(kwargs or {}))
-
-
 def test_lengths_within_one_multiple_run_the_same_matmul_shapes() -> None:
     """oneDNN builds a primitive for every new matmul shape; examples padded to a multiple of LENGTH_MULTIPLE tokens
     share theirs, and the padding changes no value."""
     recorded = []
     for length in (attention.LENGTH_MULTIPLE + 1, 2 * attention.LENGTH_MULTIPLE - 3):
         query, key, value, grad = _inputs(length, torch.float32)
-        with torch.no_grad(), _MatmulShapes() as mode:
+        batched_matmuls = OpCounter(lambda op: op.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm))
+        with torch.no_grad(), batched_matmuls:
             out = attention._forward(query, key, value, DIM**-0.5)
             context = SimpleNamespace(saved_tensors=(query, key, value), scale=DIM**-0.5)
             grads = attention._backward(context, grad)[:3]
-        recorded.append(mode.shapes)
+        recorded.append(batched_matmuls.shapes)
         assert out.shape == query.shape and all(g.shape == query.shape for g in grads)
         for got, expected in zip((out, *grads), _reference(query, key, value, grad), strict=True):
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

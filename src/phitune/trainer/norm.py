@@ -48,9 +48,8 @@ class _RMSNorm(torch.autograd.Function):  # type: ignore[misc]
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         scale = _inverse_rms(x, eps)
-        normed = torch.mul(x, scale, out=torch.empty_like(x))  # in fp32, rounded once to the input's dtype
         ctx.save_for_backward(x, scale, weight)
-        return weight * normed
+        return weight * _normed(x, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
@@ -62,9 +61,13 @@ class _RMSNorm(torch.autograd.Function):  # type: ignore[misc]
             dot = torch.linalg.vecdot(grad_normed, x.float(), dim=-1).unsqueeze(-1)
             grad_x = torch.mul(grad_normed, scale).sub_(x * dot.mul_(scale.pow(3)).div_(x.shape[-1])).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            normed = torch.mul(x, scale, out=torch.empty_like(x))
-            grad_weight = (grad * normed).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+            grad_weight = (grad * _normed(x, scale)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
         return grad_x, grad_weight, None
+
+
+def _normed(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * scale`` computed in fp32 and rounded once to ``x``'s dtype."""
+    return torch.mul(x, scale, out=torch.empty_like(x))
 
 
 def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
