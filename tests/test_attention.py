@@ -51,6 +51,22 @@ def test_equals_sdpa_in_fp32_across_row_blocks_and_head_groups(length: int, monk
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_backward_reuses_the_forwards_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op keeps each block's softmax probabilities (the masked keys past a block's last row take no space), so
+    the backward computes no scores and no softmax, and still matches SDPA."""
+    monkeypatch.setattr(attention, "ROW_BLOCK", 16)
+    query, key, value, grad = _inputs(100, torch.float32)  # padded to 128 rows: 8 blocks of 16
+    out, probabilities = attention.attention_and_probabilities(query, key, value, DIM**-0.5)
+    assert probabilities.numel() == HEADS * sum(16 * stop for stop in range(16, 129, 16))  # 9/16 of 128 x 128
+    with OpCounter(lambda op: op.overloadpacket in (torch.ops.aten.baddbmm, torch.ops.aten._softmax)) as counter:
+        out.backward(grad)
+    assert counter.calls == 0
+    for got, expected in zip(
+        (out.detach(), query.grad, key.grad, value.grad), _reference(query, key, value, grad), strict=True
+    ):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_errors_are_of_sdpa_size() -> None:
     """In bf16 the scores are rounded before the softmax, as in transformers' eager attention (SDPA's kernel keeps
     them in fp32): the errors against a float64 reference stay within three times SDPA's own bf16 errors."""
@@ -76,9 +92,9 @@ def test_lengths_within_one_multiple_run_the_same_matmul_shapes() -> None:
         query, key, value, grad = _inputs(length, torch.float32)
         batched_matmuls = OpCounter(lambda op: op.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm))
         with torch.no_grad(), batched_matmuls:
-            out = attention._forward(query, key, value, DIM**-0.5)
-            context = SimpleNamespace(saved_tensors=(query, key, value), scale=DIM**-0.5)
-            grads = attention._backward(context, grad)[:3]
+            out, probabilities = attention._forward(query, key, value, DIM**-0.5)
+            context = SimpleNamespace(saved_tensors=(query, key, value, probabilities), scale=DIM**-0.5)
+            grads = attention._backward(context, grad, None)[:3]
         recorded.append(batched_matmuls.shapes)
         assert out.shape == query.shape and all(g.shape == query.shape for g in grads)
         for got, expected in zip((out, *grads), _reference(query, key, value, grad), strict=True):

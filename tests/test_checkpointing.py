@@ -15,6 +15,7 @@ from op_counter import OpCounter  # noqa: E402
 from phitune.estimate import (  # noqa: E402
     GiB,
     KeptOutputs,
+    attention_probability_bytes,
     down_projection_output_bytes,
     estimate,
     kept_outputs,
@@ -87,8 +88,12 @@ def test_kept_outputs_follow_the_memory_beside_the_peak() -> None:
     roomy = estimate(spec, tokens_per_example=256, available_bytes=24 * GiB)
     assert tight.kept_matmul_layers < roomy.kept_matmul_layers == layers
     assert tight.kept_matmul_layers + tight.kept_down_projections == layers
+    # a kept layer keeps its attention probabilities too (on a CPU)
+    probabilities = attention_probability_bytes(shape, 256, "bf16", roomy.device)
+    whole = 256 * matmul_output_bytes(shape, "bf16", probabilities)
     kept_tight = KeptOutputs(layers=tight.kept_matmul_layers, down_projections=tight.kept_down_projections)
-    assert roomy.peak_bytes - tight.peak_bytes == layers * whole - kept_tight.bytes(shape, 256, "bf16")
+    kept_bytes = kept_tight.bytes(shape, 256, "bf16", probabilities)
+    assert roomy.peak_bytes - tight.peak_bytes == layers * whole - kept_bytes
     assert roomy.tokens_per_second > tight.tokens_per_second and roomy.fits
 
 

@@ -14,9 +14,14 @@ import pytest
 from conftest import rename_at_once, write_chat
 from phitune.errors import SpecError, WontFitError
 from phitune.estimate import (
+    ACT_H,
+    ACT_I,
     CATALOG_SHAPES,
+    GEMM_ATTENTION_LENGTH_MULTIPLE,
+    GEMM_ATTENTION_MAX_LENGTH,
     Estimate,
     MachineProbe,
+    attention_probability_bytes,
     check_fits,
     estimate,
     model_shape,
@@ -239,3 +244,29 @@ def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_mode
     with torch.device("meta"):
         counted = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert model_shape(str(tiny_model_dir)).parameters == counted
+
+
+def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None:
+    """The CPU attention kernel keeps each example's softmax probabilities for the backward: heads x padded length
+    bytes per token and layer in bf16, up to its longest example; SDPA (longer examples, GPUs) keeps none."""
+    pytest.importorskip("torch")
+    from phitune.trainer import attention
+
+    assert (GEMM_ATTENTION_MAX_LENGTH, GEMM_ATTENTION_LENGTH_MULTIPLE) == (
+        attention.MAX_LENGTH,
+        attention.LENGTH_MULTIPLE,
+    )
+    shape = model_shape("Phi-3-mini-4k-instruct")
+    heads = shape.num_attention_heads
+    assert attention_probability_bytes(shape, 256, "bf16", "cpu") == heads * 256 * 2
+    assert attention_probability_bytes(shape, 300, "bf16", "cpu") == heads * 320 * 2  # padded to a multiple of 32
+    assert attention_probability_bytes(shape, 300, "fp32", "cpu") == heads * 320 * 4
+    assert attention_probability_bytes(shape, GEMM_ATTENTION_MAX_LENGTH + 1, "bf16", "cpu") == 0
+    assert attention_probability_bytes(shape, 256, "bf16", "cuda") == 0
+
+    hp = Hyperparameters(batch_size=2, max_seq_length=300)
+    spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
+    predicted = estimate(spec, tokens_per_example=300, available_bytes=100 * GiB)
+    per_token = ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size
+    per_token += attention_probability_bytes(shape, 300, "bf16", predicted.device)
+    assert predicted.memory.activations == round(shape.num_hidden_layers * 600 * per_token)

@@ -9,9 +9,11 @@ The memory model follows what the local trainer holds at its peak (a backward pa
   the data holds are ever read: it counts those rows (each with a page of slack) when the data is known;
 - ``trainable``: trainable parameters in fp32 with their gradients and AdamW's two moments (16 bytes each);
 - ``activations``: per token and decoder layer, ``ACT_H`` x hidden + ``ACT_I`` x intermediate bytes kept for the
-  backward pass; with gradient checkpointing ``CHECKPOINT_BYTES`` x hidden per token and layer, plus one layer
-  recomputed at a time, plus the matmul outputs checkpointing keeps (:func:`kept_outputs`, in half the memory beside
-  that peak: the down projection's in every layer first, then whole layers, which recompute no matmul);
+  backward pass, plus on a CPU the attention probabilities of examples up to ``GEMM_ATTENTION_MAX_LENGTH`` tokens
+  (:func:`attention_probability_bytes`); with gradient checkpointing ``CHECKPOINT_BYTES`` x hidden per token and
+  layer, plus one layer recomputed at a time, plus the matmul outputs checkpointing keeps (:func:`kept_outputs`, in
+  half the memory beside that peak: the down projection's in every layer first, then whole layers, which recompute
+  no matmul, with their attention probabilities);
 - ``logits``: the LM head and loss. The trainer computes them in chunks (:mod:`phitune.trainer.loss`): one chunk of
   logits at a time plus the stored gradient of the hidden states (and of the head in full fine-tuning). Where it uses
   the plain loss (prompt learning, DeepSpeed ZeRO-3), vocabulary x ``LOGIT_BYTES`` per labelled token;
@@ -58,6 +60,11 @@ ACT_I = 15.0
 CHECKPOINT_BYTES = 4.0
 """Bytes kept per token, decoder layer and unit of hidden size with gradient checkpointing: the layer's bf16 input (2)
 and the allocator's slack around it (fitted against Phi-3-mini and the 60M model at 256-token micro-batches)."""
+GEMM_ATTENTION_MAX_LENGTH = 1024
+"""The longest example whose attention runs on the CPU kernel that keeps its probabilities
+(``phitune.trainer.attention.MAX_LENGTH``)."""
+GEMM_ATTENTION_LENGTH_MULTIPLE = 32
+"""That kernel pads each example to a multiple of this many tokens (``phitune.trainer.attention.LENGTH_MULTIPLE``)."""
 KEEP_MATMULS_SHARE = 0.5
 """Share of the memory left beside a fully recomputing job's predicted peak that kept matmul outputs may take (see
 :func:`kept_outputs`); the rest is margin for what the estimate does not see."""
@@ -409,12 +416,13 @@ def estimate(
     processes = spec.distributed.nproc
     micro = math.ceil(hp.batch_size / processes)
     embedding_rows = round(data.examples * data.mean_tokens) if data and data.examples and device == "cpu" else None
-    memory = _memory(shape, spec, micro * length, compute, embedding_rows=embedding_rows)
+    probabilities = attention_probability_bytes(shape, length, compute, device)
+    memory = _memory(shape, spec, micro * length, compute, probabilities, embedding_rows=embedding_rows)
     peak = _job_peak(memory, spec)
     available = available_bytes if available_bytes is not None else available_memory(device)
-    kept = kept_outputs(shape, spec, micro * length, compute, available - peak)
+    kept = kept_outputs(shape, spec, micro * length, compute, available - peak, probabilities)
     if kept.layers or kept.down_projections:
-        memory.activations += kept.bytes(shape, micro * length, compute)
+        memory.activations += kept.bytes(shape, micro * length, compute, probabilities)
         peak = _job_peak(memory, spec)
     trainable = _trainable_parameters(shape, spec)
 
@@ -457,7 +465,7 @@ def estimate(
         probe=probe,
     )
     if not result.fits:
-        result.suggestions = _suggestions(shape, spec, length, compute, available, embedding_rows)
+        result.suggestions = _suggestions(shape, spec, length, compute, available, embedding_rows, device)
     return result
 
 
@@ -490,11 +498,22 @@ def check_fits(
     return result
 
 
-def matmul_output_bytes(shape: ModelShape, compute: str) -> int:
-    """Bytes per token of one decoder layer's matmul and attention outputs (what a layer that keeps them holds)."""
+def matmul_output_bytes(shape: ModelShape, compute: str, probabilities: int = 0) -> int:
+    """Bytes per token of one decoder layer's matmul and attention outputs (what a layer that keeps them holds);
+    ``probabilities``: the attention probabilities' (:func:`attention_probability_bytes`), kept with them."""
     shapes = shape.linear_shapes()
     values = sum(shapes[n][1] for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) + shape.hidden_size
-    return values * (2 if compute == "bf16" else 4)
+    return values * (2 if compute == "bf16" else 4) + probabilities
+
+
+def attention_probability_bytes(shape: ModelShape, length: int, compute: str, device: str) -> int:
+    """Bytes per token and decoder layer of the softmax probabilities that the CPU attention kernel
+    (``phitune.trainer.attention``) keeps for the backward, in examples of ``length`` tokens: heads x the padded
+    length. Nothing on a GPU (SDPA) or beyond ``GEMM_ATTENTION_MAX_LENGTH`` tokens (SDPA's flash kernel)."""
+    if device != "cpu" or length > GEMM_ATTENTION_MAX_LENGTH:
+        return 0
+    padded = length + -length % GEMM_ATTENTION_LENGTH_MULTIPLE
+    return shape.num_attention_heads * padded * (2 if compute == "bf16" else 4)
 
 
 def down_projection_output_bytes(shape: ModelShape, compute: str) -> int:
@@ -510,14 +529,16 @@ class KeptOutputs(BaseModel):
     layers: int = 0
     down_projections: int = 0
 
-    def bytes(self, shape: ModelShape, tokens: int, compute: str) -> int:
+    def bytes(self, shape: ModelShape, tokens: int, compute: str, probabilities: int = 0) -> int:
         return tokens * (
-            self.layers * matmul_output_bytes(shape, compute)
+            self.layers * matmul_output_bytes(shape, compute, probabilities)
             + self.down_projections * down_projection_output_bytes(shape, compute)
         )
 
 
-def kept_outputs(shape: ModelShape, spec: JobSpec, tokens: int, compute: str, headroom: int) -> KeptOutputs:
+def kept_outputs(
+    shape: ModelShape, spec: JobSpec, tokens: int, compute: str, headroom: int, probabilities: int = 0
+) -> KeptOutputs:
     """What gradient checkpointing can keep in ``KEEP_MATMULS_SHARE`` of ``headroom`` (the memory beside a fully
     recomputing job's peak), the most recomputation saved per byte first: the down projection's output in every
     layer, then whole layers (so that only element-wise work is recomputed in them: a third less compute for a frozen
@@ -528,23 +549,27 @@ def kept_outputs(shape: ModelShape, spec: JobSpec, tokens: int, compute: str, he
     down = max(1, tokens * down_projection_output_bytes(shape, compute))
     if budget < layers * down:
         return KeptOutputs(down_projections=budget // down)
-    upgrade = max(1, tokens * matmul_output_bytes(shape, compute) - down)  # a whole layer beyond its down projection
+    upgrade = max(
+        1, tokens * matmul_output_bytes(shape, compute, probabilities) - down
+    )  # a whole layer beyond its down projection
     whole = min(layers, (budget - layers * down) // upgrade)
     return KeptOutputs(layers=whole, down_projections=layers - whole)
 
 
 def plan_kept_outputs(
-    spec: JobSpec, model_path: str, tokens: int, *, distinct_tokens: int | None = None
+    spec: JobSpec, model_path: str, tokens: int, longest: int, *, distinct_tokens: int | None = None
 ) -> tuple[KeptOutputs, int]:
     """For the trainer: (what checkpointing keeps, decoder layers) for ``spec`` on the model at ``model_path``, with
-    micro-batches of at most ``tokens`` tokens and ``distinct_tokens`` token ids in the data, against
-    :func:`available_memory`."""
+    micro-batches of at most ``tokens`` tokens, examples of at most ``longest`` and ``distinct_tokens`` token ids in
+    the data, against :func:`available_memory`."""
     shape = model_shape(model_path)
     compute = _compute_dtype(spec)
     device = "cuda" if _cuda() else "cpu"
     rows = distinct_tokens if device == "cpu" else None
-    peak = _job_peak(_memory(shape, spec, tokens, compute, embedding_rows=rows), spec)
-    return kept_outputs(shape, spec, tokens, compute, available_memory(device) - peak), shape.num_hidden_layers
+    probabilities = attention_probability_bytes(shape, longest, compute, device)
+    peak = _job_peak(_memory(shape, spec, tokens, compute, probabilities, embedding_rows=rows), spec)
+    headroom = available_memory(device) - peak
+    return kept_outputs(shape, spec, tokens, compute, headroom, probabilities), shape.num_hidden_layers
 
 
 MEMORY_LIMIT_ENV = "PHITUNE_MEMORY_LIMIT"
@@ -648,10 +673,18 @@ def _count_on_meta(shape: ModelShape, method: LoRA | QLoRA | DoRA | PEFT) -> int
 
 
 def _memory(
-    shape: ModelShape, spec: JobSpec, tokens: int, compute: str, *, embedding_rows: int | None = None
+    shape: ModelShape,
+    spec: JobSpec,
+    tokens: int,
+    compute: str,
+    probabilities: int,
+    *,
+    embedding_rows: int | None = None,
 ) -> MemoryBreakdown:
-    """Bytes at the peak of one process that trains micro-batches of ``tokens`` tokens. ``embedding_rows``: how many
-    rows of a memory-mapped embedding the data can touch (its distinct tokens, or an upper bound); None: all."""
+    """Bytes at the peak of one process that trains micro-batches of ``tokens`` tokens, keeping ``probabilities``
+    bytes of attention probabilities per token and layer (:func:`attention_probability_bytes`). ``embedding_rows``:
+    how many rows of a memory-mapped embedding the data can touch (its distinct tokens, or an upper bound); None:
+    all."""
     method, hp = spec.method, spec.hyperparameters
     h, i, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     weight_bytes = 2 if _weight_dtype(spec) == "bf16" else 4
@@ -669,6 +702,7 @@ def _memory(
     trainable_bytes = trainable * (12 if isinstance(method, Full) else 16)  # Full: the fp32 weights are `weights`
     act_bytes = 1.0 if compute == "bf16" else 2.0  # fp32 compute keeps fp32 activations
     per_layer = tokens * (ACT_H * h + ACT_I * i) * act_bytes * (ACT_FULL if isinstance(method, Full) else 1.0)
+    per_layer += tokens * probabilities
     if hp.gradient_checkpointing:
         activations = round(layers * tokens * h * CHECKPOINT_BYTES * act_bytes + per_layer)
     else:
@@ -777,7 +811,13 @@ def _dataset_tokens(dataset: str | os.PathLike[str], spec: JobSpec, home: Path |
 
 
 def _suggestions(
-    shape: ModelShape, spec: JobSpec, length: int, compute: str, available: int, embedding_rows: int | None
+    shape: ModelShape,
+    spec: JobSpec,
+    length: int,
+    compute: str,
+    available: int,
+    embedding_rows: int | None,
+    device: str,
 ) -> list[str]:
     """Changes to ``spec`` that would fit, each with its predicted peak: per kind of change (gradient checkpointing,
     QLoRA, a smaller micro-batch, shorter sequences) the mildest that fits alone; where none does, the first
@@ -807,8 +847,11 @@ def _suggestions(
         method = changes.get("method", spec.method)
         hyper = hp.model_copy(update={k: v for k, v in changes.items() if k != "method"})
         changed = spec.model_copy(update={"method": method, "hyperparameters": hyper})
-        tokens = math.ceil(hyper.batch_size / spec.distributed.nproc) * min(length, hyper.max_seq_length)
-        return _job_peak(_memory(shape, changed, tokens, compute, embedding_rows=embedding_rows), changed)
+        longest = min(length, hyper.max_seq_length)
+        tokens = math.ceil(hyper.batch_size / spec.distributed.nproc) * longest
+        probabilities = attention_probability_bytes(shape, longest, compute, device)
+        memory = _memory(shape, changed, tokens, compute, probabilities, embedding_rows=embedding_rows)
+        return _job_peak(memory, changed)
 
     found: list[str] = []
     for options in kinds:

@@ -4,9 +4,14 @@ SDPA's CPU kernel is a flash kernel: it never holds a ``[length, length]`` score
 need, but for the few hundred tokens of a typical chat example it runs at 40-60 GFLOP/s on 2 cores, its backward
 slowest, while the same products as batched matmuls run at ~300. Here a block of query rows gets its scores in one
 ``baddbmm`` (the causal mask is its added input), its probabilities in one softmax and its output in one ``bmm``; a
-block's keys stop at its last row, so blocks of :data:`ROW_BLOCK` rows skip most of the masked half. Nothing of size
-``length²`` is kept: the backward recomputes each block's probabilities, as a flash kernel does, and the op saves
-what SDPA saves. Heads go in groups whose scores fit :data:`GROUP_BYTES`, which bounds the transient memory.
+block's keys stop at its last row, so blocks of :data:`ROW_BLOCK` rows skip most of the masked half. Heads go in
+groups whose scores fit :data:`GROUP_BYTES`, which bounds the transient memory.
+
+The op keeps the probabilities for the backward (``heads x length²`` in the compute dtype, less the masked keys that
+row blocks skip), which then computes no scores and no softmax: ~5% of a step of the benchmark model. That costs
+``2 * heads * length`` bytes per token and layer in bf16, which :func:`phitune.estimate.attention_probability_bytes`
+counts: ~7% more activation memory for Phi-3-mini's chat examples of ~300 tokens, ~20% at :data:`MAX_LENGTH`. A flash
+kernel (SDPA's) recomputes them instead, which is what longer examples need.
 
 Each example is padded with zero queries, keys and values to a multiple of :data:`LENGTH_MULTIPLE` tokens: oneDNN
 builds a matmul primitive for every new shape, and chat examples have nearly every length, so without it most examples
@@ -18,8 +23,8 @@ In bf16 the scores are rounded before the softmax, as in transformers' eager att
 errors stay within a few times SDPA's own (``tests/test_attention.py``). Measured fwd + bwd on 2 cores, 6 heads of 64:
 1.7x SDPA at 300 tokens, about even at 1000 (:data:`MAX_LENGTH`).
 
-:data:`causal_attention` is a ``torch.library`` custom op (``phitune::causal_attention``), so that selective
-checkpointing keeps its output like SDPA's and a kept layer does not redo it in the backward.
+:func:`causal_attention` calls a ``torch.library`` custom op (``phitune::causal_attention``), so that selective
+checkpointing keeps its outputs like SDPA's and a kept layer does not redo it in the backward.
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ GROUP_BYTES = 4 * 2**20
 """The most bytes of scores computed at once (``heads * length**2`` elements for a group of heads)."""
 
 MAX_LENGTH = 1024
-"""Examples longer than this go to SDPA's flash kernel (see :func:`preferred`)."""
+"""Examples longer than this go to SDPA's flash kernel (see :func:`preferred`); ``phitune.estimate`` knows it as
+``GEMM_ATTENTION_MAX_LENGTH``."""
 
 ROW_BLOCK = 256
 """The fewest query rows per block."""
 
 LENGTH_MULTIPLE = 32
-"""Examples are computed padded to a multiple of this many tokens."""
+"""Examples are computed padded to a multiple of this many tokens (``phitune.estimate``'s
+``GEMM_ATTENTION_LENGTH_MULTIPLE``)."""
 
 _masks = threading.local()
 
@@ -59,66 +66,83 @@ def preferred(query: torch.Tensor, *, dropout: float, window: bool) -> bool:
     )
 
 
-def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def _forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     length = query.shape[1]
     query, key, value = _padded(query, key, value)
     out = torch.empty_like(query)
-    for heads in _groups(query):
-        q, k, v = query[heads], key[heads], value[heads]
-        for rows in _row_blocks(q.shape[1]):
-            torch.bmm(_probabilities(q, k, rows, scale), v[:, : rows.stop], out=out[heads, rows])
-    return out[:, :length].contiguous() if out.shape[1] != length else out
+    tiles, size = _tiles(query)
+    probabilities = query.new_empty(size)
+    for heads, rows, kept in _tile_views(tiles, probabilities):
+        torch.ops.aten._softmax.out(_scores(query[heads], key[heads], rows, scale), -1, False, out=kept)
+        torch.bmm(kept, value[heads, : rows.stop], out=out[heads, rows])
+    return out[:, :length].contiguous() if out.shape[1] != length else out, probabilities
 
 
-def _shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.empty_like(query)
+def _shape(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(query), query.new_empty(_tiles(_padded(query)[0])[1])
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     query, key, value, scale = inputs
-    ctx.save_for_backward(query, key, value)
+    ctx.save_for_backward(query, key, value, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the probabilities
     ctx.scale = scale
 
 
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-    query, key, value = ctx.saved_tensors
+def _backward(
+    ctx: Any, grad: torch.Tensor, _: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    query, key, value, probabilities = ctx.saved_tensors
     scale: float = ctx.scale
     length = query.shape[1]
     query, key, value, grad = _padded(query, key, value, grad.to(query.dtype))
     grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    for heads in _groups(query):
+    # each group's last block of rows sees every key and writes the key and value gradients; earlier blocks add to them
+    for heads, rows, kept in reversed(_tile_views(_tiles(query)[0], probabilities)):
         q, k, v, g = query[heads], key[heads], value[heads], grad[heads]
-        # the last block of rows sees every key and writes the key and value gradients; earlier blocks add to them
-        for rows in reversed(_row_blocks(q.shape[1])):
-            keys = slice(0, rows.stop)
-            probabilities = _probabilities(q, k, rows, scale)
-            grad_scores = torch._softmax_backward_data(
-                torch.bmm(g[:, rows], v[:, keys].transpose(1, 2)), probabilities, -1, probabilities.dtype
-            )
-            torch.bmm(grad_scores, k[:, keys], out=grad_query[heads, rows]).mul_(scale)
-            if rows.stop == q.shape[1]:
-                torch.bmm(probabilities.transpose(1, 2), g[:, rows], out=grad_value[heads])
-                torch.bmm(grad_scores.transpose(1, 2), q[:, rows], out=grad_key[heads]).mul_(scale)
-            else:
-                grad_value[heads, keys] += torch.bmm(probabilities.transpose(1, 2), g[:, rows])
-                grad_key[heads, keys] += torch.bmm(grad_scores.transpose(1, 2), q[:, rows]).mul_(scale)
+        keys = slice(0, rows.stop)
+        grad_scores = torch._softmax_backward_data(
+            torch.bmm(g[:, rows], v[:, keys].transpose(1, 2)), kept, -1, kept.dtype
+        )
+        torch.bmm(grad_scores, k[:, keys], out=grad_query[heads, rows]).mul_(scale)
+        if rows.stop == q.shape[1]:
+            torch.bmm(kept.transpose(1, 2), g[:, rows], out=grad_value[heads])
+            torch.bmm(grad_scores.transpose(1, 2), q[:, rows], out=grad_key[heads]).mul_(scale)
+        else:
+            grad_value[heads, keys] += torch.bmm(kept.transpose(1, 2), g[:, rows])
+            grad_key[heads, keys] += torch.bmm(grad_scores.transpose(1, 2), q[:, rows]).mul_(scale)
     return grad_query[:, :length], grad_key[:, :length], grad_value[:, :length], None
 
 
-causal_attention = torch.library.custom_op("phitune::causal_attention", _forward, mutates_args=())
-"""``causal_attention(query, key, value, scale)``: causal softmax attention of one example, whose ``query``,
-``key`` and ``value`` are ``[heads, length, dim]`` of one dtype; returns ``[heads, length, dim]``."""
-causal_attention.register_fake(_shape)
-causal_attention.register_autograd(_backward, setup_context=_setup_context)
-torch.library.register_autocast(causal_attention, "cpu", torch.bfloat16)  # as CPU autocast treats SDPA
+attention_and_probabilities = torch.library.custom_op(
+    "phitune::causal_attention",
+    _forward,
+    mutates_args=(),
+    schema="(Tensor query, Tensor key, Tensor value, float scale) -> (Tensor, Tensor)",
+)
+"""The op (``phitune::causal_attention``): the output and the probabilities the backward reuses."""
+attention_and_probabilities.register_fake(_shape)
+attention_and_probabilities.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autocast(attention_and_probabilities, "cpu", torch.bfloat16)  # as CPU autocast treats SDPA
 
 
-def _probabilities(query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -> torch.Tensor:
-    """Softmax of the causally masked scores of query ``rows`` against the keys up to the last of them:
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention of one example, whose ``query``, ``key`` and ``value`` are ``[heads, length, dim]``
+    of one dtype; returns ``[heads, length, dim]``."""
+    out: torch.Tensor = attention_and_probabilities(query, key, value, scale)[0]
+    return out
+
+
+def _scores(query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -> torch.Tensor:
+    """The causally masked scores of query ``rows`` against the keys up to the last of them:
     ``[heads, rows, rows.stop]``."""
     bias = _causal_bias(rows.stop, query.dtype)[rows]
-    scores = torch.baddbmm(bias, query[:, rows], key[:, : rows.stop].transpose(1, 2), alpha=scale)
-    return torch.softmax(scores, -1)
+    return torch.baddbmm(bias, query[:, rows], key[:, : rows.stop].transpose(1, 2), alpha=scale)
 
 
 def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -134,6 +158,27 @@ def _row_blocks(length: int) -> list[slice]:
     blocks = max(1, length // ROW_BLOCK)
     bounds = [length * i // blocks for i in range(blocks + 1)]
     return [slice(start, stop) for start, stop in pairwise(bounds)]
+
+
+def _tiles(query: torch.Tensor) -> tuple[list[tuple[slice, slice, int]], int]:
+    """Where each block's probabilities lie in the flat buffer the op keeps: ``(heads, rows, offset)`` of every group
+    of heads and block of rows, in the forward's order, and the buffer's size. A block's ``[heads, rows, rows.stop]``
+    is contiguous there, and the masked keys past a block's last row take no space."""
+    tiles, offset = [], 0
+    for heads in _groups(query):
+        for rows in _row_blocks(query.shape[1]):
+            tiles.append((heads, rows, offset))
+            offset += (heads.stop - heads.start) * (rows.stop - rows.start) * rows.stop
+    return tiles, offset
+
+
+def _tile_views(tiles: list[tuple[slice, slice, int]], buffer: torch.Tensor) -> list[tuple[slice, slice, torch.Tensor]]:
+    """``(heads, rows, probabilities)``: each tile's ``[heads, rows, rows.stop]`` view of ``buffer``."""
+    views = []
+    for heads, rows, offset in tiles:
+        shape = (heads.stop - heads.start, rows.stop - rows.start, rows.stop)
+        views.append((heads, rows, buffer[offset : offset + shape[0] * shape[1] * shape[2]].view(shape)))
+    return views
 
 
 def _groups(query: torch.Tensor) -> list[slice]:

@@ -350,7 +350,7 @@ def _plan_checkpointing(
     tokens = packing.bucket(min(hp.batch_size, len(train_set)) * longest)  # the longest packed row, padded
     distinct = len({token for example in train_set for token in example.input_ids})
     try:
-        kept, layers = plan_kept_outputs(run.spec, run.base_path, tokens, distinct_tokens=distinct)
+        kept, layers = plan_kept_outputs(run.spec, run.base_path, tokens, longest, distinct_tokens=distinct)
     except ValueError:  # SpecError or pydantic's ValidationError: a config without a decoder's dimensions
         return None
     if kept.layers or kept.down_projections:

@@ -166,7 +166,7 @@ def _attention_ops() -> frozenset[Any]:
     (:mod:`.attention`)."""
     import torch
 
-    from .attention import causal_attention
+    from .attention import attention_and_probabilities
 
     names = (
         "_scaled_dot_product_flash_attention_for_cpu",
@@ -175,7 +175,7 @@ def _attention_ops() -> frozenset[Any]:
         "_scaled_dot_product_cudnn_attention",
     )
     fused = (getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
-    return frozenset((*fused, causal_attention._opoverload))
+    return frozenset((*fused, attention_and_probabilities._opoverload))
 
 
 def peft_config(method: PEFT) -> Any:
