@@ -146,10 +146,11 @@ def _scores(query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -
 
 
 def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """``[heads, length, dim]`` tensors with zero rows appended up to a multiple of :data:`LENGTH_MULTIPLE`."""
+    """``[heads, length, dim]`` tensors with zero rows appended up to a multiple of :data:`LENGTH_MULTIPLE`, all
+    contiguous: on the strided slices of a packed row, the batched matmuls ran ~30% slower."""
     length = tensors[0].shape[1]
     extra = -length % LENGTH_MULTIPLE
-    return [F.pad(tensor, (0, 0, 0, extra)) if extra else tensor for tensor in tensors]
+    return [F.pad(tensor, (0, 0, 0, extra)) if extra else tensor.contiguous() for tensor in tensors]
 
 
 def _row_blocks(length: int) -> list[slice]:
