@@ -36,31 +36,38 @@ def _reference(query: Any, key: Any, value: Any, grad: Any) -> list[Any]:
     return [out.detach(), *(t.grad for t in inputs)]
 
 
-def _ours(query: Any, key: Any, value: Any, grad: Any) -> list[Any]:
-    out = attention.causal_attention(query, key, value, DIM**-0.5)
+def _ours(query: Any, key: Any, value: Any, grad: Any, keep: bool = True) -> list[Any]:
+    out = attention.causal_attention(query, key, value, DIM**-0.5, keep=keep)
     out.backward(grad.detach())
     return [out.detach(), query.grad, key.grad, value.grad]
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("length", [1, 7, 40, 100])
-def test_equals_sdpa_in_fp32_across_row_blocks_and_head_groups(length: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_equals_sdpa_in_fp32_across_row_blocks_and_head_groups(
+    length: int, keep: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(attention, "ROW_BLOCK", 16)  # 100 rows: 6 blocks
     monkeypatch.setattr(attention, "GROUP_BYTES", 2 * length * length * 4)  # two heads at a time
     query, key, value, grad = _inputs(length, torch.float32)
-    for got, expected in zip(_ours(query, key, value, grad), _reference(query, key, value, grad), strict=True):
+    ours = _ours(query, key, value, grad, keep)
+    for got, expected in zip(ours, _reference(query, key, value, grad), strict=True):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_backward_reuses_the_forwards_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The op keeps each block's softmax probabilities (the masked keys past a block's last row take no space), so
-    the backward computes no scores and no softmax, and still matches SDPA."""
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+def test_kept_probabilities_spare_the_backward_its_scores(keep: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``keep`` the op keeps each block's softmax probabilities (the masked keys past a block's last row take
+    no space), and the backward computes no scores and no softmax; without, it keeps nothing and recomputes them.
+    Both match SDPA."""
     monkeypatch.setattr(attention, "ROW_BLOCK", 16)
     query, key, value, grad = _inputs(100, torch.float32)  # padded to 128 rows: 8 blocks of 16
-    out, probabilities = attention.attention_and_probabilities(query, key, value, DIM**-0.5)
-    assert probabilities.numel() == HEADS * sum(16 * stop for stop in range(16, 129, 16))  # 9/16 of 128 x 128
+    out, probabilities = attention.attention_and_probabilities(query, key, value, DIM**-0.5, keep)
+    kept = HEADS * sum(16 * stop for stop in range(16, 129, 16))  # 9/16 of 128 x 128
+    assert probabilities.numel() == (kept if keep else 0)
     with OpCounter(lambda op: op.overloadpacket in (torch.ops.aten.baddbmm, torch.ops.aten._softmax)) as counter:
         out.backward(grad)
-    assert counter.calls == 0
+    assert counter.calls == (0 if keep else 2 * 8)  # recomputed: the scores and the softmax of each block
     for got, expected in zip(
         (out.detach(), query.grad, key.grad, value.grad), _reference(query, key, value, grad), strict=True
     ):
@@ -92,7 +99,7 @@ def test_lengths_within_one_multiple_run_the_same_matmul_shapes() -> None:
         query, key, value, grad = _inputs(length, torch.float32)
         batched_matmuls = OpCounter(lambda op: op.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm))
         with torch.no_grad(), batched_matmuls:
-            out, probabilities = attention._forward(query, key, value, DIM**-0.5)
+            out, probabilities = attention._forward(query, key, value, DIM**-0.5, True)
             context = SimpleNamespace(saved_tensors=(query, key, value, probabilities), scale=DIM**-0.5)
             grads = attention._backward(context, grad, None)[:3]
         recorded.append(batched_matmuls.shapes)
@@ -135,6 +142,26 @@ def test_kept_layers_do_not_redo_attention_in_the_backward(tiny_model_dir: Path)
     assert recomputed == 3 * layers  # each example of each layer, once
     assert kept == 0
     assert all(torch.equal(a, b) for a, b in zip(grads_recomputed, grads_kept, strict=True))
+
+
+def test_the_trainer_keeps_probabilities_where_the_estimate_counts_them(tiny_model_dir: Path) -> None:
+    """Packed examples at least :func:`probabilities_kept_from` long keep their probabilities, shorter ones
+    recompute them in the backward: the rule the memory estimate follows."""
+    from phitune.estimate import model_shape, probabilities_kept_from
+    from phitune.trainer import data
+
+    threshold = probabilities_kept_from(model_shape(str(tiny_model_dir)))  # 52 tokens: tiny-phi3 is narrow
+    method = LoRA(r=4, dropout=0.0)
+    model, _ = load_for_training(str(tiny_model_dir), method, device="cpu", precision="fp32")
+    model = apply_method(model, method, gradient_checkpointing=False)
+    packing.use_varlen_attention(model)
+    assert packing._probabilities_kept_from(model.config) == threshold
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 1000, (n,), generator=generator).tolist() for n in (threshold - 10, threshold + 10)]
+    loss = token_loss_sum(model.train(), packing.pack([data.Example(row, row) for row in rows]))
+    with OpCounter(lambda op: op.overloadpacket is torch.ops.aten._softmax) as counter:
+        loss.backward()
+    assert counter.calls == 2  # the short example's softmax, recomputed in each of tiny-phi3's 2 layers
 
 
 def test_under_autocast_mixed_inputs_run_in_bf16_as_sdpa_does() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,10 +22,12 @@ from phitune.estimate import (
     GEMM_ATTENTION_MAX_LENGTH,
     Estimate,
     MachineProbe,
+    ModelShape,
     attention_probability_bytes,
     check_fits,
     estimate,
     model_shape,
+    probabilities_kept_from,
     probe_machine,
 )
 from phitune.local.worker import trainer_env
@@ -247,8 +250,9 @@ def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_mode
 
 
 def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None:
-    """The CPU attention kernel keeps each example's softmax probabilities for the backward: heads x padded length
-    bytes per token and layer in bf16, up to its longest example; SDPA (longer examples, GPUs) keeps none."""
+    """The CPU attention kernel keeps an example's softmax probabilities for the backward where recomputing them is
+    a noticeable share of the layer's work (narrow models): heads x padded length bytes per token and layer in bf16,
+    up to its longest example. Phi-3's real sizes recompute them; SDPA (longer examples, GPUs) keeps none."""
     pytest.importorskip("torch")
     from phitune.trainer import attention
 
@@ -256,17 +260,27 @@ def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None
         attention.MAX_LENGTH,
         attention.LENGTH_MULTIPLE,
     )
-    shape = model_shape("Phi-3-mini-4k-instruct")
-    heads = shape.num_attention_heads
-    assert attention_probability_bytes(shape, 256, "bf16", "cpu") == heads * 256 * 2
-    assert attention_probability_bytes(shape, 300, "bf16", "cpu") == heads * 320 * 2  # padded to a multiple of 32
-    assert attention_probability_bytes(shape, 300, "fp32", "cpu") == heads * 320 * 4
-    assert attention_probability_bytes(shape, GEMM_ATTENTION_MAX_LENGTH + 1, "bf16", "cpu") == 0
-    assert attention_probability_bytes(shape, 256, "bf16", "cuda") == 0
+    narrow = ModelShape(  # the benchmark model of benchmarks/train_vs_trl.py
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        vocab_size=32064,
+    )
+    # the score matmul (2 L^2 H) against 2% of the layer's matmul work (4 L N): L >= 0.04 N / H
+    assert probabilities_kept_from(narrow) == math.ceil(0.04 * narrow.layer_linear_parameters / 384) == 185
+    assert attention_probability_bytes(narrow, 184, "bf16", "cpu") == 0
+    assert attention_probability_bytes(narrow, 300, "bf16", "cpu") == 6 * 320 * 2  # padded to a multiple of 32
+    assert attention_probability_bytes(narrow, 300, "fp32", "cpu") == 6 * 320 * 4
+    assert attention_probability_bytes(narrow, GEMM_ATTENTION_MAX_LENGTH + 1, "bf16", "cpu") == 0
+    assert attention_probability_bytes(narrow, 300, "bf16", "cuda") == 0
+    for name, shape in CATALOG_SHAPES.items():
+        assert probabilities_kept_from(shape) > GEMM_ATTENTION_MAX_LENGTH, name
 
     hp = Hyperparameters(batch_size=2, max_seq_length=300)
     spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
+    mini = model_shape(spec.model)
     predicted = estimate(spec, tokens_per_example=300, available_bytes=100 * GiB)
-    per_token = ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size
-    per_token += attention_probability_bytes(shape, 300, "bf16", predicted.device)
-    assert predicted.memory.activations == round(shape.num_hidden_layers * 600 * per_token)
+    per_token = ACT_H * mini.hidden_size + ACT_I * mini.intermediate_size
+    assert predicted.memory.activations == round(mini.num_hidden_layers * 600 * per_token)

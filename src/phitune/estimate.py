@@ -9,7 +9,7 @@ The memory model follows what the local trainer holds at its peak (a backward pa
   the data holds are ever read: it counts those rows (each with a page of slack) when the data is known;
 - ``trainable``: trainable parameters in fp32 with their gradients and AdamW's two moments (16 bytes each);
 - ``activations``: per token and decoder layer, ``ACT_H`` x hidden + ``ACT_I`` x intermediate bytes kept for the
-  backward pass, plus on a CPU the attention probabilities of examples up to ``GEMM_ATTENTION_MAX_LENGTH`` tokens
+  backward pass, plus on a CPU the attention probabilities the attention kernel keeps on narrow models
   (:func:`attention_probability_bytes`); with gradient checkpointing ``CHECKPOINT_BYTES`` x hidden per token and
   layer, plus one layer recomputed at a time, plus the matmul outputs checkpointing keeps (:func:`kept_outputs`, in
   half the memory beside that peak: the down projection's in every layer first, then whole layers, which recompute
@@ -65,6 +65,10 @@ GEMM_ATTENTION_MAX_LENGTH = 1024
 (``phitune.trainer.attention.MAX_LENGTH``)."""
 GEMM_ATTENTION_LENGTH_MULTIPLE = 32
 """That kernel pads each example to a multiple of this many tokens (``phitune.trainer.attention.LENGTH_MULTIPLE``)."""
+KEEP_PROBABILITIES_SHARE = 0.02
+"""That kernel keeps an example's attention probabilities for the backward where recomputing them (the score matmul,
+``2 * length² * hidden`` FLOPs per layer) would cost at least this share of the layer's matmul work on the example
+(forward and input-gradient products, ``4 * length * layer parameters``): see :func:`probabilities_kept_from`."""
 KEEP_MATMULS_SHARE = 0.5
 """Share of the memory left beside a fully recomputing job's predicted peak that kept matmul outputs may take (see
 :func:`kept_outputs`); the rest is margin for what the estimate does not see."""
@@ -506,11 +510,20 @@ def matmul_output_bytes(shape: ModelShape, compute: str, probabilities: int = 0)
     return values * (2 if compute == "bf16" else 4) + probabilities
 
 
+def probabilities_kept_from(shape: ModelShape) -> int:
+    """The shortest example whose attention probabilities the CPU attention kernel keeps for the backward (see
+    :data:`KEEP_PROBABILITIES_SHARE`): ~180 tokens on the 32M-parameter benchmark model (hidden 384), where attention
+    is a large share of the work; beyond ``GEMM_ATTENTION_MAX_LENGTH`` on Phi-3's real sizes (~1500 tokens for
+    Phi-3-mini), whose probabilities are always recomputed, as a flash kernel does."""
+    return math.ceil(2 * KEEP_PROBABILITIES_SHARE * shape.layer_linear_parameters / shape.hidden_size)
+
+
 def attention_probability_bytes(shape: ModelShape, length: int, compute: str, device: str) -> int:
     """Bytes per token and decoder layer of the softmax probabilities that the CPU attention kernel
     (``phitune.trainer.attention``) keeps for the backward, in examples of ``length`` tokens: heads x the padded
-    length. Nothing on a GPU (SDPA) or beyond ``GEMM_ATTENTION_MAX_LENGTH`` tokens (SDPA's flash kernel)."""
-    if device != "cpu" or length > GEMM_ATTENTION_MAX_LENGTH:
+    length where it keeps them (:func:`probabilities_kept_from`). Nothing on a GPU (SDPA) or beyond
+    ``GEMM_ATTENTION_MAX_LENGTH`` tokens (SDPA's flash kernel)."""
+    if device != "cpu" or not probabilities_kept_from(shape) <= length <= GEMM_ATTENTION_MAX_LENGTH:
         return 0
     padded = length + -length % GEMM_ATTENTION_LENGTH_MULTIPLE
     return shape.num_attention_heads * padded * (2 if compute == "bf16" else 4)

@@ -67,27 +67,32 @@ def preferred(query: torch.Tensor, *, dropout: float, window: bool) -> bool:
 
 
 def _forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, keep: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     length = query.shape[1]
     query, key, value = _padded(query, key, value)
     out = torch.empty_like(query)
     tiles, size = _tiles(query)
-    probabilities = query.new_empty(size)
-    for heads, rows, kept in _tile_views(tiles, probabilities):
-        torch.ops.aten._softmax.out(_scores(query[heads], key[heads], rows, scale), -1, False, out=kept)
+    probabilities = query.new_empty(size if keep else 0)
+    for heads, rows, offset in tiles:
+        scores = _scores(query[heads], key[heads], rows, scale)
+        if keep:
+            kept = _tile(probabilities, heads, rows, offset)
+            torch.ops.aten._softmax.out(scores, -1, False, out=kept)
+        else:
+            kept = torch.softmax(scores, -1)
         torch.bmm(kept, value[heads, : rows.stop], out=out[heads, rows])
     return out[:, :length].contiguous() if out.shape[1] != length else out, probabilities
 
 
 def _shape(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, keep: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(query), query.new_empty(_tiles(_padded(query)[0])[1])
+    return torch.empty_like(query), query.new_empty(_tiles(_padded(query)[0])[1] if keep else 0)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    query, key, value, scale = inputs
+    query, key, value, scale, _ = inputs
     ctx.save_for_backward(query, key, value, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the probabilities
@@ -96,16 +101,20 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
 
 def _backward(
     ctx: Any, grad: torch.Tensor, _: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
     query, key, value, probabilities = ctx.saved_tensors
     scale: float = ctx.scale
     length = query.shape[1]
     query, key, value, grad = _padded(query, key, value, grad.to(query.dtype))
     grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     # each group's last block of rows sees every key and writes the key and value gradients; earlier blocks add to them
-    for heads, rows, kept in reversed(_tile_views(_tiles(query)[0], probabilities)):
+    for heads, rows, offset in reversed(_tiles(query)[0]):
         q, k, v, g = query[heads], key[heads], value[heads], grad[heads]
         keys = slice(0, rows.stop)
+        if probabilities.numel():
+            kept = _tile(probabilities, heads, rows, offset)
+        else:  # recomputed, as a flash kernel does
+            kept = torch.softmax(_scores(q, k, rows, scale), -1)
         grad_scores = torch._softmax_backward_data(
             torch.bmm(g[:, rows], v[:, keys].transpose(1, 2)), kept, -1, kept.dtype
         )
@@ -116,25 +125,29 @@ def _backward(
         else:
             grad_value[heads, keys] += torch.bmm(kept.transpose(1, 2), g[:, rows])
             grad_key[heads, keys] += torch.bmm(grad_scores.transpose(1, 2), q[:, rows]).mul_(scale)
-    return grad_query[:, :length], grad_key[:, :length], grad_value[:, :length], None
+    return grad_query[:, :length], grad_key[:, :length], grad_value[:, :length], None, None
 
 
 attention_and_probabilities = torch.library.custom_op(
     "phitune::causal_attention",
     _forward,
     mutates_args=(),
-    schema="(Tensor query, Tensor key, Tensor value, float scale) -> (Tensor, Tensor)",
+    schema="(Tensor query, Tensor key, Tensor value, float scale, bool keep) -> (Tensor, Tensor)",
 )
-"""The op (``phitune::causal_attention``): the output and the probabilities the backward reuses."""
+"""The op (``phitune::causal_attention``): the output and, with ``keep``, the probabilities the backward reuses
+(else an empty tensor, and the backward recomputes them)."""
 attention_and_probabilities.register_fake(_shape)
 attention_and_probabilities.register_autograd(_backward, setup_context=_setup_context)
 torch.library.register_autocast(attention_and_probabilities, "cpu", torch.bfloat16)  # as CPU autocast treats SDPA
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *, keep: bool = True
+) -> torch.Tensor:
     """Causal softmax attention of one example, whose ``query``, ``key`` and ``value`` are ``[heads, length, dim]``
-    of one dtype; returns ``[heads, length, dim]``."""
-    out: torch.Tensor = attention_and_probabilities(query, key, value, scale)[0]
+    of one dtype; returns ``[heads, length, dim]``. ``keep``: keep the probabilities for the backward (faster, and
+    ``heads x length²`` values more memory) rather than recompute them."""
+    out: torch.Tensor = attention_and_probabilities(query, key, value, scale, keep)[0]
     return out
 
 
@@ -173,13 +186,10 @@ def _tiles(query: torch.Tensor) -> tuple[list[tuple[slice, slice, int]], int]:
     return tiles, offset
 
 
-def _tile_views(tiles: list[tuple[slice, slice, int]], buffer: torch.Tensor) -> list[tuple[slice, slice, torch.Tensor]]:
-    """``(heads, rows, probabilities)``: each tile's ``[heads, rows, rows.stop]`` view of ``buffer``."""
-    views = []
-    for heads, rows, offset in tiles:
-        shape = (heads.stop - heads.start, rows.stop - rows.start, rows.stop)
-        views.append((heads, rows, buffer[offset : offset + shape[0] * shape[1] * shape[2]].view(shape)))
-    return views
+def _tile(buffer: torch.Tensor, heads: slice, rows: slice, offset: int) -> torch.Tensor:
+    """A tile's ``[heads, rows, rows.stop]`` probabilities in the flat ``buffer`` (see :func:`_tiles`)."""
+    shape = (heads.stop - heads.start, rows.stop - rows.start, rows.stop)
+    return buffer[offset : offset + shape[0] * shape[1] * shape[2]].view(shape)
 
 
 def _groups(query: torch.Tensor) -> list[slice]:

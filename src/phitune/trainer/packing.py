@@ -22,6 +22,8 @@ tokens that attends only to itself and carries no loss, so the examples train ex
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
@@ -107,13 +109,15 @@ def varlen_attention(
     if groups > 1:  # grouped-query attention: each key/value head serves ``groups`` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     lengths = [end - start for start, end in pairwise(segments or (0, query.shape[2]))]
+    keep_from = _probabilities_kept_from(module.config)
     outputs = []
     # split, not slicing: the backward of a split is one concatenation, of each slice a zero-filled full-size tensor
     for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True):
         window = _window_mask(q.shape[2], sliding_window, q.device)
         if attention.preferred(q, dropout=kwargs.get("dropout", 0.0), window=window is not None):
             scale = kwargs.get("scaling") or q.shape[-1] ** -0.5
-            outputs.append(attention.causal_attention(q[0], k[0], v[0], scale)[None])
+            keep = q.shape[2] >= keep_from
+            outputs.append(attention.causal_attention(q[0], k[0], v[0], scale, keep=keep)[None])
             continue
         outputs.append(
             F.scaled_dot_product_attention(
@@ -127,6 +131,37 @@ def varlen_attention(
             )
         )
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _probabilities_kept_from(config: Any) -> int:
+    """The shortest example whose attention probabilities the CPU kernel keeps for the backward, for a model of
+    ``config`` (:func:`phitune.estimate.probabilities_kept_from`, which the memory estimate follows); a config without
+    a decoder's dimensions keeps none."""
+    return _kept_from(tuple(getattr(config, name, None) for name in _SHAPE_FIELDS))
+
+
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "head_dim",
+)
+
+
+@functools.cache
+def _kept_from(values: tuple[Any, ...]) -> int:
+    from pydantic import ValidationError
+
+    from ..estimate import ModelShape, probabilities_kept_from
+
+    try:
+        shape = ModelShape.model_validate({k: v for k, v in zip(_SHAPE_FIELDS, values, strict=True) if v is not None})
+    except ValidationError:
+        return sys.maxsize
+    return probabilities_kept_from(shape)
 
 
 def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
