@@ -18,7 +18,8 @@ sweep here). Dense GEMM FLOP/s (bf16 and fp32, 2048^3, torch's threads) is measu
 
 Our side runs as a user's job would, with the trainer's defaults: a bf16 frozen base, packed micro-batches with the GEMM
 attention kernel per example (rows padded to a bucket length and each example's attention to a multiple of 32 tokens,
-so that matmul shapes repeat: oneDNN builds a primitive for every new shape), LoRA layers that add the adapter inside
+so that matmul shapes repeat: oneDNN builds a primitive for every new shape; on this narrow model it keeps the
+probabilities of examples from 185 tokens for the backward), LoRA layers that add the adapter inside
 one GEMM, the chunked head-only loss, mimalloc keeping the memory it frees (no ``$PHITUNE_MEMORY_LIMIT``), and no
 gradient checkpointing: it is off by default, and here memory allows every activation (``--checkpointing`` turns it
 on; the trainer then keeps every layer's matmul outputs, which holds about as much memory, and recomputes only
@@ -31,8 +32,10 @@ length L. Recomputation, padding and unneeded head rows are not counted, so a si
 utilisation. ``mfu``: our achieved FLOP/s over the bf16 GEMM FLOP/s measured just before, median over rounds. ``levers``
 (full runs): one process, the same micro-batches, forward and backward only: ``all_on`` (no checkpointing), each lever
 switched off alone, as the median of its time over all_on's on the same micro-batch (in an order that rotates every
-repeat) (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``; ``peft_lora_forward``: peft's
-own LoRA forward; ``transformers_rms_norm``: transformers' RMSNorm instead of ``phitune.trainer.norm``), and the cost
+repeat) (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``;
+``recomputed_probabilities``: that kernel recomputing every example's probabilities in the backward;
+``peft_lora_forward``: peft's own LoRA forward; ``transformers_rms_norm``: transformers' RMSNorm instead of
+``phitune.trainer.norm``), and the cost
 of full and of selective checkpointing and the gain of ``torch.compile`` on the decoder layers (not used by the
 trainer: ~40 s of compilation per job).
 
@@ -436,6 +439,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     varlen_fn = packing.varlen_attention
     compiled_attention = torch.compiler.disable(varlen_fn)  # the per-example loop stays eager
     longest_gemm_attention = attention.MAX_LENGTH
+    kept_from = packing._probabilities_kept_from
 
     def full_logits(model: Any, batch: dict[str, Any]) -> Any:
         """transformers' loss path: the LM head on every position, then cross-entropy where labels are set."""
@@ -457,6 +461,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         "padded_batches": (varlen, lambda e: data.collate(e, tokenizer.pad_token_id), token_loss_sum, True),
         "packed_with_block_mask": (sdpa, pack, transformers_packed, True),
         "sdpa_per_example": (varlen, pack, token_loss_sum, True),
+        "recomputed_probabilities": (varlen, pack, token_loss_sum, True),
         "peft_lora_forward": (unfused, pack, token_loss_sum, True),
         "transformers_rms_norm": (plain_norm, pack, token_loss_sum, True),
         "head_on_every_position": (varlen, pack, full_logits, True),
@@ -483,6 +488,9 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
                     packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn
                 )
                 attention.MAX_LENGTH = 0 if name == "sdpa_per_example" else longest_gemm_attention
+                packing._probabilities_kept_from = (
+                    (lambda config: sys.maxsize) if name == "recomputed_probabilities" else kept_from
+                )
                 batch = batching(batch_examples)
                 started, started_cpu = time.perf_counter(), time.process_time()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

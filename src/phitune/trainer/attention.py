@@ -7,11 +7,13 @@ slowest, while the same products as batched matmuls run at ~300. Here a block of
 block's keys stop at its last row, so blocks of :data:`ROW_BLOCK` rows skip most of the masked half. Heads go in
 groups whose scores fit :data:`GROUP_BYTES`, which bounds the transient memory.
 
-The op keeps the probabilities for the backward (``heads x length²`` in the compute dtype, less the masked keys that
-row blocks skip), which then computes no scores and no softmax: ~5% of a step of the benchmark model. That costs
-``2 * heads * length`` bytes per token and layer in bf16, which :func:`phitune.estimate.attention_probability_bytes`
-counts: ~7% more activation memory for Phi-3-mini's chat examples of ~300 tokens, ~20% at :data:`MAX_LENGTH`. A flash
-kernel (SDPA's) recomputes them instead, which is what longer examples need.
+With ``keep``, the op keeps the probabilities for the backward (``heads x length²`` in the compute dtype, less the
+masked keys that row blocks skip), which then computes no scores and no softmax: ~5% of a step of the benchmark model,
+where attention is a quarter of the time. Without, it keeps what SDPA keeps and recomputes them, as a flash kernel
+does. The trainer keeps them where recomputing would cost at least 2% of the layer's matmul work
+(:func:`phitune.estimate.probabilities_kept_from`: examples from ~180 tokens on the benchmark model, none within
+:data:`MAX_LENGTH` on Phi-3's real sizes, where they raised the peak 4% for no speed), and the memory estimate counts
+them (:func:`phitune.estimate.attention_probability_bytes`).
 
 Each example is padded with zero queries, keys and values to a multiple of :data:`LENGTH_MULTIPLE` tokens: oneDNN
 builds a matmul primitive for every new shape, and chat examples have nearly every length, so without it most examples
