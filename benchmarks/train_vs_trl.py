@@ -439,7 +439,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     varlen_fn = packing.varlen_attention
     compiled_attention = torch.compiler.disable(varlen_fn)  # the per-example loop stays eager
     longest_gemm_attention = attention.MAX_LENGTH
-    kept_from = packing._probabilities_kept_from
+    keeps_probabilities = packing._keeps_probabilities
 
     def full_logits(model: Any, batch: dict[str, Any]) -> Any:
         """transformers' loss path: the LM head on every position, then cross-entropy where labels are set."""
@@ -488,8 +488,8 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
                     packing.ATTENTION, compiled_attention if name == "torch_compile" else varlen_fn
                 )
                 attention.MAX_LENGTH = 0 if name == "sdpa_per_example" else longest_gemm_attention
-                packing._probabilities_kept_from = (
-                    (lambda config: sys.maxsize) if name == "recomputed_probabilities" else kept_from
+                packing._keeps_probabilities = (
+                    (lambda config, length: False) if name == "recomputed_probabilities" else keeps_probabilities
                 )
                 batch = batching(batch_examples)
                 started, started_cpu = time.perf_counter(), time.process_time()

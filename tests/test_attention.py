@@ -155,7 +155,8 @@ def test_the_trainer_keeps_probabilities_where_the_estimate_counts_them(tiny_mod
     model, _ = load_for_training(str(tiny_model_dir), method, device="cpu", precision="fp32")
     model = apply_method(model, method, gradient_checkpointing=False)
     packing.use_varlen_attention(model)
-    assert packing._probabilities_kept_from(model.config) == threshold
+    assert not packing._keeps_probabilities(model.config, threshold - 1)
+    assert packing._keeps_probabilities(model.config, threshold)
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 1000, (n,), generator=generator).tolist() for n in (threshold - 10, threshold + 10)]
     loss = token_loss_sum(model.train(), packing.pack([data.Example(row, row) for row in rows]))

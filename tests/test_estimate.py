@@ -19,7 +19,7 @@ from phitune.estimate import (
     ACT_I,
     CATALOG_SHAPES,
     GEMM_ATTENTION_LENGTH_MULTIPLE,
-    GEMM_ATTENTION_MAX_LENGTH,
+    KEEP_PROBABILITIES_MAX_LENGTH,
     Estimate,
     MachineProbe,
     ModelShape,
@@ -252,14 +252,11 @@ def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_mode
 def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None:
     """The CPU attention kernel keeps an example's softmax probabilities for the backward where recomputing them is
     a noticeable share of the layer's work (narrow models): heads x padded length bytes per token and layer in bf16,
-    up to its longest example. Phi-3's real sizes recompute them; SDPA (longer examples, GPUs) keeps none."""
+    up to 1024 tokens. Phi-3's real sizes recompute them; SDPA (GPUs) keeps none."""
     pytest.importorskip("torch")
     from phitune.trainer import attention
 
-    assert (GEMM_ATTENTION_MAX_LENGTH, GEMM_ATTENTION_LENGTH_MULTIPLE) == (
-        attention.MAX_LENGTH,
-        attention.LENGTH_MULTIPLE,
-    )
+    assert GEMM_ATTENTION_LENGTH_MULTIPLE == attention.LENGTH_MULTIPLE
     narrow = ModelShape(  # the benchmark model of benchmarks/train_vs_trl.py
         hidden_size=384,
         intermediate_size=1024,
@@ -273,10 +270,10 @@ def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None
     assert attention_probability_bytes(narrow, 184, "bf16", "cpu") == 0
     assert attention_probability_bytes(narrow, 300, "bf16", "cpu") == 6 * 320 * 2  # padded to a multiple of 32
     assert attention_probability_bytes(narrow, 300, "fp32", "cpu") == 6 * 320 * 4
-    assert attention_probability_bytes(narrow, GEMM_ATTENTION_MAX_LENGTH + 1, "bf16", "cpu") == 0
+    assert attention_probability_bytes(narrow, KEEP_PROBABILITIES_MAX_LENGTH + 1, "bf16", "cpu") == 0
     assert attention_probability_bytes(narrow, 300, "bf16", "cuda") == 0
     for name, shape in CATALOG_SHAPES.items():
-        assert probabilities_kept_from(shape) > GEMM_ATTENTION_MAX_LENGTH, name
+        assert probabilities_kept_from(shape) > KEEP_PROBABILITIES_MAX_LENGTH, name
 
     hp = Hyperparameters(batch_size=2, max_seq_length=300)
     spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)

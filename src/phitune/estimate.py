@@ -60,15 +60,15 @@ ACT_I = 15.0
 CHECKPOINT_BYTES = 4.0
 """Bytes kept per token, decoder layer and unit of hidden size with gradient checkpointing: the layer's bf16 input (2)
 and the allocator's slack around it (fitted against Phi-3-mini and the 60M model at 256-token micro-batches)."""
-GEMM_ATTENTION_MAX_LENGTH = 1024
-"""The longest example whose attention runs on the CPU kernel that keeps its probabilities
-(``phitune.trainer.attention.MAX_LENGTH``)."""
+KEEP_PROBABILITIES_MAX_LENGTH = 1024
+"""The longest example whose attention probabilities the CPU attention kernel keeps (they take ``2 * heads * length``
+bytes per token and layer); longer ones recompute them."""
 GEMM_ATTENTION_LENGTH_MULTIPLE = 32
 """That kernel pads each example to a multiple of this many tokens (``phitune.trainer.attention.LENGTH_MULTIPLE``)."""
 KEEP_PROBABILITIES_SHARE = 0.02
 """That kernel keeps an example's attention probabilities for the backward where recomputing them (the score matmul,
 ``2 * length² * hidden`` FLOPs per layer) would cost at least this share of the layer's matmul work on the example
-(forward and input-gradient products, ``4 * length * layer parameters``): see :func:`probabilities_kept_from`."""
+(forward and input-gradient products, ``4 * length * layer parameters``): see :func:`keeps_attention_probabilities`."""
 KEEP_MATMULS_SHARE = 0.5
 """Share of the memory left beside a fully recomputing job's predicted peak that kept matmul outputs may take (see
 :func:`kept_outputs`); the rest is margin for what the estimate does not see."""
@@ -513,17 +513,22 @@ def matmul_output_bytes(shape: ModelShape, compute: str, probabilities: int = 0)
 def probabilities_kept_from(shape: ModelShape) -> int:
     """The shortest example whose attention probabilities the CPU attention kernel keeps for the backward (see
     :data:`KEEP_PROBABILITIES_SHARE`): ~180 tokens on the 32M-parameter benchmark model (hidden 384), where attention
-    is a large share of the work; beyond ``GEMM_ATTENTION_MAX_LENGTH`` on Phi-3's real sizes (~1500 tokens for
-    Phi-3-mini), whose probabilities are always recomputed, as a flash kernel does."""
+    is a large share of the work; ~1500 tokens on Phi-3-mini, beyond :data:`KEEP_PROBABILITIES_MAX_LENGTH`, so Phi-3's
+    real sizes always recompute them, as a flash kernel does."""
     return math.ceil(2 * KEEP_PROBABILITIES_SHARE * shape.layer_linear_parameters / shape.hidden_size)
+
+
+def keeps_attention_probabilities(shape: ModelShape, length: int) -> bool:
+    """Whether the CPU attention kernel (``phitune.trainer.attention``) keeps the probabilities of an example of
+    ``length`` tokens for the backward, on a model of ``shape``; the trainer asks this too."""
+    return probabilities_kept_from(shape) <= length <= KEEP_PROBABILITIES_MAX_LENGTH
 
 
 def attention_probability_bytes(shape: ModelShape, length: int, compute: str, device: str) -> int:
     """Bytes per token and decoder layer of the softmax probabilities that the CPU attention kernel
     (``phitune.trainer.attention``) keeps for the backward, in examples of ``length`` tokens: heads x the padded
-    length where it keeps them (:func:`probabilities_kept_from`). Nothing on a GPU (SDPA) or beyond
-    ``GEMM_ATTENTION_MAX_LENGTH`` tokens (SDPA's flash kernel)."""
-    if device != "cpu" or not probabilities_kept_from(shape) <= length <= GEMM_ATTENTION_MAX_LENGTH:
+    length where it keeps them (:func:`keeps_attention_probabilities`). Nothing on a GPU (SDPA's kernels)."""
+    if device != "cpu" or not keeps_attention_probabilities(shape, length):
         return 0
     padded = length + -length % GEMM_ATTENTION_LENGTH_MULTIPLE
     return shape.num_attention_heads * padded * (2 if compute == "bf16" else 4)

@@ -10,10 +10,10 @@ groups whose scores fit :data:`GROUP_BYTES`, which bounds the transient memory.
 With ``keep``, the op keeps the probabilities for the backward (``heads x length²`` in the compute dtype, less the
 masked keys that row blocks skip), which then computes no scores and no softmax: ~5% of a step of the benchmark model,
 where attention is a quarter of the time. Without, it keeps what SDPA keeps and recomputes them, as a flash kernel
-does. The trainer keeps them where recomputing would cost at least 2% of the layer's matmul work
-(:func:`phitune.estimate.probabilities_kept_from`: examples from ~180 tokens on the benchmark model, none within
-:data:`MAX_LENGTH` on Phi-3's real sizes, where they raised the peak 4% for no speed), and the memory estimate counts
-them (:func:`phitune.estimate.attention_probability_bytes`).
+does. The trainer keeps them where recomputing would cost at least 2% of the layer's matmul work, up to 1024 tokens
+(:func:`phitune.estimate.keeps_attention_probabilities`: examples from ~180 tokens on the benchmark model, none on
+Phi-3's real sizes, where they raised the peak 4% for no speed), and the memory estimate counts them
+(:func:`phitune.estimate.attention_probability_bytes`).
 
 Each example is padded with zero queries, keys and values to a multiple of :data:`LENGTH_MULTIPLE` tokens: oneDNN
 builds a matmul primitive for every new shape, and chat examples have nearly every length, so without it most examples
@@ -22,8 +22,10 @@ costs) and each primitive stayed cached (~0.5 MB). The padded keys come after ev
 already hides them; the padded rows get a zero gradient and are dropped.
 
 In bf16 the scores are rounded before the softmax, as in transformers' eager attention (SDPA keeps them in fp32): the
-errors stay within a few times SDPA's own (``tests/test_attention.py``). Measured fwd + bwd on 2 cores, 6 heads of 64:
-1.7x SDPA at 300 tokens, about even at 1000 (:data:`MAX_LENGTH`).
+errors stay within a few times SDPA's own (``tests/test_attention.py``). Measured fwd + bwd on 2 cores (Zen 5), SDPA's
+time over this kernel's: 6 heads of 64, 2.1x at 300 tokens and 1.9x at 1000 keeping the probabilities, 1.8x and 1.6x
+recomputing them; Phi-3-mini's 32 heads of 96, recomputing, 1.6x at 1024 tokens, 1.3x at 2048, 1.5x at 4096
+(:data:`MAX_LENGTH`). Blocks of rows bound the transient scores at any length.
 
 :func:`causal_attention` calls a ``torch.library`` custom op (``phitune::causal_attention``), so that selective
 checkpointing keeps its outputs like SDPA's and a kept layer does not redo it in the backward.
@@ -41,9 +43,8 @@ import torch.nn.functional as F
 GROUP_BYTES = 4 * 2**20
 """The most bytes of scores computed at once (``heads * length**2`` elements for a group of heads)."""
 
-MAX_LENGTH = 1024
-"""Examples longer than this go to SDPA's flash kernel (see :func:`preferred`); ``phitune.estimate`` knows it as
-``GEMM_ATTENTION_MAX_LENGTH``."""
+MAX_LENGTH = 4096
+"""Examples longer than this go to SDPA's flash kernel (see :func:`preferred`): Phi-3's 4k context fits."""
 
 ROW_BLOCK = 256
 """The fewest query rows per block."""

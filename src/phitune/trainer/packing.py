@@ -23,14 +23,15 @@ tokens that attends only to itself and carries no loss, so the examples train ex
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
+from ..estimate import ModelShape, keeps_attention_probabilities
 from . import attention
 from .data import IGNORE_INDEX, Example
 
@@ -109,14 +110,13 @@ def varlen_attention(
     if groups > 1:  # grouped-query attention: each key/value head serves ``groups`` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     lengths = [end - start for start, end in pairwise(segments or (0, query.shape[2]))]
-    keep_from = _probabilities_kept_from(module.config)
     outputs = []
     # split, not slicing: the backward of a split is one concatenation, of each slice a zero-filled full-size tensor
     for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True):
         window = _window_mask(q.shape[2], sliding_window, q.device)
         if attention.preferred(q, dropout=kwargs.get("dropout", 0.0), window=window is not None):
             scale = kwargs.get("scaling") or q.shape[-1] ** -0.5
-            keep = q.shape[2] >= keep_from
+            keep = _keeps_probabilities(module.config, q.shape[2])
             outputs.append(attention.causal_attention(q[0], k[0], v[0], scale, keep=keep)[None])
             continue
         outputs.append(
@@ -133,11 +133,12 @@ def varlen_attention(
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _probabilities_kept_from(config: Any) -> int:
-    """The shortest example whose attention probabilities the CPU kernel keeps for the backward, for a model of
-    ``config`` (:func:`phitune.estimate.probabilities_kept_from`, which the memory estimate follows); a config without
-    a decoder's dimensions keeps none."""
-    return _kept_from(tuple(getattr(config, name, None) for name in _SHAPE_FIELDS))
+def _keeps_probabilities(config: Any, length: int) -> bool:
+    """Whether the CPU kernel keeps the attention probabilities of an example of ``length`` tokens for the backward,
+    on a model of ``config``: :func:`phitune.estimate.keeps_attention_probabilities`, the rule the memory estimate
+    follows. A config without a decoder's dimensions keeps none."""
+    shape = _shape_of(tuple(getattr(config, name, None) for name in _SHAPE_FIELDS))
+    return shape is not None and keeps_attention_probabilities(shape, length)
 
 
 _SHAPE_FIELDS = (
@@ -152,16 +153,11 @@ _SHAPE_FIELDS = (
 
 
 @functools.cache
-def _kept_from(values: tuple[Any, ...]) -> int:
-    from pydantic import ValidationError
-
-    from ..estimate import ModelShape, probabilities_kept_from
-
+def _shape_of(values: tuple[Any, ...]) -> ModelShape | None:
     try:
-        shape = ModelShape.model_validate({k: v for k, v in zip(_SHAPE_FIELDS, values, strict=True) if v is not None})
+        return ModelShape.model_validate({k: v for k, v in zip(_SHAPE_FIELDS, values, strict=True) if v is not None})
     except ValidationError:
-        return sys.maxsize
-    return probabilities_kept_from(shape)
+        return None
 
 
 def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
