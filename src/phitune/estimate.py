@@ -567,9 +567,8 @@ def kept_outputs(
     down = max(1, tokens * down_projection_output_bytes(shape, compute))
     if budget < layers * down:
         return KeptOutputs(down_projections=budget // down)
-    upgrade = max(
-        1, tokens * matmul_output_bytes(shape, compute, probabilities) - down
-    )  # a whole layer beyond its down projection
+    # a whole layer beyond its down projection
+    upgrade = max(1, tokens * matmul_output_bytes(shape, compute, probabilities) - down)
     whole = min(layers, (budget - layers * down) // upgrade)
     return KeptOutputs(layers=whole, down_projections=layers - whole)
 
