@@ -63,10 +63,12 @@ def apply_method(
     """Wrap ``model`` for training with ``method``; returns the model whose trainable parameters are optimised.
     With gradient checkpointing, the first ``keep_matmul_layers`` decoder layers keep their matmul outputs and the
     next ``keep_down_projections`` their down projection's (:func:`keep_matmul_outputs`). RMSNorms train through
-    :mod:`.norm`."""
+    :mod:`.norm`, Phi-3's attention inputs and SwiGLU through :mod:`.decoder`."""
+    from .decoder import use_fused_decoder
     from .norm import use_training_rms_norm
 
     use_training_rms_norm(model)
+    use_fused_decoder(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

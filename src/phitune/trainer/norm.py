@@ -17,6 +17,8 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
 
+from . import fused
+
 _SAME_FUNCTION = (Phi3RMSNorm, LlamaRMSNorm)
 """Norm classes that compute exactly ``Phi3RMSNorm``'s function (Phi-3-mini and -medium, Llama-style models)."""
 
@@ -47,15 +49,24 @@ def use_training_rms_norm(model: Any) -> int:
 class _RMSNorm(torch.autograd.Function):  # type: ignore[misc]
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        scale = _inverse_rms(x, eps)
+        kernels = fused.operators_for(x, weight)
+        if kernels is not None:
+            x = x.contiguous()
+            normed, scale = kernels.rms_norm_forward(x, weight, eps)
+        else:
+            scale = _inverse_rms(x, eps)
+            normed = weight * _normed(x, scale)
         ctx.save_for_backward(x, scale, weight)
-        return weight * _normed(x, scale)
+        return normed
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, scale, weight = ctx.saved_tensors
         grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
+        kernels = fused.operators_for(grad, x, weight)
+        if ctx.needs_input_grad[0] and kernels is not None:
+            grad_x = kernels.rms_norm_backward(grad.contiguous(), x, scale, weight)
+        elif ctx.needs_input_grad[0]:
             # d/dx of x * r with r = (mean(x²) + eps)^-1/2: r * g - x * r³ * mean(g * x), all in fp32
             grad_normed = (grad * weight).float()
             dot = torch.linalg.vecdot(grad_normed, x.float(), dim=-1).unsqueeze(-1)

@@ -1,0 +1,78 @@
+"""Fused CPU kernels for the trainer's element-wise work, built on this machine at first use.
+
+On a CPU, the trainer's RMSNorm and SwiGLU are chains of element-wise torch ops, each one pass over a ``[tokens,
+width]`` tensor in memory: a dozen passes for an RMSNorm forward and backward, eight for Phi-3's SwiGLU (plus the
+``cat`` that joins the two halves of its gradient). ``fused.cpp`` does each in one pass with fp32 in registers. The
+forwards round where torch's ops round and return the same bf16 values; the backwards keep fp32 where torch rounds to
+bf16 between ops.
+
+The kernels compile with ``torch.utils.cpp_extension`` (the C++ compiler torch's extensions use, ``c++`` by default,
+and ninja) the first time a job needs them, ~10 s, into ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``), where later jobs load them in milliseconds; torchrun's ranks wait on one build. The
+build targets the instruction set torch itself uses on this CPU (``torch.backends.cpu.get_cpu_capability()``), part
+of the build's name, so a cache shared by different machines keeps one build per instruction set. Where the build
+fails (no compiler), the trainer logs why once and runs the torch ops instead; ``PHITUNE_FUSED_KERNELS=0`` skips the
+kernels. Only bf16 tensors on the CPU take them: fp32 training and GPUs run the torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_LOG = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused.cpp")
+"""The kernels' C++ source, shipped with the package."""
+
+_INSTRUCTION_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+"""Compiler flags for torch's CPU capability; any other capability builds for the compiler's default target."""
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+"""Tensor types the kernels take: not subclasses such as DTensor (FSDP) or quantised weights."""
+
+
+def enabled() -> bool:
+    """Whether the trainer may use the kernels: unless ``$PHITUNE_FUSED_KERNELS`` is ``0``."""
+    return os.environ.get("PHITUNE_FUSED_KERNELS", "1") != "0"
+
+
+@functools.cache
+def operators() -> Any | None:
+    """The kernels' operators (``torch.ops.phitune_fused``), building them on first call; ``None`` where they are
+    disabled or cannot be built (logged once, with the compiler's reason)."""
+    if not enabled():
+        return None
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _INSTRUCTION_FLAGS.get(capability, [])
+    try:
+        cpp_extension.load(
+            name=f"phitune_fused_{capability.lower().replace(' ', '_')}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", *flags],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # a missing compiler or ninja raises its own types; every failure falls back alike
+        _LOG.warning("fused CPU kernels unavailable, the trainer runs torch's ops instead: %s", error)
+        return None
+    return torch.ops.phitune_fused
+
+
+def operators_for(*tensors: torch.Tensor) -> Any | None:
+    """The kernels' operators where all ``tensors`` are plain bf16 CPU tensors and the kernels are available."""
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16 or type(tensor) not in _PLAIN:
+            return None
+    return operators()

@@ -1,0 +1,171 @@
+"""The fused CPU kernels (built here with the machine's compiler, as a job builds them): transformers' bf16 values in
+the forwards, gradients at least as close to float64 as torch's bf16 ops; the trainer's modules take them; without
+them (disabled, or a failed build) the trainer runs torch's ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import torch.nn.functional as F  # noqa: E402
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb  # noqa: E402
+
+from phitune.trainer import fused  # noqa: E402
+from phitune.trainer.decoder import TrainingPhi3Attention, TrainingPhi3MLP, use_fused_decoder  # noqa: E402
+from phitune.trainer.tiny import TINY_CONFIG  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kernels() -> Any:
+    built = fused.operators()
+    assert built is not None, "the fused kernels did not build (see the logged compiler error)"
+    return built
+
+
+def _random(*shape: int, seed: int, scale: float = 1.0) -> Any:
+    return (scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).to(torch.bfloat16)
+
+
+def _relative_error(got: Any, expected: Any) -> float:
+    return float((got.double() - expected).norm() / expected.norm())
+
+
+def _swiglu(gate_up: Any) -> Any:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+def test_swiglu_returns_transformers_values_and_a_closer_gradient(kernels: Any) -> None:
+    gate_up, grad = _random(3, 37, 2 * 160, seed=0, scale=3.0), _random(3, 37, 160, seed=1)
+    torch.testing.assert_close(kernels.swiglu_forward(gate_up), _swiglu(gate_up), rtol=0, atol=0)
+
+    exact = gate_up.double().requires_grad_()
+    _swiglu(exact).backward(grad.double())
+    by_torch = gate_up.clone().requires_grad_()
+    _swiglu(by_torch).backward(grad)
+    ours = kernels.swiglu_backward(grad, gate_up)
+    assert ours.dtype == torch.bfloat16 and ours.shape == gate_up.shape
+    assert _relative_error(ours, exact.grad) <= _relative_error(by_torch.grad, exact.grad) < 1e-2
+
+
+def test_swiglu_keeps_large_and_non_finite_gates(kernels: Any) -> None:
+    gate = torch.tensor([[-200.0, -90.0, -20.0, 0.0, 20.0, 90.0, float("inf"), float("nan")]])
+    gate_up = torch.cat([gate, torch.ones_like(gate)], dim=-1).to(torch.bfloat16)
+    torch.testing.assert_close(kernels.swiglu_forward(gate_up), _swiglu(gate_up), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)], ids=["mha", "gqa"])
+def test_rotary_qkv_returns_transformers_queries_keys_and_values(kernels: Any, heads: int, kv_heads: int) -> None:
+    batch, tokens, dim = 2, 29, 16
+    qkv = _random(batch, tokens, (heads + 2 * kv_heads) * dim, seed=2, scale=2.0)
+    angles = torch.rand(batch, tokens, dim // 2, generator=torch.Generator().manual_seed(3)) * 6.3
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+
+    def split(tensor: Any) -> list[Any]:
+        parts = tensor.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        return [part.view(batch, tokens, -1, dim).transpose(1, 2) for part in parts]
+
+    def reference(tensor: Any) -> list[Any]:
+        query, key, value = split(tensor)
+        return [*apply_rotary_pos_emb(query, key, cos.to(tensor.dtype), sin.to(tensor.dtype)), value]
+
+    ours = kernels.rotary_qkv_forward(qkv, cos, sin, heads, kv_heads)
+    for got, expected in zip(ours, reference(qkv), strict=True):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    grads = [_random(*t.shape, seed=4 + i) for i, t in enumerate(ours)]
+    exact = qkv.double().requires_grad_()
+    torch.autograd.backward(reference(exact), [g.double() for g in grads])
+    got = kernels.rotary_qkv_backward(*grads, cos, sin)
+    assert got.shape == qkv.shape
+    assert _relative_error(got, exact.grad) < 5e-3
+
+
+def test_rms_norm_returns_transformers_values_and_a_closer_gradient(kernels: Any) -> None:
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    x, grad = _random(5, 11, 96, seed=5, scale=4.0), _random(5, 11, 96, seed=6)
+    weight = (1 + 0.3 * torch.randn(96, generator=torch.Generator().manual_seed(7))).to(torch.bfloat16)
+    norm = Phi3RMSNorm(96, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data.copy_(weight)
+    out, scale = kernels.rms_norm_forward(x, weight, 1e-5)
+    torch.testing.assert_close(out, norm(x), rtol=0, atol=0)
+    assert scale.shape == (5, 11, 1) and scale.dtype == torch.float32
+
+    exact = Phi3RMSNorm(96, eps=1e-5).double()
+    exact.weight.data.copy_(weight.double())
+    x64 = x.double().requires_grad_()
+    exact(x64).backward(grad.double())
+    by_torch = x.clone().requires_grad_()
+    norm(by_torch).backward(grad)
+    ours = kernels.rms_norm_backward(grad, x, scale, weight)
+    assert _relative_error(ours, x64.grad) <= _relative_error(by_torch.grad, x64.grad) < 1e-2
+
+
+def test_kernels_refuse_what_they_do_not_compute(kernels: Any) -> None:
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernels.swiglu_forward(torch.ones(2, 4))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.swiglu_forward(torch.ones(4, 2, dtype=torch.bfloat16).T)
+    assert fused.operators_for(torch.ones(2, dtype=torch.bfloat16)) is kernels
+    assert fused.operators_for(torch.ones(2, dtype=torch.bfloat16), torch.ones(2)) is None
+
+
+def _tiny_models() -> tuple[Any, Any, Any]:
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(**{**TINY_CONFIG, "num_key_value_heads": 2, "vocab_size": 97, "pad_token_id": 0})
+    reference = transformers.Phi3ForCausalLM(config).to(torch.bfloat16)
+    ours = transformers.Phi3ForCausalLM(config).to(torch.bfloat16)
+    ours.load_state_dict(reference.state_dict())
+    return config, reference, ours
+
+
+def test_a_bf16_model_trains_through_the_kernels_with_transformers_loss_and_gradients(kernels: Any) -> None:
+    """Full fine-tuning of a tiny bf16 Phi-3 (grouped-query attention): the same loss and, within bf16 rounding, the
+    same gradients of every weight; the state dict is unchanged."""
+    config, reference, ours = _tiny_models()
+    assert use_fused_decoder(ours) == 2 * config.num_hidden_layers
+    assert {type(layer.self_attn) for layer in ours.model.layers} == {TrainingPhi3Attention}
+    assert {type(layer.mlp) for layer in ours.model.layers} == {TrainingPhi3MLP}
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    ids = torch.randint(1, 97, (2, 23), generator=torch.Generator().manual_seed(2))
+    losses = [model(input_ids=ids, labels=ids).loss for model in (reference, ours)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)  # the forwards are transformers' to the bit
+    for (name, expected), got in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        assert _relative_error(got.grad, expected.grad.double()) < 0.03, name
+
+
+def test_without_the_kernels_the_modules_run_transformers_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHITUNE_FUSED_KERNELS", "0")
+    monkeypatch.setattr(fused, "operators", fused.operators.__wrapped__)  # uncached: reads the variable
+    assert fused.operators() is None
+    _, reference, ours = _tiny_models()
+    use_fused_decoder(ours)
+    ids = torch.randint(1, 97, (1, 17), generator=torch.Generator().manual_seed(3))
+    losses = [model(input_ids=ids, labels=ids).loss for model in (reference, ours)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=0)
+
+
+def test_a_failed_build_is_logged_and_leaves_torch_ops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "fused.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(fused, "SOURCE", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(fused, "operators", fused.operators.__wrapped__)
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        assert fused.operators() is None
+    assert "fused CPU kernels unavailable" in caplog.text
