@@ -108,6 +108,21 @@ def test_rms_norm_returns_transformers_values_and_a_closer_gradient(kernels: Any
     assert _relative_error(ours, x64.grad) <= _relative_error(by_torch.grad, x64.grad) < 1e-2
 
 
+@pytest.mark.parametrize("first_row", [0, 9])
+def test_causal_softmax_matches_torch_on_masked_scores(kernels: Any, first_row: int) -> None:
+    """A block of rows from ``first_row``: torch's softmax of the scaled scores under the causal mask, to the bf16
+    rounding of an exponential within an ulp of torch's; the masked keys exactly 0."""
+    heads, rows, keys = 3, 20, first_row + 20
+    scores = _random(heads, rows, keys, seed=8, scale=6.0)
+    mask = torch.ones(rows, keys, dtype=torch.bool).triu_(first_row + 1)
+    expected = torch.softmax((scores * 0.125).masked_fill(mask, float("-inf")), -1)
+    ours = scores.clone()
+    kernels.causal_softmax_(ours, 0.125, first_row)
+    assert (ours == expected).float().mean() > 0.99
+    assert bool(((ours.float() - expected.float()).abs() <= expected.float() * 2**-7).all())
+    assert not ours[:, mask].any()
+
+
 def test_kernels_refuse_what_they_do_not_compute(kernels: Any) -> None:
     with pytest.raises(RuntimeError, match="bf16"):
         kernels.swiglu_forward(torch.ones(2, 4))

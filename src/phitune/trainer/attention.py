@@ -3,9 +3,10 @@
 SDPA's CPU kernel is a flash kernel: it never holds a ``[length, length]`` score matrix, which is what long sequences
 need, but for the few hundred tokens of a typical chat example it runs at 40-60 GFLOP/s on 2 cores, its backward
 slowest, while the same products as batched matmuls run at ~300. Here a block of query rows gets its scores in one
-``baddbmm`` (the causal mask is its added input), its probabilities in one softmax and its output in one ``bmm``; a
-block's keys stop at its last row, so blocks of :data:`ROW_BLOCK` rows skip most of the masked half. Heads go in
-groups whose scores fit :data:`GROUP_BYTES`, which bounds the transient memory.
+``bmm``, its probabilities in one pass of the fused kernel's masked softmax (:mod:`.fused`; in fp32, or where the
+kernels are missing, a ``baddbmm`` with the causal mask as its added input and torch's softmax) and its output in one
+``bmm``; a block's keys stop at its last row, so blocks of :data:`ROW_BLOCK` rows skip most of the masked half. Heads
+go in groups whose scores fit :data:`GROUP_BYTES`, which bounds the transient memory.
 
 With ``keep``, the op keeps the probabilities for the backward (``heads x length²`` in the compute dtype, less the
 masked keys that row blocks skip), which then computes no scores and no softmax: ~5% of a step of the benchmark model,
@@ -39,6 +40,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from . import fused
 
 GROUP_BYTES = 4 * 2**20
 """The most bytes of scores computed at once (``heads * length**2`` elements for a group of heads)."""
@@ -78,12 +81,9 @@ def _forward(
     tiles, size = _tiles(query)
     probabilities = query.new_empty(size if keep else 0)
     for heads, rows, offset in tiles:
-        scores = _scores(query[heads], key[heads], rows, scale)
-        if keep:
-            kept = _tile(probabilities, heads, rows, offset)
-            torch.ops.aten._softmax.out(scores, -1, False, out=kept)
-        else:
-            kept = torch.softmax(scores, -1)
+        kept = _probabilities(
+            query[heads], key[heads], rows, scale, _tile(probabilities, heads, rows, offset) if keep else None
+        )
         torch.bmm(kept, value[heads, : rows.stop], out=out[heads, rows])
     return out[:, :length].contiguous() if out.shape[1] != length else out, probabilities
 
@@ -114,10 +114,8 @@ def _backward(
     for heads, rows, offset in reversed(_tiles(query)[0]):
         q, k, v, g = query[heads], key[heads], value[heads], grad[heads]
         keys = slice(0, rows.stop)
-        if probabilities.numel():
-            kept = _tile(probabilities, heads, rows, offset)
-        else:  # recomputed, as a flash kernel does
-            kept = torch.softmax(_scores(q, k, rows, scale), -1)
+        # kept by the forward, or recomputed as a flash kernel does
+        kept = _tile(probabilities, heads, rows, offset) if probabilities.numel() else _probabilities(q, k, rows, scale)
         grad_scores = torch._softmax_backward_data(
             torch.bmm(g[:, rows], v[:, keys].transpose(1, 2)), kept, -1, kept.dtype
         )
@@ -152,6 +150,21 @@ def causal_attention(
     ``heads x length²`` values more memory) rather than recompute them."""
     out: torch.Tensor = attention_and_probabilities(query, key, value, scale, keep)[0]
     return out
+
+
+def _probabilities(
+    query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The causal softmax probabilities of query ``rows`` against the keys up to the last of them, ``[heads, rows,
+    rows.stop]``, in ``out`` when given: in bf16 on a CPU, the fused kernel's masked softmax (:mod:`.fused`) over the
+    raw scores; else torch's softmax of :func:`_scores`."""
+    kernels = fused.operators_for(query)
+    if kernels is None:
+        scores = _scores(query, key, rows, scale)
+        return torch.softmax(scores, -1) if out is None else torch.ops.aten._softmax.out(scores, -1, False, out=out)
+    scores = torch.bmm(query[:, rows], key[:, : rows.stop].transpose(1, 2), out=out)
+    kernels.causal_softmax_(scores, scale, rows.start)
+    return scores
 
 
 def _scores(query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -> torch.Tensor:

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -298,6 +299,41 @@ at::Tensor rotary_qkv_backward(const at::Tensor& d_query, const at::Tensor& d_ke
   return d_qkv;
 }
 
+// In place: causal softmax over the last dimension of a block of attention scores [heads, rows, keys], the block's
+// first row being query row first_row: row r attends keys 0..first_row + r, each score times scale; the masked keys
+// get probability 0. As torch's softmax of bf16 scores: fp32 inside, the probabilities rounded to bf16.
+void causal_softmax_(at::Tensor& scores, double scale, int64_t first_row) {
+  check_rows(scores, "scores");
+  TORCH_CHECK(scores.dim() == 3, "scores must be [heads, rows, keys]");
+  const int64_t rows = scores.size(1), keys = scores.size(2);
+  TORCH_CHECK(first_row >= 0 && first_row + rows <= keys, "rows past the last key");
+  bf16* all = output(scores);
+  at::parallel_for(0, scores.size(0) * rows, grain(keys), [&, factor = static_cast<float>(scale)](int64_t begin, int64_t end) {
+    std::vector<float> exponentials(keys);
+    float* __restrict__ e = exponentials.data();
+    for (int64_t index = begin; index < end; ++index) {
+      bf16* __restrict__ row = all + index * keys;
+      const int64_t valid = first_row + index % rows + 1;
+      float largest = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : largest)
+      for (int64_t j = 0; j < valid; ++j) {
+        largest = std::max(largest, to_float(row[j]) * factor);
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < valid; ++j) {
+        e[j] = exp_f32(to_float(row[j]) * factor - largest);
+        sum += e[j];
+      }
+      const float inverse = 1.0f / sum;
+      for (int64_t j = 0; j < valid; ++j) {
+        row[j] = to_bf16(e[j] * inverse);
+      }
+      std::fill(row + valid, row + keys, bf16{0});
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(phitune_fused, m) {
@@ -307,6 +343,7 @@ TORCH_LIBRARY(phitune_fused, m) {
   m.def("swiglu_backward(Tensor grad, Tensor gate_up) -> Tensor");
   m.def("rotary_qkv_forward(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads) -> (Tensor, Tensor, Tensor)");
   m.def("rotary_qkv_backward(Tensor d_query, Tensor d_key, Tensor d_value, Tensor cos, Tensor sin) -> Tensor");
+  m.def("causal_softmax_(Tensor(a!) scores, float scale, int first_row) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(phitune_fused, CPU, m) {
@@ -316,4 +353,5 @@ TORCH_LIBRARY_IMPL(phitune_fused, CPU, m) {
   m.impl("swiglu_backward", &swiglu_backward);
   m.impl("rotary_qkv_forward", &rotary_qkv_forward);
   m.impl("rotary_qkv_backward", &rotary_qkv_backward);
+  m.impl("causal_softmax_", &causal_softmax_);
 }
