@@ -123,6 +123,24 @@ def test_causal_softmax_matches_torch_on_masked_scores(kernels: Any, first_row: 
     assert not ours[:, mask].any()
 
 
+def test_cross_entropy_rows_gives_exact_losses_and_the_softmax_gradient_in_place(kernels: Any) -> None:
+    logits = _random(6, 1000, seed=9, scale=4.0)
+    logits[0, 7] = -120.0  # the target's probability underflows fp32: the loss comes from logsumexp all the same
+    targets = torch.tensor([7, 0, 999, 3, 500, 42])
+    expected = F.cross_entropy(logits.double(), targets, reduction="none")
+    gradient = torch.softmax(logits.double(), -1) - F.one_hot(targets, 1000).double()
+    values = logits.clone()
+    torch.testing.assert_close(
+        kernels.cross_entropy_rows_(values, targets, False).double(), expected, rtol=1e-5, atol=0
+    )
+    assert torch.equal(values, logits)  # no gradient asked: the logits stay
+    losses = kernels.cross_entropy_rows_(values, targets, True)
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(values.double(), gradient, rtol=2**-8, atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        kernels.cross_entropy_rows_(values, torch.tensor([0, 0, 0, 0, 0, 1000]), False)
+
+
 def test_kernels_refuse_what_they_do_not_compute(kernels: Any) -> None:
     with pytest.raises(RuntimeError, match="bf16"):
         kernels.swiglu_forward(torch.ones(2, 4))

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 
-from phitune.trainer import buffers, loss  # noqa: E402
+from phitune.trainer import buffers, fused, loss  # noqa: E402
 
 
 def _inputs(rows: int, features: int = 24, vocab: int = 300, *, head_grad: bool = True) -> tuple[Any, Any, Any]:
@@ -100,9 +100,14 @@ def test_no_rows_give_a_differentiable_zero() -> None:
     assert float(value) == 0.0 and hidden.grad is not None and float(weight.grad.abs().sum()) == 0.0
 
 
-def test_chunk_buffers_are_reused_between_calls_and_never_leak_between_them(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", ["fused_kernel", "torch_ops"])
+def test_chunk_buffers_are_reused_between_calls_and_never_leak_between_them(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
     """A thread keeps its chunk buffers: a smaller call reuses them, a larger one or another dtype gets new ones;
-    whatever an earlier call left in them never reaches a later result."""
+    whatever an earlier call left in them never reaches a later result. The fused kernel needs no fp32 logits."""
+    if path == "torch_ops":
+        monkeypatch.setattr(fused, "operators_for", lambda *tensors: None)
     monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 8 * 300)
     monkeypatch.setattr(buffers, "_kept", type(buffers._kept)())
     calls = [(_inputs(5), True), (_inputs(3), True), (_inputs(20), True), (_inputs(4, vocab=200), False)]
@@ -114,8 +119,9 @@ def test_chunk_buffers_are_reused_between_calls_and_never_leak_between_them(monk
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
         kept.append({key[:2]: (t.data_ptr(), t.numel()) for key, t in buffers._kept.by_key.items()})
     products, logits = ("loss products", torch.bfloat16), ("loss logits", torch.float32)
-    assert kept[0].keys() == {products, logits} and kept[0][products][1] == kept[0][logits][1] == 5 * 300
+    bf16_buffers = {products, logits} if path == "torch_ops" else {products}
+    assert kept[0].keys() == bf16_buffers and {kept[0][key][1] for key in bf16_buffers} == {5 * 300}
     assert kept[1] == kept[0]  # 3 rows fit in the 5 rows of the first call's buffers
-    assert kept[2][products][1] == kept[2][logits][1] == 8 * 300  # grown to a full chunk of 8 rows
+    assert {kept[2][key][1] for key in bf16_buffers} == {8 * 300}  # grown to a full chunk of 8 rows
     fp32_products = ("loss products", torch.float32)  # an fp32 head: its products are the fp32 logits
-    assert kept[3].keys() == {products, logits, fp32_products} and kept[3][fp32_products][1] == 4 * 200
+    assert kept[3].keys() == {*bf16_buffers, fp32_products} and kept[3][fp32_products][1] == 4 * 200

@@ -334,6 +334,50 @@ void causal_softmax_(at::Tensor& scores, double scale, int64_t first_row) {
   });
 }
 
+// Cross-entropy of each row of bf16 logits [rows, vocab] against its target, in fp32: logsumexp - target logit.
+// With gradient, the logits are overwritten in place by the loss's gradient, bf16(softmax - onehot(target)).
+at::Tensor cross_entropy_rows_(at::Tensor& logits, const at::Tensor& targets, bool gradient) {
+  check_rows(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "logits must be [rows, vocab]");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.numel() == logits.size(0),
+              "targets must be one contiguous int64 per row");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  at::Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
+  bf16* all = output(logits);
+  const int64_t* picked = targets.const_data_ptr<int64_t>();
+  for (int64_t index = 0; index < rows; ++index) {
+    TORCH_CHECK(picked[index] >= 0 && picked[index] < vocab, "target ", picked[index], " outside the vocabulary");
+  }
+  float* out = losses.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> exponentials(vocab);
+    float* __restrict__ e = exponentials.data();
+    for (int64_t index = begin; index < end; ++index) {
+      bf16* __restrict__ row = all + index * vocab;
+      const int64_t target = picked[index];
+      float largest = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : largest)
+      for (int64_t j = 0; j < vocab; ++j) {
+        largest = std::max(largest, to_float(row[j]));
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < vocab; ++j) {
+        e[j] = exp_f32(to_float(row[j]) - largest);
+        sum += e[j];
+      }
+      out[index] = std::log(sum) + largest - to_float(row[target]);
+      if (!gradient) continue;
+      const float inverse = 1.0f / sum;
+      for (int64_t j = 0; j < vocab; ++j) {
+        row[j] = to_bf16(e[j] * inverse);
+      }
+      row[target] = to_bf16(e[target] * inverse - 1.0f);
+    }
+  });
+  return losses;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(phitune_fused, m) {
@@ -344,6 +388,7 @@ TORCH_LIBRARY(phitune_fused, m) {
   m.def("rotary_qkv_forward(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads) -> (Tensor, Tensor, Tensor)");
   m.def("rotary_qkv_backward(Tensor d_query, Tensor d_key, Tensor d_value, Tensor cos, Tensor sin) -> Tensor");
   m.def("causal_softmax_(Tensor(a!) scores, float scale, int first_row) -> ()");
+  m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor targets, bool gradient) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(phitune_fused, CPU, m) {
@@ -354,4 +399,5 @@ TORCH_LIBRARY_IMPL(phitune_fused, CPU, m) {
   m.impl("rotary_qkv_forward", &rotary_qkv_forward);
   m.impl("rotary_qkv_backward", &rotary_qkv_backward);
   m.impl("causal_softmax_", &causal_softmax_);
+  m.impl("cross_entropy_rows_", &cross_entropy_rows_);
 }

@@ -9,13 +9,15 @@ outlives its chunk and the head costs two matrix products per chunk (three when 
 loss does.
 
 Numerics follow ``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` under the same autocast: the head's
-matmuls run in the autocast dtype (bf16 on CPUs with AVX512-BF16), the softmax in fp32 (one fused pass per row), and
-a row's loss is ``-log`` of its target's probability, or ``logsumexp - target logit`` where that probability is too
-small for fp32 to hold exactly.
+matmuls run in the autocast dtype (bf16 on CPUs with AVX512-BF16), the softmax in fp32. On a CPU in bf16, one pass of
+a fused kernel per row (:mod:`.fused`) computes its loss, ``logsumexp - target logit``, and overwrites the bf16
+logits with the gradient: no fp32 copy of the logits (2.4% of the benchmark model's step). Elsewhere, torch's softmax
+runs in place on an fp32 copy, and a row's loss is ``-log`` of its target's probability, or ``logsumexp - target
+logit`` where that probability is too small for fp32 to hold exactly.
 
-A chunk's logits live in buffers that each thread keeps and reuses (:mod:`.buffers`, 48 MiB for Phi-3's
-vocabulary in bf16). Allocated afresh, every chunk's 33 MB of fp32 logits was new memory whose pages fault in on first
-touch: the benchmark model's forward + backward (``benchmarks/train_vs_trl.py``) took 1.17x as long.
+A chunk's logits live in buffers that each thread keeps and reuses (:mod:`.buffers`, 16 MiB for Phi-3's vocabulary
+in bf16, 48 MiB with the fp32 copy). Allocated afresh, every chunk's 33 MB of fp32 logits was new memory whose pages
+fault in on first touch: the benchmark model's forward + backward (``benchmarks/train_vs_trl.py``) took 1.17x as long.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import fused
 from .buffers import thread_buffer
 
 CHUNK_ELEMENTS = 8 * 2**20
@@ -86,34 +89,49 @@ def _chunks(
     """The summed loss, chunk by chunk; fills ``grad_hidden`` and accumulates ``grad_weight`` (fp32) when given."""
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     shape = (min(rows, hidden.shape[0]), weight.shape[0])
-    # the head's matmul output (later the gradient it multiplies out), and the fp32 logits unless the head is fp32
+    # the head's matmul output (later the gradient it multiplies out)
     products = thread_buffer("loss products", shape, weight.dtype, weight.device)
-    widen = weight.dtype != torch.float32
-    wide = thread_buffer("loss logits", shape, torch.float32, weight.device) if widen else products
+    kernels = fused.operators_for(products)
+    gradient = grad_hidden is not None or grad_weight is not None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
         product = torch.mm(h, weight.T, out=products[: h.shape[0]])
-        logits = wide[: h.shape[0]].copy_(product) if widen else product
-        # one fused pass per row (its max, exponentials, sum and scaling while the row is in cache): separate
-        # element-wise ops over the chunk took ~25% of the head's time on the benchmark model
-        probabilities = torch.softmax(logits, 1, out=logits)
-        picked = probabilities.gather(1, t[:, None]).squeeze(1)
-        losses = picked.log().neg_()
-        underflowed = (picked < _SMALLEST_EXACT).nonzero().squeeze(1)
-        if underflowed.numel():  # the target's logit is ~70+ below the row's largest: redo those rows exactly
-            exact = torch.mm(h[underflowed], weight.T).float()
-            picked_logits = exact.gather(1, t[underflowed, None]).squeeze(1)
-            losses[underflowed] = exact.logsumexp(1) - picked_logits
-        total += losses.sum()
-        if grad_hidden is None and grad_weight is None:
+        if kernels is not None:
+            total += kernels.cross_entropy_rows_(product, t.contiguous(), gradient).sum()
+            grad_logits = product
+        else:
+            losses, grad_logits = _softmax_cross_entropy(product, h, weight, t, gradient)
+            total += losses.sum()
+        if not gradient:
             continue
-        grad_logits = probabilities
-        grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-        if widen:
-            grad_logits = product.copy_(grad_logits)  # rounded to the head's dtype for its matmuls
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[start : start + rows])
         if grad_weight is not None:
             grad_weight.add_(grad_logits.T @ h)
     return total
+
+
+def _softmax_cross_entropy(
+    product: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's row losses and (with ``gradient``) ``softmax - onehot`` in ``product``'s dtype, through torch's ops:
+    the softmax in fp32 (a thread's buffer unless the head is fp32)."""
+    widen = product.dtype != torch.float32
+    logits = (
+        thread_buffer("loss logits", product.shape, torch.float32, product.device).copy_(product) if widen else product
+    )
+    # one fused pass per row (its max, exponentials, sum and scaling while the row is in cache): separate
+    # element-wise ops over the chunk took ~25% of the head's time on the benchmark model
+    probabilities = torch.softmax(logits, 1, out=logits)
+    picked = probabilities.gather(1, targets[:, None]).squeeze(1)
+    losses = picked.log().neg_()
+    underflowed = (picked < _SMALLEST_EXACT).nonzero().squeeze(1)
+    if underflowed.numel():  # the target's logit is ~70+ below the row's largest: redo those rows exactly
+        exact = torch.mm(hidden[underflowed], weight.T).float()
+        picked_logits = exact.gather(1, targets[underflowed, None]).squeeze(1)
+        losses[underflowed] = exact.logsumexp(1) - picked_logits
+    if not gradient:
+        return losses, product
+    probabilities[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
+    return losses, product.copy_(probabilities) if widen else probabilities  # rounded to the head's dtype
