@@ -63,7 +63,8 @@ def test_swiglu_keeps_large_and_non_finite_gates(kernels: Any) -> None:
 def test_rotary_qkv_returns_transformers_queries_keys_and_values(kernels: Any, heads: int, kv_heads: int) -> None:
     batch, tokens, dim = 2, 29, 16
     qkv = _random(batch, tokens, (heads + 2 * kv_heads) * dim, seed=2, scale=2.0)
-    angles = torch.rand(batch, tokens, dim // 2, generator=torch.Generator().manual_seed(3)) * 6.3
+    angles_batch = batch if heads == kv_heads else 1  # one batch of angles broadcast, as transformers allows
+    angles = torch.rand(angles_batch, tokens, dim // 2, generator=torch.Generator().manual_seed(3)) * 6.3
     cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
 
     def split(tensor: Any) -> list[Any]:

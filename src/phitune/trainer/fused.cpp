@@ -206,7 +206,7 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
 
 // Phi-3's attention inputs from its qkv projection [batch, tokens, (heads + 2 * kv_heads) * dim]: queries and keys
 // rotated as transformers' apply_rotary_pos_emb computes them, bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)) with
-// rotate_half(x) = [-x2, x1], and values, each [batch, heads, tokens, dim]. cos and sin: [batch, tokens, dim].
+// rotate_half(x) = [-x2, x1], and values, each [batch, heads, tokens, dim]. cos and sin: [batch or 1, tokens, dim].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_qkv_forward(const at::Tensor& qkv, const at::Tensor& cos,
                                                                   const at::Tensor& sin, int64_t heads,
                                                                   int64_t kv_heads) {
@@ -215,12 +215,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_qkv_forward(const at::Tens
   check_rows(sin, "sin");
   TORCH_CHECK(qkv.dim() == 3 && cos.dim() == 3 && cos.sizes() == sin.sizes(), "qkv, cos and sin must be 3-d");
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = cos.size(2), half = dim / 2;
-  TORCH_CHECK(dim % 2 == 0 && qkv.size(2) == (heads + 2 * kv_heads) * dim, "qkv's width is not (heads + 2 * kv_heads) * dim");
-  TORCH_CHECK(cos.size(0) == batch && cos.size(1) == tokens, "cos and sin must be [batch, tokens, dim]");
+  TORCH_CHECK(dim % 2 == 0 && qkv.size(2) == (heads + 2 * kv_heads) * dim,
+              "qkv's width is not (heads + 2 * kv_heads) * dim");
+  TORCH_CHECK((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == tokens,
+              "cos and sin must be [batch or 1, tokens, dim]");
   at::Tensor query = at::empty({batch, heads, tokens, dim}, qkv.options());
   at::Tensor key = at::empty({batch, kv_heads, tokens, dim}, qkv.options());
   at::Tensor value = at::empty({batch, kv_heads, tokens, dim}, qkv.options());
   const bf16* ins = input(qkv);
+  const int64_t cos_batches = cos.size(0);
   const bf16* coss = input(cos);
   const bf16* sins = input(sin);
   bf16* outs[3] = {output(query), output(key), output(value)};
@@ -228,8 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_qkv_forward(const at::Tens
   at::parallel_for(0, batch * tokens, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / tokens, t = row % tokens;
-      const bf16* __restrict__ c = coss + row * dim;
-      const bf16* __restrict__ s = sins + row * dim;
+      const int64_t angle = (cos_batches == 1 ? t : row) * dim;  // one batch of angles serves every row
+      const bf16* __restrict__ c = coss + angle;
+      const bf16* __restrict__ s = sins + angle;
       for (int64_t head = 0; head < heads + 2 * kv_heads; ++head) {
         const int64_t kind = head < heads ? 0 : (head < heads + kv_heads ? 1 : 2);
         const int64_t index = kind == 0 ? head : head - heads - (kind == 2 ? kv_heads : 0);
@@ -266,6 +270,9 @@ at::Tensor rotary_qkv_backward(const at::Tensor& d_query, const at::Tensor& d_ke
   const int64_t batch = d_query.size(0), heads = d_query.size(1), kv_heads = d_key.size(1);
   const int64_t tokens = d_query.size(2), dim = d_query.size(3), half = dim / 2;
   TORCH_CHECK(d_key.sizes() == d_value.sizes() && cos.size(2) == dim, "gradients and cos differ in shape");
+  TORCH_CHECK((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == tokens,
+              "cos and sin must be [batch or 1, tokens, dim]");
+  const int64_t cos_batches = cos.size(0);
   const int64_t width = (heads + 2 * kv_heads) * dim;
   at::Tensor d_qkv = at::empty({batch, tokens, width}, d_query.options());
   const bf16* grads[3] = {input(d_query), input(d_key), input(d_value)};
@@ -275,8 +282,9 @@ at::Tensor rotary_qkv_backward(const at::Tensor& d_query, const at::Tensor& d_ke
   at::parallel_for(0, batch * tokens, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / tokens, t = row % tokens;
-      const bf16* __restrict__ c = coss + row * dim;
-      const bf16* __restrict__ s = sins + row * dim;
+      const int64_t angle = (cos_batches == 1 ? t : row) * dim;  // one batch of angles serves every row
+      const bf16* __restrict__ c = coss + angle;
+      const bf16* __restrict__ s = sins + angle;
       for (int64_t head = 0; head < heads + 2 * kv_heads; ++head) {
         const int64_t kind = head < heads ? 0 : (head < heads + kv_heads ? 1 : 2);
         const int64_t index = kind == 0 ? head : head - heads - (kind == 2 ? kv_heads : 0);
@@ -308,7 +316,7 @@ void causal_softmax_(at::Tensor& scores, double scale, int64_t first_row) {
   const int64_t rows = scores.size(1), keys = scores.size(2);
   TORCH_CHECK(first_row >= 0 && first_row + rows <= keys, "rows past the last key");
   bf16* all = output(scores);
-  at::parallel_for(0, scores.size(0) * rows, grain(keys), [&, factor = static_cast<float>(scale)](int64_t begin, int64_t end) {
+  const auto softmax_rows = [&, factor = static_cast<float>(scale)](int64_t begin, int64_t end) {
     std::vector<float> exponentials(keys);
     float* __restrict__ e = exponentials.data();
     for (int64_t index = begin; index < end; ++index) {
@@ -331,7 +339,8 @@ void causal_softmax_(at::Tensor& scores, double scale, int64_t first_row) {
       }
       std::fill(row + valid, row + keys, bf16{0});
     }
-  });
+  };  // the scale captured by value: e[j] stores could alias a captured reference and stop vectorisation
+  at::parallel_for(0, scores.size(0) * rows, grain(keys), softmax_rows);
 }
 
 // Cross-entropy of each row of bf16 logits [rows, vocab] against its target, in fp32: logsumexp - target logit.
