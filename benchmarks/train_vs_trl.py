@@ -20,7 +20,9 @@ Our side runs as a user's job would, with the trainer's defaults: a bf16 frozen 
 attention kernel per example (rows padded to a bucket length and each example's attention to a multiple of 32 tokens,
 so that matmul shapes repeat: oneDNN builds a primitive for every new shape; on this narrow model it keeps the
 probabilities of examples from 185 tokens for the backward), LoRA layers that add the adapter inside
-one GEMM, the chunked head-only loss, mimalloc keeping the memory it frees (no ``$PHITUNE_MEMORY_LIMIT``), and no
+one GEMM, the chunked head-only loss, the fused CPU kernels (``phitune.trainer.fused``: RMSNorm, rotary queries and
+keys, SwiGLU, the attention's causal softmax, the loss's softmax; built before the runs, as a job's first use builds
+them), mimalloc keeping the memory it frees (no ``$PHITUNE_MEMORY_LIMIT``), and no
 gradient checkpointing: it is off by default, and here memory allows every activation (``--checkpointing`` turns it
 on; the trainer then keeps every layer's matmul outputs, which holds about as much memory, and recomputes only
 element-wise work, ~15% slower on this model).
@@ -35,7 +37,7 @@ switched off alone, as the median of its time over all_on's on the same micro-ba
 repeat) (``sdpa_per_example``: SDPA's CPU kernel instead of ``phitune.trainer.attention``;
 ``recomputed_probabilities``: that kernel recomputing every example's probabilities in the backward;
 ``peft_lora_forward``: peft's own LoRA forward; ``transformers_rms_norm``: transformers' RMSNorm instead of
-``phitune.trainer.norm``), and the cost
+``phitune.trainer.norm``; ``torch_element_wise_ops``: torch's ops in place of the fused kernels), and the cost
 of full and of selective checkpointing and the gain of ``torch.compile`` on the decoder layers (not used by the
 trainer: ~40 s of compilation per job).
 
@@ -395,7 +397,8 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     import torch.nn.functional as F
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.trainer import allocator, attention, data, packing
+    from phitune.trainer import allocator, attention, data, fused, packing
+    from phitune.trainer.decoder import use_fused_decoder
     from phitune.trainer.loop import token_loss_sum
     from phitune.trainer.lora import fuse_lora_layers
     from phitune.trainer.loss import linear_cross_entropy
@@ -414,6 +417,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         base = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
         if norm:
             use_training_rms_norm(base)  # as the trainer's apply_method does
+        use_fused_decoder(base)  # as apply_method does
         model = peft.get_peft_model(base, lora_config()).train()
         if fused:
             fuse_lora_layers(model)  # as apply_method does
@@ -440,6 +444,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     compiled_attention = torch.compiler.disable(varlen_fn)  # the per-example loop stays eager
     longest_gemm_attention = attention.MAX_LENGTH
     keeps_probabilities = packing._keeps_probabilities
+    fused_operators = fused.operators
 
     def full_logits(model: Any, batch: dict[str, Any]) -> Any:
         """transformers' loss path: the LM head on every position, then cross-entropy where labels are set."""
@@ -464,6 +469,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
         "recomputed_probabilities": (varlen, pack, token_loss_sum, True),
         "peft_lora_forward": (unfused, pack, token_loss_sum, True),
         "transformers_rms_norm": (plain_norm, pack, token_loss_sum, True),
+        "torch_element_wise_ops": (varlen, pack, token_loss_sum, True),
         "head_on_every_position": (varlen, pack, full_logits, True),
         "fp32": (fp32, pack, token_loss_sum, False),
         "gradient_checkpointing": (checkpointed, pack, token_loss_sum, True),
@@ -491,6 +497,7 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
                 packing._keeps_probabilities = (
                     (lambda config, length: False) if name == "recomputed_probabilities" else keeps_probabilities
                 )
+                fused.operators = (lambda: None) if name == "torch_element_wise_ops" else fused_operators
                 batch = batching(batch_examples)
                 started, started_cpu = time.perf_counter(), time.process_time()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -690,6 +697,9 @@ def main() -> None:
     report: dict[str, Any] = {"command": " ".join(["python", "benchmarks/train_vs_trl.py", *sys.argv[1:]])}
     report["environment_before"] = environment()
     setup = prepare(work, args.seq, args.micro_batch)
+    from phitune.trainer import fused
+
+    report["fused_kernels"] = fused.operators() is not None  # built here, before the runs, as a job's first use would
     plan = step_plan(setup, args.micro_batch, args.accumulation, args.steps)
     examples = our_tokens(setup, args.seq)
     lengths = [len(e.input_ids) for e in examples]
