@@ -124,6 +124,16 @@ def test_causal_softmax_matches_torch_on_masked_scores(kernels: Any, first_row: 
     assert not ours[:, mask].any()
 
 
+def test_softmax_backward_gives_the_scaled_scores_gradient(kernels: Any) -> None:
+    scores = torch.randn(3, 20, 33, generator=torch.Generator().manual_seed(10), dtype=torch.float64) * 3
+    probabilities = torch.softmax(scores, -1).to(torch.bfloat16)
+    grad = _random(3, 20, 33, seed=11)
+    expected = torch._softmax_backward_data(grad.double(), probabilities.double(), -1, torch.float64) * 0.125
+    ours = grad.clone()
+    kernels.softmax_backward_(ours, probabilities, 0.125)
+    assert _relative_error(ours, expected) < 5e-3
+
+
 def test_cross_entropy_rows_gives_exact_losses_and_the_softmax_gradient_in_place(kernels: Any) -> None:
     logits = _random(6, 1000, seed=9, scale=4.0)
     logits[0, 7] = -120.0  # the target's probability underflows fp32: the loss comes from logsumexp all the same

@@ -116,16 +116,14 @@ def _backward(
         keys = slice(0, rows.stop)
         # kept by the forward, or recomputed as a flash kernel does
         kept = _tile(probabilities, heads, rows, offset) if probabilities.numel() else _probabilities(q, k, rows, scale)
-        grad_scores = torch._softmax_backward_data(
-            torch.bmm(g[:, rows], v[:, keys].transpose(1, 2)), kept, -1, kept.dtype
-        )
-        torch.bmm(grad_scores, k[:, keys], out=grad_query[heads, rows]).mul_(scale)
+        grad_scores = _scores_gradient(torch.bmm(g[:, rows], v[:, keys].transpose(1, 2)), kept, scale)
+        torch.bmm(grad_scores, k[:, keys], out=grad_query[heads, rows])
         if rows.stop == q.shape[1]:
             torch.bmm(kept.transpose(1, 2), g[:, rows], out=grad_value[heads])
-            torch.bmm(grad_scores.transpose(1, 2), q[:, rows], out=grad_key[heads]).mul_(scale)
+            torch.bmm(grad_scores.transpose(1, 2), q[:, rows], out=grad_key[heads])
         else:
             grad_value[heads, keys] += torch.bmm(kept.transpose(1, 2), g[:, rows])
-            grad_key[heads, keys] += torch.bmm(grad_scores.transpose(1, 2), q[:, rows]).mul_(scale)
+            grad_key[heads, keys] += torch.bmm(grad_scores.transpose(1, 2), q[:, rows])
     return grad_query[:, :length], grad_key[:, :length], grad_value[:, :length], None, None
 
 
@@ -165,6 +163,16 @@ def _probabilities(
     scores = torch.bmm(query[:, rows], key[:, : rows.stop].transpose(1, 2), out=out)
     kernels.causal_softmax_(scores, scale, rows.start)
     return scores
+
+
+def _scores_gradient(grad: torch.Tensor, probabilities: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient of the scaled scores from the probabilities' ``grad`` (overwritten in bf16 on a CPU, by the fused
+    kernel): ``scale`` times the softmax's backward."""
+    kernels = fused.operators_for(grad, probabilities)
+    if kernels is None:
+        return torch._softmax_backward_data(grad, probabilities, -1, probabilities.dtype).mul_(scale)
+    kernels.softmax_backward_(grad, probabilities, scale)
+    return grad
 
 
 def _scores(query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -> torch.Tensor:

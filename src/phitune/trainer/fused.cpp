@@ -387,6 +387,33 @@ at::Tensor cross_entropy_rows_(at::Tensor& logits, const at::Tensor& targets, bo
   return losses;
 }
 
+// In place: the gradient of a softmax's input from its output's, times scale, over the last dimension:
+// grad = probabilities * (grad - sum(grad * probabilities)) * scale (fp32 inside, rounded to bf16 once).
+void softmax_backward_(at::Tensor& grad, const at::Tensor& probabilities, double scale) {
+  check_rows(grad, "grad");
+  check_rows(probabilities, "probabilities");
+  TORCH_CHECK(grad.sizes() == probabilities.sizes(), "grad and probabilities differ in shape");
+  const int64_t width = grad.size(-1);
+  const int64_t rows = grad.numel() / std::max<int64_t>(width, 1);
+  bf16* gs = output(grad);
+  const bf16* ps = input(probabilities);
+  const auto backward_rows = [&, factor = static_cast<float>(scale)](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      bf16* __restrict__ g = gs + index * width;
+      const bf16* __restrict__ p = ps + index * width;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < width; ++j) {
+        dot += to_float(g[j]) * to_float(p[j]);
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        g[j] = to_bf16(to_float(p[j]) * (to_float(g[j]) - dot) * factor);
+      }
+    }
+  };  // the scale captured by value, as in causal_softmax_
+  at::parallel_for(0, rows, grain(width), backward_rows);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(phitune_fused, m) {
@@ -398,6 +425,7 @@ TORCH_LIBRARY(phitune_fused, m) {
   m.def("rotary_qkv_backward(Tensor d_query, Tensor d_key, Tensor d_value, Tensor cos, Tensor sin) -> Tensor");
   m.def("causal_softmax_(Tensor(a!) scores, float scale, int first_row) -> ()");
   m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor targets, bool gradient) -> Tensor");
+  m.def("softmax_backward_(Tensor(a!) grad, Tensor probabilities, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(phitune_fused, CPU, m) {
@@ -409,4 +437,5 @@ TORCH_LIBRARY_IMPL(phitune_fused, CPU, m) {
   m.impl("rotary_qkv_backward", &rotary_qkv_backward);
   m.impl("causal_softmax_", &causal_softmax_);
   m.impl("cross_entropy_rows_", &cross_entropy_rows_);
+  m.impl("softmax_backward_", &softmax_backward_);
 }

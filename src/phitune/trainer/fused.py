@@ -75,7 +75,10 @@ def operators() -> Any | None:
 
 
 def operators_for(*tensors: torch.Tensor) -> Any | None:
-    """The kernels' operators where all ``tensors`` are plain bf16 CPU tensors and the kernels are available."""
+    """The kernels' operators where all ``tensors`` are plain bf16 CPU tensors and the kernels are available; not
+    under ``torch.compile``, which fuses torch's ops itself."""
+    if torch.compiler.is_compiling():
+        return None
     for tensor in tensors:
         if tensor.device.type != "cpu" or tensor.dtype != torch.bfloat16 or type(tensor) not in _PLAIN:
             return None

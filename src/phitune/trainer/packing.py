@@ -117,7 +117,8 @@ def varlen_attention(
         if attention.preferred(q, dropout=kwargs.get("dropout", 0.0), window=window is not None):
             scale = kwargs.get("scaling") or q.shape[-1] ** -0.5
             keep = _keeps_probabilities(module.config, q.shape[2])
-            outputs.append(attention.causal_attention(q[0], k[0], v[0], scale, keep=keep)[None])
+            # squeeze, not q[0]: the backward of a select writes its gradient into a zero-filled copy
+            outputs.append(attention.causal_attention(q.squeeze(0), k.squeeze(0), v.squeeze(0), scale, keep=keep)[None])
             continue
         outputs.append(
             F.scaled_dot_product_attention(
