@@ -4,6 +4,8 @@ them (disabled, or a failed build) the trainer runs torch's ops."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +215,12 @@ def test_a_failed_build_is_logged_and_leaves_torch_ops(
     with caplog.at_level("WARNING", logger=fused.__name__):
         assert fused.operators() is None
     assert "fused CPU kernels unavailable" in caplog.text
+
+
+def test_the_build_finds_the_ninja_wheel_off_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A virtual environment's Python run without activating it: its ``bin`` (the ninja wheel's) is not on $PATH."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    fused._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def operators() -> Any | None:
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _INSTRUCTION_FLAGS.get(capability, [])
     try:
+        _put_ninja_on_path()
         cpp_extension.load(
             name=f"phitune_fused_{capability.lower().replace(' ', '_')}",
             sources=[str(SOURCE)],
@@ -72,6 +74,15 @@ def operators() -> Any | None:
         _LOG.warning("fused CPU kernels unavailable, the trainer runs torch's ops instead: %s", error)
         return None
     return torch.ops.phitune_fused
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from ``$PATH``: add the folder of the ``ninja`` wheel's binary (a virtual
+    environment's ``bin``, absent from ``$PATH`` when its Python runs without activating it) where none is found."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def operators_for(*tensors: torch.Tensor) -> Any | None:
