@@ -204,57 +204,70 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
   return d_gate_up;
 }
 
+// Calls visit(kind, packed, split, cos, sin) for every head of every row of a qkv projection [batch, tokens,
+// (heads + 2 * kv_heads) * dim], rows in parallel: kind 0, 1 or 2 for a query, key or value head; packed, the head's
+// offset in the projection; split, its offset in the [batch, heads of its kind, tokens, dim] tensor of its kind; cos
+// and sin, the row's angles ([batch or 1, tokens, dim]: one batch of angles serves every row).
+template <typename Visit>
+void for_each_head(const at::Tensor& cos, const at::Tensor& sin, int64_t batch, int64_t tokens, int64_t heads,
+                   int64_t kv_heads, const Visit& visit) {
+  check_rows(cos, "cos");
+  check_rows(sin, "sin");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes(), "cos and sin must be 3-d, of one shape");
+  TORCH_CHECK((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == tokens,
+              "cos and sin must be [batch or 1, tokens, dim]");
+  const int64_t dim = cos.size(2), width = (heads + 2 * kv_heads) * dim, angle_batches = cos.size(0);
+  const bf16* coss = input(cos);
+  const bf16* sins = input(sin);
+  at::parallel_for(0, batch * tokens, grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / tokens, t = row % tokens;
+      const int64_t angle = (angle_batches == 1 ? t : row) * dim;
+      for (int64_t head = 0; head < heads + 2 * kv_heads; ++head) {
+        const int kind = head < heads ? 0 : (head < heads + kv_heads ? 1 : 2);
+        const int64_t index = kind == 0 ? head : head - heads - (kind == 2 ? kv_heads : 0);
+        const int64_t count = kind == 0 ? heads : kv_heads;
+        visit(kind, row * width + head * dim, ((b * count + index) * tokens + t) * dim, coss + angle, sins + angle);
+      }
+    }
+  });
+}
+
 // Phi-3's attention inputs from its qkv projection [batch, tokens, (heads + 2 * kv_heads) * dim]: queries and keys
 // rotated as transformers' apply_rotary_pos_emb computes them, bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)) with
-// rotate_half(x) = [-x2, x1], and values, each [batch, heads, tokens, dim]. cos and sin: [batch or 1, tokens, dim].
+// rotate_half(x) = [-x2, x1], and values, each [batch, heads, tokens, dim].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_qkv_forward(const at::Tensor& qkv, const at::Tensor& cos,
                                                                   const at::Tensor& sin, int64_t heads,
                                                                   int64_t kv_heads) {
   check_rows(qkv, "qkv");
-  check_rows(cos, "cos");
-  check_rows(sin, "sin");
-  TORCH_CHECK(qkv.dim() == 3 && cos.dim() == 3 && cos.sizes() == sin.sizes(), "qkv, cos and sin must be 3-d");
+  TORCH_CHECK(qkv.dim() == 3 && cos.dim() == 3, "qkv must be [batch, tokens, width], cos [batch or 1, tokens, dim]");
   const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = cos.size(2), half = dim / 2;
   TORCH_CHECK(dim % 2 == 0 && qkv.size(2) == (heads + 2 * kv_heads) * dim,
               "qkv's width is not (heads + 2 * kv_heads) * dim");
-  TORCH_CHECK((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == tokens,
-              "cos and sin must be [batch or 1, tokens, dim]");
   at::Tensor query = at::empty({batch, heads, tokens, dim}, qkv.options());
   at::Tensor key = at::empty({batch, kv_heads, tokens, dim}, qkv.options());
   at::Tensor value = at::empty({batch, kv_heads, tokens, dim}, qkv.options());
   const bf16* ins = input(qkv);
-  const int64_t cos_batches = cos.size(0);
-  const bf16* coss = input(cos);
-  const bf16* sins = input(sin);
   bf16* outs[3] = {output(query), output(key), output(value)};
-  const int64_t width = qkv.size(2);
-  at::parallel_for(0, batch * tokens, grain(width), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / tokens, t = row % tokens;
-      const int64_t angle = (cos_batches == 1 ? t : row) * dim;  // one batch of angles serves every row
-      const bf16* __restrict__ c = coss + angle;
-      const bf16* __restrict__ s = sins + angle;
-      for (int64_t head = 0; head < heads + 2 * kv_heads; ++head) {
-        const int64_t kind = head < heads ? 0 : (head < heads + kv_heads ? 1 : 2);
-        const int64_t index = kind == 0 ? head : head - heads - (kind == 2 ? kv_heads : 0);
-        const int64_t count = kind == 0 ? heads : kv_heads;
-        const bf16* __restrict__ x = ins + row * width + head * dim;
-        bf16* __restrict__ y = outs[kind] + ((b * count + index) * tokens + t) * dim;
-        if (kind == 2) {
-          std::memcpy(y, x, dim * sizeof(bf16));
-          continue;
-        }
-        for (int64_t i = 0; i < half; ++i) {
-          y[i] = to_bf16(round_bf16(to_float(x[i]) * to_float(c[i])) +
-                         round_bf16(-to_float(x[i + half]) * to_float(s[i])));
-        }
-        for (int64_t i = half; i < dim; ++i) {
-          y[i] = to_bf16(round_bf16(to_float(x[i]) * to_float(c[i])) +
-                         round_bf16(to_float(x[i - half]) * to_float(s[i])));
-        }
-      }
-    }
-  });
+  for_each_head(cos, sin, batch, tokens, heads, kv_heads,
+                [&](int kind, int64_t packed, int64_t split, const bf16* angle_cos, const bf16* angle_sin) {
+                  const bf16* __restrict__ x = ins + packed;
+                  const bf16* __restrict__ c = angle_cos;
+                  const bf16* __restrict__ s = angle_sin;
+                  bf16* __restrict__ y = outs[kind] + split;
+                  if (kind == 2) {
+                    std::memcpy(y, x, dim * sizeof(bf16));
+                    return;
+                  }
+                  for (int64_t i = 0; i < half; ++i) {
+                    y[i] = to_bf16(round_bf16(to_float(x[i]) * to_float(c[i])) +
+                                   round_bf16(-to_float(x[i + half]) * to_float(s[i])));
+                  }
+                  for (int64_t i = half; i < dim; ++i) {
+                    y[i] = to_bf16(round_bf16(to_float(x[i]) * to_float(c[i])) +
+                                   round_bf16(to_float(x[i - half]) * to_float(s[i])));
+                  }
+                });
   return {query, key, value};
 }
 
@@ -265,45 +278,30 @@ at::Tensor rotary_qkv_backward(const at::Tensor& d_query, const at::Tensor& d_ke
   check_rows(d_query, "d_query");
   check_rows(d_key, "d_key");
   check_rows(d_value, "d_value");
-  check_rows(cos, "cos");
-  check_rows(sin, "sin");
   const int64_t batch = d_query.size(0), heads = d_query.size(1), kv_heads = d_key.size(1);
   const int64_t tokens = d_query.size(2), dim = d_query.size(3), half = dim / 2;
-  TORCH_CHECK(d_key.sizes() == d_value.sizes() && cos.size(2) == dim, "gradients and cos differ in shape");
-  TORCH_CHECK((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == tokens,
-              "cos and sin must be [batch or 1, tokens, dim]");
-  const int64_t cos_batches = cos.size(0);
-  const int64_t width = (heads + 2 * kv_heads) * dim;
-  at::Tensor d_qkv = at::empty({batch, tokens, width}, d_query.options());
+  TORCH_CHECK(d_key.sizes() == d_value.sizes() && cos.dim() == 3 && cos.size(2) == dim,
+              "gradients and cos differ in shape");
+  at::Tensor d_qkv = at::empty({batch, tokens, (heads + 2 * kv_heads) * dim}, d_query.options());
   const bf16* grads[3] = {input(d_query), input(d_key), input(d_value)};
-  const bf16* coss = input(cos);
-  const bf16* sins = input(sin);
   bf16* outs = output(d_qkv);
-  at::parallel_for(0, batch * tokens, grain(width), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / tokens, t = row % tokens;
-      const int64_t angle = (cos_batches == 1 ? t : row) * dim;  // one batch of angles serves every row
-      const bf16* __restrict__ c = coss + angle;
-      const bf16* __restrict__ s = sins + angle;
-      for (int64_t head = 0; head < heads + 2 * kv_heads; ++head) {
-        const int64_t kind = head < heads ? 0 : (head < heads + kv_heads ? 1 : 2);
-        const int64_t index = kind == 0 ? head : head - heads - (kind == 2 ? kv_heads : 0);
-        const int64_t count = kind == 0 ? heads : kv_heads;
-        const bf16* __restrict__ g = grads[kind] + ((b * count + index) * tokens + t) * dim;
-        bf16* __restrict__ dx = outs + row * width + head * dim;
-        if (kind == 2) {
-          std::memcpy(dx, g, dim * sizeof(bf16));
-          continue;
-        }
-        for (int64_t i = 0; i < half; ++i) {
-          dx[i] = to_bf16(to_float(g[i]) * to_float(c[i]) + to_float(g[i + half]) * to_float(s[i + half]));
-        }
-        for (int64_t i = half; i < dim; ++i) {
-          dx[i] = to_bf16(to_float(g[i]) * to_float(c[i]) - to_float(g[i - half]) * to_float(s[i - half]));
-        }
-      }
-    }
-  });
+  for_each_head(cos, sin, batch, tokens, heads, kv_heads,
+                [&](int kind, int64_t packed, int64_t split, const bf16* angle_cos, const bf16* angle_sin) {
+                  const bf16* __restrict__ g = grads[kind] + split;
+                  const bf16* __restrict__ c = angle_cos;
+                  const bf16* __restrict__ s = angle_sin;
+                  bf16* __restrict__ dx = outs + packed;
+                  if (kind == 2) {
+                    std::memcpy(dx, g, dim * sizeof(bf16));
+                    return;
+                  }
+                  for (int64_t i = 0; i < half; ++i) {
+                    dx[i] = to_bf16(to_float(g[i]) * to_float(c[i]) + to_float(g[i + half]) * to_float(s[i + half]));
+                  }
+                  for (int64_t i = half; i < dim; ++i) {
+                    dx[i] = to_bf16(to_float(g[i]) * to_float(c[i]) - to_float(g[i - half]) * to_float(s[i - half]));
+                  }
+                });
   return d_qkv;
 }
 
