@@ -6,7 +6,8 @@ transformers' ``Phi3RMSNorm`` normalises in fp32 — ``weight * (x.float() * rsq
 straight from the input in one fp32 reduction, the normalised row in one pass, and a backward of three passes from
 the input and the per-row scale it keeps (``[tokens, 1]``): ~2x faster forward + backward on the benchmark model's
 ``[2944, 384]`` bf16 rows, 2-3% of its step. Values follow transformers' within fp32 rounding (the sum of squares is
-reduced in another order).
+reduced in another order). bf16 rows on a CPU take the fused kernel (:mod:`.fused`) instead: one pass forward,
+transformers' values exactly, and one pass backward.
 """
 
 from __future__ import annotations
