@@ -1,10 +1,14 @@
 """A fake Azure for offline tests, played under the real azure-ai-ml code.
 
-:class:`FakeAzure` is an azure-core ``HttpTransport`` that answers the ARM and Azure ML REST calls azure-ai-ml makes
-(workspace, registry discovery and models, data assets, FineTuning jobs, run history, registered models, serverless
-endpoints and their keys) from in-memory state that tests drive (``set_job_status``), records every request, and can
-inject faults (``fail``). :class:`ChatServer` is a real HTTP server on 127.0.0.1 standing in for a serverless
-endpoint's OpenAI-compatible ``/v1/chat/completions`` route, checking the endpoint key.
+:class:`FakeAzure` is an azure-core ``HttpTransport`` that answers the ARM, Azure ML and blob storage REST calls
+azure-ai-ml and azure-storage-blob make (workspace, default datastore and its secrets, blob uploads, registry discovery
+and models, data assets, compute clusters, FineTuning jobs, run history, registered models, serverless endpoints,
+managed online endpoints and deployments, and their keys) from in-memory state that tests drive (``set_job_status``),
+records every request, and can inject faults (``fail``). Like the real service it refuses what Azure refuses: a
+serverless job with a hyperparameter its MaaS notebook does not name, a serverless job on a model whose registry tags
+say its fine-tuning retired, a serverless deployment of a model fine-tuned on managed compute, and a second
+serverless deployment of one fine-tuned model. :class:`ChatServer` is a real HTTP server on 127.0.0.1 standing in for
+an endpoint's OpenAI-compatible ``/v1/chat/completions`` route, checking the endpoint key.
 """
 
 from __future__ import annotations
@@ -42,7 +46,32 @@ REGISTRY_PATH = (
 )
 AAD_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJmYWtlLWF1ZGllbmNlIn0.c2lnbmF0dXJlLWZha2U"
 ENDPOINT_KEY = "fake-endpoint-key-7f3a9c21d4e84b6b"
-PHI3_TAGS = {"maas-finetuning-deploy-regions": "eastus2", "task": "chat-completion"}
+STORAGE_ACCOUNT = "phitunestore"
+STORAGE_KEY = "ZmFrZS1zdG9yYWdlLWFjY291bnQta2V5LTAwMDA="
+# The registry's tags for a retired Phi-3 model (Azure/azureml-assets phi-3-mini-4k-instruct spec.yaml, version 15).
+PHI3_TAGS = {
+    "maas-finetuning-deploy-regions": "eastus2",
+    "task": "chat-completion",
+    "InferenceLegacyDate": "2025-06-09",
+    "InferenceDeprecationDate": "2025-06-30",
+    "InferenceRetirementDate": "2025-08-30",
+    "FinetuneDeprecationDate": "2025-06-30",
+    "FinetuneRetirementDate": "2025-08-30",
+    "finetune_compute_allow_list": "[Standard_NC24ads_A100_v4, Standard_NC48ads_A100_v4, Standard_NC96ads_A100_v4, "
+    "Standard_ND96asr_v4, Standard_ND96amsr_A100_v4]",
+    "model_specific_defaults": "{'apply_lora': 'true', 'learning_rate': '5e-6', 'learning_rate_min': '5e-7', "
+    "'learning_rate_max': '5e-5', 'lr_scheduler_type': 'cosine', 'gradient_accumulation_steps': '1'}",
+}
+# Tags of a live model, in the registry's shapes (the values are this fake's).
+PHI4_MINI_TAGS = {
+    "maas-finetuning-deploy-regions": "eastus2,eastus,northcentralus,southcentralus,westus,westus3",
+    "task": "chat-completion",
+    "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC48ads_A100_v4', "
+    "'Standard_NC96ads_A100_v4', 'Standard_ND96amsr_A100_v4']",
+    "model_specific_defaults": "{'apply_lora': 'true', 'learning_rate': '2e-5', 'learning_rate_min': '2e-6', "
+    "'learning_rate_max': '2e-4', 'lr_scheduler_type': 'cosine', 'gradient_accumulation_steps': '1'}",
+}
+SERVERLESS_HYPERPARAMETERS = {"per_device_train_batch_size", "learning_rate", "num_train_epochs"}
 _FLAVORS = {"python_function": {"data": {"loader_module": "mlflow.transformers"}}}
 _EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -109,12 +138,17 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
 
     location: str = "eastus2"
     kind: str = "Project"
+    workspace_guid: str = WORKSPACE_GUID
     registry_models: dict[str, dict[str, dict[str, str]]] = field(
         default_factory=lambda: {
-            name: {"12": dict(PHI3_TAGS), "14": dict(PHI3_TAGS)}
-            for name in ("Phi-3-mini-4k-instruct", "Phi-3-mini-128k-instruct", "Phi-3-medium-4k-instruct")
+            "Phi-4-mini-instruct": {"3": dict(PHI4_MINI_TAGS), "4": dict(PHI4_MINI_TAGS)},
+            **{name: {"15": dict(PHI3_TAGS)} for name in ("Phi-3-mini-4k-instruct", "Phi-3-medium-4k-instruct")},
         }
     )
+    computes: dict[str, str] = field(default_factory=lambda: {"gpu-cluster": "Standard_NC96ads_A100_v4"})
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    online_endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    online_deployments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     scoring_uri: str = "https://phitune-ep.eastus2.models.ai.azure.com"
     endpoint_polls: int = 1
     requests: list[Recorded] = field(default_factory=list)
@@ -199,7 +233,10 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
         with self._lock:
             parts = urlsplit(request.url)
             content = request.content
-            body = json.loads(content) if content else None
+            try:
+                body = json.loads(content) if content else None
+            except (ValueError, UnicodeDecodeError):
+                body = content  # a blob's bytes
             self.requests.append(
                 Recorded(
                     request.method,
@@ -234,6 +271,8 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
     # ------------------------------------------------------------------------------------------- routing
     def _route(self, request: HttpRequest, host: str, path: str, body: Any) -> Any:
         method = request.method
+        if host == f"https://{STORAGE_ACCOUNT}.blob.core.windows.net":
+            return self._blob(request, path, body)
         if path.endswith("/registrymanagement/v1.0/registries/azureml/discovery"):
             return _response(
                 request,
@@ -263,9 +302,12 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
         segments = path[len(WORKSPACE_PATH) + 1 :].split("/")
         handler = {
             "data": self._data,
+            "datastores": self._datastores,
+            "computes": self._computes,
             "jobs": self._jobs,
             "models": self._models,
             "serverlessEndpoints": self._endpoints,
+            "onlineEndpoints": self._online,
         }.get(segments[0])
         if handler is None:
             return _error(request, 404, "NotFound", f"fake Azure has no route for {method} {path}")
@@ -273,7 +315,7 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
 
     def _workspace(self) -> dict[str, Any]:
         properties = {
-            "workspaceId": WORKSPACE_GUID,
+            "workspaceId": self.workspace_guid,
             "friendlyName": WORKSPACE,
             "discoveryUrl": f"https://{self.location}.api.azureml.ms/discovery",
         }
@@ -367,6 +409,9 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
         if method == "PUT":
             if name in self.jobs:
                 return _error(request, 400, "UserError", f"job {name} exists and cannot be replaced")
+            refusal = self._refuse_job(body["properties"])
+            if refusal:
+                return _error(request, 400, "UserError", refusal)
             job = dict(body)
             job["properties"] = {**body["properties"], "status": "NotStarted"}
             job.update(
@@ -389,6 +434,142 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
             self.set_job_status(name, "CancelRequested")
             return _response(request, 202, None, {"Location": f"https://management.azure.com{WORKSPACE_PATH}/ops/1"})
         return _response(request, 200, self.jobs[name])
+
+    def _refuse_job(self, properties: dict[str, Any]) -> str | None:
+        """What the service refuses in a FineTuning job: undocumented serverless hyperparameters, a serverless job
+        on a model whose fine-tuning retired."""
+        details = properties["fineTuningDetails"]
+        if "computeId" in properties or "resources" in properties:
+            return None
+        extra = sorted(set(details.get("hyperParameters", {})) - SERVERLESS_HYPERPARAMETERS)
+        if extra:
+            return f"serverless fine-tuning does not support hyperparameters {extra}"
+        match = re.match(r"azureml://registries/azureml/models/([^/]+)/versions/([^/]+)$", details["model"]["uri"])
+        tags = self.registry_models.get(match[1], {}).get(match[2], {}) if match else {}
+        retired = tags.get("FinetuneRetirementDate")
+        if retired and retired <= datetime.now(timezone.utc).date().isoformat():
+            return f"serverless fine-tuning of {match[1] if match else '?'} was retired on {retired}"
+        return None
+
+    def _blob(self, request: HttpRequest, path: str, body: Any) -> Any:
+        if request.method != "PUT":
+            return _error(request, 404, "BlobNotFound", "the fake storage account only takes uploads")
+        if not request.headers.get("Authorization", "").startswith(f"SharedKey {STORAGE_ACCOUNT}:"):
+            return _error(request, 403, "AuthenticationFailed", "no shared key signature")
+        self.blobs[path] = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"ETag": '"0x1"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT", "Content-MD5": ""}
+        response = _response(request, 201, None, headers)
+        return response
+
+    def _datastores(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
+        store = {
+            "id": f"{WORKSPACE_PATH}/datastores/workspaceblobstore",
+            "name": "workspaceblobstore",
+            "type": "Microsoft.MachineLearningServices/workspaces/datastores",
+            "properties": {
+                "datastoreType": "AzureBlob",
+                "accountName": STORAGE_ACCOUNT,
+                "containerName": "azureml-blobstore-0000",
+                "endpoint": "core.windows.net",
+                "protocol": "https",
+                "isDefault": True,
+                "credentials": {"credentialsType": "AccountKey"},
+            },
+            "systemData": self._system_data(),
+        }
+        if not segments:
+            return _response(request, 200, {"value": [store]})
+        if segments[1:] == ["listSecrets"]:
+            return _response(request, 200, {"secretsType": "AccountKey", "key": STORAGE_KEY})
+        return _response(request, 200, store)
+
+    def _computes(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
+        size = self.computes.get(segments[0])
+        if size is None:
+            return _error(request, 404, "NotFound", f"compute {segments[0]} not found")
+        return _response(
+            request,
+            200,
+            {
+                "id": f"{WORKSPACE_PATH}/computes/{segments[0]}",
+                "name": segments[0],
+                "type": "Microsoft.MachineLearningServices/workspaces/computes",
+                "location": self.location,
+                "properties": {
+                    "computeType": "AmlCompute",
+                    "provisioningState": "Succeeded",
+                    "properties": {
+                        "vmSize": size.upper(),
+                        "vmPriority": "Dedicated",
+                        "scaleSettings": {"maxNodeCount": 1, "minNodeCount": 0},
+                    },
+                },
+            },
+        )
+
+    def _online(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
+        method = request.method
+        if not segments:
+            return _response(request, 200, {"value": list(self.online_endpoints.values())})
+        name = segments[0]
+        if len(segments) >= 3 and segments[1] == "deployments":
+            return self._online_deployment(request, name, segments[2], body)
+        if method == "PUT":
+            existing = self.online_endpoints.get(name)
+            endpoint = {
+                "id": f"{WORKSPACE_PATH}/onlineEndpoints/{name}",
+                "name": name,
+                "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints",
+                "location": body["location"],
+                "kind": "Managed",
+                "identity": {"type": "SystemAssigned"},
+                "tags": body.get("tags") or {},
+                "properties": {
+                    **body["properties"],
+                    "provisioningState": "Succeeded",
+                    "scoringUri": self.scoring_uri,
+                },
+                "systemData": existing["systemData"] if existing else self._system_data(),
+            }
+            traffic = endpoint["properties"].get("traffic") or {}
+            unknown = [d for d in traffic if (name, d) not in self.online_deployments]
+            if unknown:
+                return _error(request, 400, "BadArgument", f"traffic names deployments that do not exist: {unknown}")
+            self.online_endpoints[name] = endpoint
+            return _response(request, 200 if existing else 201, endpoint)
+        if name not in self.online_endpoints:
+            return _error(request, 404, "NotFound", f"online endpoint {name} not found")
+        if method == "POST" and segments[1:] == ["listKeys"]:
+            return _response(request, 200, {"primaryKey": ENDPOINT_KEY, "secondaryKey": ENDPOINT_KEY[::-1]})
+        if method == "DELETE":
+            del self.online_endpoints[name]
+            for key in [k for k in self.online_deployments if k[0] == name]:
+                del self.online_deployments[key]
+            return _response(request, 200, None)
+        return _response(request, 200, self.online_endpoints[name])
+
+    def _online_deployment(self, request: HttpRequest, endpoint: str, name: str, body: Any) -> Any:
+        if endpoint not in self.online_endpoints:
+            return _error(request, 404, "NotFound", f"online endpoint {endpoint} not found")
+        if request.method == "PUT":
+            model = body["properties"].get("model", "")
+            match = re.search(r"/models/([^/]+)/versions/([^/]+)$", model)
+            if match is None or (match[1], match[2]) not in self.models:
+                return _error(request, 400, "BadArgument", f"model {model} not found in the workspace")
+            deployment = {
+                "id": f"{WORKSPACE_PATH}/onlineEndpoints/{endpoint}/deployments/{name}",
+                "name": name,
+                "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments",
+                "location": body["location"],
+                "sku": body.get("sku"),
+                "properties": {**body["properties"], "provisioningState": "Succeeded"},
+                "systemData": self._system_data(),
+            }
+            self.online_deployments[(endpoint, name)] = deployment
+            return _response(request, 201, deployment)
+        if (endpoint, name) not in self.online_deployments:
+            return _error(request, 404, "NotFound", f"deployment {name} not found")
+        return _response(request, 200, self.online_deployments[(endpoint, name)])
 
     def _models(self, request: HttpRequest, segments: list[str], body: Any) -> Any:
         if not segments:
@@ -416,6 +597,9 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
             return _response(request, 200, {"value": [e for e in self.endpoints.values()]})
         name = segments[0]
         if method == "PUT":
+            refusal = self._refuse_serverless(name, body["properties"]["modelSettings"]["modelId"])
+            if refusal:
+                return _error(request, 400, "UserError", refusal)
             endpoint = {
                 "id": f"{WORKSPACE_PATH}/serverlessEndpoints/{name}",
                 "name": name,
@@ -449,6 +633,25 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
             if endpoint["_polls"] < 0:
                 endpoint["properties"]["provisioningState"] = "Succeeded"
         return _response(request, 200, _public(endpoint))
+
+    def _refuse_serverless(self, name: str, model_id: str) -> str | None:
+        """What the service refuses in a serverless deployment of a fine-tuned model: one fine-tuned on managed
+        compute, and a second deployment of the same model."""
+        for other, endpoint in self.endpoints.items():
+            if other != name and endpoint["properties"]["modelSettings"]["modelId"] == model_id:
+                return f"model {model_id} already has a serverless deployment ({other})"
+        match = re.match(
+            rf"azureml://locations/[^/]+/workspaces/{self.workspace_guid}/models/([^/]+)/versions/([^/]+)$", model_id
+        )
+        if match is None:
+            return None  # a model of another workspace of the tenant: Azure resolves it there
+        model = self.models.get((match[1], match[2]))
+        if model is None:
+            return f"model {match[1]}:{match[2]} not found"
+        job = self.jobs.get(model["properties"]["jobName"], {}).get("properties", {})
+        if "computeId" in job or "resources" in job:
+            return "a model fine-tuned on managed compute cannot be deployed to a serverless endpoint"
+        return None
 
     def _now(self) -> str:
         self._ticks += 1

@@ -20,6 +20,8 @@ from azure_fake import (
     AAD_TOKEN,
     ENDPOINT_KEY,
     RESOURCE_GROUP,
+    STORAGE_ACCOUNT,
+    STORAGE_KEY,
     SUBSCRIPTION,
     WORKSPACE,
     WORKSPACE_GUID,
@@ -34,6 +36,8 @@ from phitune.errors import (
     BadRequestError,
     ConflictError,
     NotFoundError,
+    OfferLifecycleWarning,
+    OfferRetiredError,
     RateLimitError,
     SpecError,
     UnsupportedOptionError,
@@ -45,7 +49,8 @@ with warnings.catch_warnings():
     from azure.ai.ml import MLClient
 
 JOB_PUT = r"/workspaces/proj-phitune/jobs/phitune-"
-MODEL = "Phi-3-mini-4k-instruct"
+MODEL = "Phi-4-mini-instruct"
+RETIRED = "Phi-3-mini-4k-instruct"
 
 
 class Uploads:
@@ -159,10 +164,10 @@ def test_upload_registers_a_uri_file_asset_once(
 
 # --------------------------------------------------------------------------------------------------------- jobs
 def test_create_job_puts_a_finetuning_job(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
-    hp = Hyperparameters(epochs=3, learning_rate=2e-5, batch_size=2, gradient_accumulation_steps=4, max_steps=50)
+    hp = Hyperparameters(epochs=3, learning_rate=2e-5, batch_size=2)
     job_id = submit(backend, tmp_path, hyperparameters=hp, suffix="support")
     # the registry model is resolved to its latest version before anything is submitted
-    assert fake.sent("GET", r"/registries/azureml/models/Phi-3-mini-4k-instruct/versions$")
+    assert fake.sent("GET", r"/registries/azureml/models/Phi-4-mini-instruct/versions$")
     (put,) = fake.sent("PUT", JOB_PUT)
     assert put.query["api-version"] == "2024-10-01-preview"
     props = put.body["properties"]
@@ -172,31 +177,34 @@ def test_create_job_puts_a_finetuning_job(backend: AzureBackend, fake: FakeAzure
     assert details["taskType"] == "chatCompletion"
     assert details["modelProvider"] == "Custom"
     assert details["model"] == {
-        "uri": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14",
+        "uri": "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/4",
         "jobInputType": "mlflow_model",
     }
     assert details["trainingData"]["jobInputType"] == "uri_file"
     assert "/data/phitune-train-" in details["trainingData"]["uri"]
     assert "validationData" not in details
+    # serverless takes only the names of Microsoft's MaaS notebook
     assert details["hyperParameters"] == {
         "num_train_epochs": "3",
         "learning_rate": "0.00002",
         "per_device_train_batch_size": "2",
-        "gradient_accumulation_steps": "4",
-        "max_steps": "50",
-        "warmup_ratio": "0",
-        "lr_scheduler_type": "linear",
-        "weight_decay": "0",
-        "seed": "0",
     }
     output = props["outputs"]["registered_model"]
     assert output["jobOutputType"] == "mlflow_model"
-    assert output["assetName"].startswith("Phi-3-mini-4k-instruct-ft-support-")
+    assert output["assetName"].startswith("Phi-4-mini-instruct-ft-support-")
     assert "computeId" not in props and "resources" not in props  # serverless
 
     job = backend.get_job(job_id)
     assert (job.status, job.backend, job.model, job.suffix) == ("queued", "azure", MODEL, "support")
     assert job.spec is not None and job.spec.hyperparameters == hp
+    # the job's first events say how the batch maps and which of Azure's own defaults apply
+    notes = [e.message for e in backend.list_events(job_id) if ":note:" in e.id]
+    assert notes == [
+        "batch_size 2 is sent as per_device_train_batch_size=2; Azure does not disclose how many devices a "
+        "serverless job uses, so its global batch is 2 x that count",
+        "Azure applies the model's own defaults for what this offer does not take: lr_scheduler_type=cosine "
+        "(phitune's lr_scheduler: linear)",
+    ]
 
 
 def test_text_data_validation_file_and_task_checks(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
@@ -219,21 +227,61 @@ def test_text_data_validation_file_and_task_checks(backend: AzureBackend, fake: 
 def test_managed_compute_sends_compute_and_lora(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
     fake.location = "westeurope"  # no serverless region check on managed compute
     compute = AzureCompute(instance_types=("Standard_NC24ads_A100_v4",), job_tier="Standard")
-    submit(backend, tmp_path, compute=compute, method=LoRA(r=8, alpha=16, dropout=0.1))
+    job_id = submit(backend, tmp_path, compute=compute, method=LoRA(r=8, alpha=16, dropout=0.1))
     props = fake.sent("PUT", JOB_PUT)[0].body["properties"]
     assert props["resources"]["instanceTypes"] == ["Standard_NC24ads_A100_v4"]
     assert props["queueSettings"]["jobTier"] == "Standard"
-    hp = props["fineTuningDetails"]["hyperParameters"]
-    assert {k: hp[k] for k in ("apply_lora", "lora_r", "lora_alpha", "lora_dropout", "max_seq_length")} == {
+    assert props["fineTuningDetails"]["hyperParameters"] == {
+        "num_train_epochs": "1",
+        "learning_rate": "0.0002",
+        "per_device_train_batch_size": "4",  # the global batch of 4 on the one GPU of an NC24ads_A100_v4
+        "gradient_accumulation_steps": "1",
+        "lr_scheduler_type": "linear",
+        "weight_decay": "0",
+        "seed": "0",
+        "max_grad_norm": "1",
         "apply_lora": "true",
         "lora_r": "8",
         "lora_alpha": "16",
         "lora_dropout": "0.1",
-        "max_seq_length": "1024",
-    }
+    }  # no max_seq_length: the pipeline pads to it rather than truncating
+    notes = [e.message for e in backend.list_events(job_id) if ":note:" in e.id]
+    assert notes[0] == (
+        "batch_size 4 is the global batch: per_device_train_batch_size=4 on 1 GPU(s) of one Standard_NC24ads_A100_v4 node"
+    )
 
-    submit(backend, tmp_path, key="key-2", compute=AzureCompute(compute="gpu-cluster"))
-    assert fake.sent("PUT", JOB_PUT)[1].body["properties"]["computeId"].endswith("gpu-cluster")
+    # a cluster's VM size is read from the workspace: 4 GPUs, so a global batch of 8 is 2 per device
+    hp = Hyperparameters(batch_size=8, max_steps=50, warmup_ratio=0.1, lr_scheduler="constant")
+    submit(backend, tmp_path, key="key-2", compute=AzureCompute(compute="gpu-cluster"), hyperparameters=hp)
+    props = fake.sent("PUT", JOB_PUT)[1].body["properties"]
+    assert props["computeId"].endswith("gpu-cluster")
+    sent = props["fineTuningDetails"]["hyperParameters"]
+    assert (sent["per_device_train_batch_size"], sent["max_steps"], sent["warmup_steps"]) == ("2", "50", "5")
+    assert sent["lr_scheduler_type"] == "constant_with_warmup"  # phitune's constant schedule warms up first
+
+    # the notebook's pair of instance types: the allowed one trains (8 GPUs), the other runs the pipeline's CPU steps
+    pair = AzureCompute(instance_types=("Standard_ND96amsr_A100_v4", "Standard_E4s_v3"))
+    submit(backend, tmp_path, key="key-3", compute=pair, hyperparameters=Hyperparameters(batch_size=16))
+    assert (
+        fake.sent("PUT", JOB_PUT)[2].body["properties"]["fineTuningDetails"]["hyperParameters"][
+            "per_device_train_batch_size"
+        ]
+        == "2"
+    )
+
+
+def test_managed_compute_refuses_what_it_cannot_map(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    cluster = AzureCompute(compute="gpu-cluster")  # 4 GPUs
+    with pytest.raises(SpecError) as err:
+        submit(backend, tmp_path, compute=cluster, hyperparameters=Hyperparameters(batch_size=6))
+    assert err.value.field == "hyperparameters.batch_size" and "multiple of 4" in str(err.value)
+    with pytest.raises(UnsupportedOptionError) as err:  # not on the registry's finetune_compute_allow_list
+        submit(backend, tmp_path, key="k2", compute=AzureCompute(instance_types=("Standard_NC6s_v3",)))
+    assert err.value.field == "compute" and "Standard_NC96ads_A100_v4" in str(err.value)
+    with pytest.raises(SpecError) as err:  # the registry's learning_rate_max for this model is 2e-4
+        submit(backend, tmp_path, key="k3", compute=cluster, hyperparameters=Hyperparameters(learning_rate=1e-3))
+    assert err.value.field == "hyperparameters.learning_rate"
+    assert fake.sent("PUT", JOB_PUT) == []
 
 
 def test_same_idempotency_key_starts_one_job(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
@@ -303,6 +351,7 @@ def test_states_map_and_the_output_model_is_reported(backend: AzureBackend, fake
         "Starting": "queued",
         "Provisioning": "queued",
         "Running": "running",
+        "NotResponding": "running",  # Azure lost contact; the job can recover
         "Finalizing": "running",
         "Paused": "paused",
         "Completed": "succeeded",
@@ -319,10 +368,17 @@ def test_states_map_and_the_output_model_is_reported(backend: AzureBackend, fake
     assert backend.list_checkpoints(job_id) == []
 
     events = backend.list_events(job_id)
-    assert [e.id.split(":", 1)[1] for e in events] == ["metrics-unavailable", "created", "started", "ended"]
+    assert [e.id.split(":", 1)[1] for e in events] == [
+        "metrics-unavailable",
+        "created",
+        "note:0",
+        "note:1",
+        "started",
+        "ended",
+    ]
     assert all(e.type == "message" for e in events)  # no invented metrics
     assert "per-step metrics" in events[0].message
-    assert [e.id for e in backend.list_events(job_id, after=events[1].id)] == [events[2].id, events[3].id]
+    assert [e.id for e in backend.list_events(job_id, after=events[3].id)] == [events[4].id, events[5].id]
 
 
 def test_failed_job_surfaces_azure_error_redacted(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
@@ -343,10 +399,27 @@ def test_failed_job_surfaces_azure_error_redacted(backend: AzureBackend, fake: F
     assert [e.level for e in events][-3:] == ["warn", "error", "error"]
     assert "bad row 7" in events[-1].message and "S3CRETsasSIG" not in events[-1].message
 
+
+def test_not_responding_is_reported_as_such(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
+    job_id = submit(backend, tmp_path)
+    fake.set_job_status(job_id, "Running")
     fake.set_job_status(job_id, "NotResponding")
-    fake.runs[job_id].pop("error")
     job = backend.get_job(job_id)
-    assert job.status == "failed" and job.error is not None and job.error.code == "NotResponding"
+    assert (job.status, job.azure_status, job.error) == ("running", "NotResponding", None)
+    (warning,) = [e for e in backend.list_events(job_id) if e.id.endswith(":not-responding")]
+    assert warning.level == "warn" and "can recover" in warning.message
+    fake.set_job_status(job_id, "Running")
+    assert [e for e in backend.list_events(job_id) if e.id.endswith(":not-responding")] == []
+
+
+def test_wait_returns_on_paused(fake: FakeAzure, sleeps: list[float], uploads: Uploads, tmp_path: Path) -> None:
+    from conftest import write_chat
+
+    client = phitune.Client.azure(ml_client=ml_client(fake), uploader=uploads, retry=RetryPolicy(sleep=sleeps.append))
+    job = client.finetune.create(model=MODEL, training_file=write_chat(tmp_path / "chat.jsonl"))
+    fake.set_job_status(job.id, "Paused")
+    paused = client.finetune.wait(job.id, poll_interval=0, timeout=30, progress=False)
+    assert (paused.status, paused.done) == ("paused", False)
 
 
 def test_cancel(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
@@ -389,7 +462,20 @@ def test_list_jobs_pages(backend: AzureBackend, tmp_path: Path) -> None:
         ({"hyperparameters": Hyperparameters(precision="bf16")}, "hyperparameters.precision"),
         ({"hyperparameters": Hyperparameters(max_seq_length=2048)}, "hyperparameters.max_seq_length"),
         ({"hyperparameters": Hyperparameters(checkpoint_every=10)}, "hyperparameters.checkpoint_every"),
-        ({"model": "Phi-3-small-8k-instruct"}, "model"),
+        # serverless takes only epochs, learning_rate and batch_size
+        ({"hyperparameters": Hyperparameters(max_steps=30)}, "hyperparameters.max_steps"),
+        ({"hyperparameters": Hyperparameters(warmup_ratio=0.1)}, "hyperparameters.warmup_ratio"),
+        ({"hyperparameters": Hyperparameters(lr_scheduler="cosine")}, "hyperparameters.lr_scheduler"),
+        (
+            {"hyperparameters": Hyperparameters(gradient_accumulation_steps=2)},
+            "hyperparameters.gradient_accumulation_steps",
+        ),
+        ({"hyperparameters": Hyperparameters(weight_decay=0.1)}, "hyperparameters.weight_decay"),
+        ({"hyperparameters": Hyperparameters(seed=3)}, "hyperparameters.seed"),
+        ({"hyperparameters": Hyperparameters(max_grad_norm=None)}, "hyperparameters.max_grad_norm"),
+        ({"model": RETIRED}, "model"),  # serverless fine-tuning of Phi-3 retired on 2025-08-30
+        ({"model": "Phi-3.5-mini-instruct"}, "model"),
+        ({"model": "Phi-3-small-8k-instruct"}, "model"),  # never offered serverless
         ({"model": "tiny-phi3"}, "model"),
         ({"model": "gpt2"}, "model"),
         ({"model": "azureml://registries/azureml-meta/models/Llama-2-7b"}, "model"),
@@ -407,35 +493,117 @@ def test_unsupported_options_are_refused_before_any_request(
 
 def test_managed_compute_allows_what_serverless_refuses(backend: AzureBackend, fake: FakeAzure) -> None:
     compute = AzureCompute(compute="gpu-cluster")
-    for fields in ({"method": LoRA(r=8)}, {"hyperparameters": Hyperparameters(max_seq_length=2048)}):
+    for fields in (
+        {"method": LoRA(r=8)},
+        {"hyperparameters": Hyperparameters(max_steps=30, warmup_ratio=0.1, lr_scheduler="cosine", seed=3)},
+    ):
         backend.check_spec(JobSpec.model_validate({"model": MODEL, "training_file": "f", "compute": compute, **fields}))
-    with pytest.raises(UnsupportedOptionError):
-        backend.check_spec(JobSpec(model=MODEL, training_file="f", compute=compute, method=QLoRA()))
+    for fields, field in (
+        ({"method": QLoRA()}, "method"),
+        ({"hyperparameters": Hyperparameters(max_seq_length=2048)}, "hyperparameters.max_seq_length"),
+    ):
+        with pytest.raises(UnsupportedOptionError) as err:
+            backend.check_spec(
+                JobSpec.model_validate({"model": MODEL, "training_file": "f", "compute": compute, **fields})
+            )
+        assert err.value.field == field
+    assert "pads every example" in str(err.value)
     assert fake.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ lifecycle
+def test_a_retired_offer_is_refused_before_any_request_with_what_is_still_open(
+    backend: AzureBackend, fake: FakeAzure
+) -> None:
+    spec = JobSpec(model=RETIRED, training_file="azureml:phitune-train-0:1")
+    with pytest.raises(OfferRetiredError) as err:
+        backend.create_job(spec, idempotency_key="k")
+    refusal = err.value
+    assert (refusal.field, str(refusal.retired_on), refusal.replacement) == (
+        "model",
+        "2025-08-30",
+        "Phi-4-mini-instruct",
+    )
+    assert refusal.alternatives == [
+        "on managed compute (compute=phitune.AzureCompute(...), deprecated)",
+        "locally (phitune.Client())",
+    ]
+    assert "retired serverless fine-tuning (MaaS) of Phi-3-mini-4k-instruct on 2025-08-30" in str(refusal)
+    assert "use Phi-4-mini-instruct instead" in str(refusal)
+    assert fake.requests == []
+
+
+def test_the_registry_tags_override_the_packaged_lifecycle(
+    backend: AzureBackend, fake: FakeAzure, tmp_path: Path
+) -> None:
+    for tags in fake.registry_models[MODEL].values():
+        tags["FinetuneRetirementDate"] = "2026-01-01T00:00:00.000000Z"
+    with pytest.raises(OfferRetiredError) as err:
+        submit(backend, tmp_path)
+    assert str(err.value.retired_on) == "2026-01-01"
+    assert fake.sent("GET", r"/registries/azureml/models/Phi-4-mini-instruct/") and fake.sent("PUT", JOB_PUT) == []
+
+
+def test_a_deprecated_offer_warns_and_says_so_in_the_job_events(
+    backend: AzureBackend, fake: FakeAzure, tmp_path: Path
+) -> None:
+    compute = AzureCompute(instance_types=("Standard_NC24ads_A100_v4",))
+    hp = Hyperparameters(learning_rate=2e-5)  # within the registry's range for Phi-3 (5e-7 .. 5e-5)
+    with pytest.warns(OfferLifecycleWarning, match="managed-compute fine-tuning .* of Phi-3-mini-4k-instruct is dep"):
+        job_id = submit(backend, tmp_path, model=RETIRED, compute=compute, hyperparameters=hp)
+    assert fake.sent("PUT", JOB_PUT)
+    (warning,) = [e for e in backend.list_events(job_id) if e.level == "warn"]
+    assert warning.message == (
+        "managed-compute fine-tuning (MaaP) of Phi-3-mini-4k-instruct is deprecated; Azure suggests Phi-4-mini-instruct"
+    )
+
+
+def test_the_catalog_knows_each_offer_and_its_stage() -> None:
+    from datetime import date
+
+    from phitune import catalog
+
+    day = date(2026, 12, 5)
+    stages = {(m.name, o.kind): o.lifecycle.stage(day) for m in catalog.MODELS for o in m.offers}
+    assert stages[("Phi-4-mini-instruct", "serverless_finetune")] == "ga"
+    assert stages[("Phi-4", "serverless_finetune")] == "preview"
+    for model in (
+        "Phi-3-mini-4k-instruct",
+        "Phi-3-medium-128k-instruct",
+        "Phi-3.5-mini-instruct",
+        "Phi-3.5-MoE-instruct",
+    ):
+        assert stages[(model, "serverless_finetune")] == "retired"
+        assert stages[(model, "serverless_deploy")] == "retired"
+        assert stages[(model, "managed_finetune")] == "deprecated"
+    assert ("Phi-3-small-8k-instruct", "serverless_finetune") not in stages
+    assert catalog.find("Phi-3-mini-4k-instruct").offer("serverless_finetune").lifecycle.stage(date(2025, 6, 1)) == "ga"  # type: ignore[union-attr]
+    assert catalog.offering("serverless_finetune", day) == ["Phi-4-mini-instruct", "Phi-4"]
+    assert all(source in catalog.SOURCES for m in catalog.MODELS for o in m.offers for source in o.sources)
 
 
 def test_region_is_checked_before_the_job_is_sent(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
     fake.location = "westeurope"
     with pytest.raises(UnsupportedOptionError) as err:
         submit(backend, tmp_path)
-    assert "westeurope" in str(err.value) and "eastus2" in str(err.value)
+    assert "westeurope" in str(err.value) and "eastus2" in str(err.value) and "westus3" in str(err.value)
     assert fake.sent("PUT", JOB_PUT) == []
 
 
 def test_region_falls_back_to_the_catalog(
     fake: FakeAzure, sleeps: list[float], uploads: Uploads, tmp_path: Path
 ) -> None:
-    fake.registry_models["Phi-3-mini-4k-instruct"] = {"15": {}}  # no maas-finetuning-deploy-regions tag
+    fake.registry_models[MODEL] = {"5": {}}  # no maas-finetuning-deploy-regions tag
     fake.location = "swedencentral"
     policy = RetryPolicy(sleep=sleeps.append)
     azure = AzureBackend(ml_client=ml_client(fake), uploader=uploads, retry=policy)
     with pytest.raises(UnsupportedOptionError) as err:
         submit(azure, tmp_path)
-    assert "swedencentral" in str(err.value) and "eastus2" in str(err.value)
+    assert "swedencentral" in str(err.value) and "northcentralus" in str(err.value)
     fake.location = "eastus2"  # a workspace in a supported region (its location is read once per backend)
     submit(AzureBackend(ml_client=ml_client(fake), uploader=uploads, retry=policy), tmp_path)
     uri = fake.sent("PUT", JOB_PUT)[0].body["properties"]["fineTuningDetails"]["model"]["uri"]
-    assert uri.endswith("/Phi-3-mini-4k-instruct/versions/15")
+    assert uri.endswith("/Phi-4-mini-instruct/versions/5")
 
 
 def test_serverless_needs_a_project(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
@@ -461,7 +629,8 @@ def test_deploy_and_chat(backend: AzureBackend, fake: FakeAzure, chat_server: Ch
     model = finished_model(backend, fake, tmp_path)
     info = backend.get_model(model)
     assert (info.id, info.owned_by, info.job_id) == (model, "azure", fake.jobs[next(iter(fake.jobs))]["name"])
-    assert info.base_model == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14"
+    assert info.base_model == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/4"
+    assert info.deploy_id == f"azureml://locations/eastus2/workspaces/{WORKSPACE_GUID}/models/{model}/versions/1"
     assert [m.id for m in backend.list_models()] == [model]
 
     deployment = backend.create_deployment(model, "phi3-support")
@@ -502,6 +671,10 @@ def test_deploy_and_chat(backend: AzureBackend, fake: FakeAzure, chat_server: Ch
     client = backend.openai_client("phi3-support")
     assert str(client.base_url).rstrip("/") == f"{chat_server.url}/v1"
 
+    with pytest.raises(ConflictError, match="one per model"):  # Azure refuses a second serverless deployment
+        backend.create_deployment(model, "phi3-second")
+    assert len(fake.sent("PUT", r"/serverlessEndpoints/")) == 1
+
     backend.delete_deployment("phi3-support")
     assert fake.sent("DELETE", r"/serverlessEndpoints/phi3-support$") and fake.endpoints == {}
     with pytest.raises(NotFoundError):
@@ -510,7 +683,7 @@ def test_deploy_and_chat(backend: AzureBackend, fake: FakeAzure, chat_server: Ch
 
 def test_deploy_checks_the_region_first(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
     model = finished_model(backend, fake, tmp_path)
-    fake.registry_models["Phi-3-mini-4k-instruct"]["14"]["maas-finetuning-deploy-regions"] = "eastus,westus3"
+    fake.registry_models[MODEL]["4"]["maas-finetuning-deploy-regions"] = "eastus,westus3"
     with pytest.raises(UnsupportedOptionError) as err:
         backend.create_deployment(model, "phi3-support")
     assert "eastus2" in str(err.value) and "westus3" in str(err.value)

@@ -1,16 +1,91 @@
-"""The Phi-3 models phitune knows, and the built-in ``tiny-phi3`` test model.
+"""The Phi models phitune knows: what each one is, where it can be fine-tuned, and each cloud offer's lifecycle.
 
-A model argument may also be any Hugging Face id or local folder; the catalog only adds what is known about the
-named Phi-3 variants (context length, Azure ids and regions, Kaito presets, what each backend supports).
+A model argument may also be any Hugging Face id or local folder; the catalog only adds what is known about the named
+Phi models (context length, Azure ids, Kaito presets, which backends run them) and, for Azure, each offer with its
+lifecycle stage, dates, replacement, regions and allowed fine-tuning VM sizes, with the sources those facts come from
+(:data:`SOURCES`). The Azure backend prefers what the ``azureml`` registry's model says at create time (its tags) to
+this packaged data; docs/azure.md says how to update it.
 """
 
 from __future__ import annotations
 
+import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Architecture = Literal["phi3", "phi3small"]
+Architecture = Literal["phi3", "phi3small", "phimoe"]
+OfferKind = Literal["serverless_finetune", "serverless_deploy", "managed_finetune"]
+"""Azure's offers for a model: serverless fine-tuning (Models as a Service), serverless deployment of the fine-tuned
+model, and fine-tuning on managed compute (Models as a Platform), whose output deploys to a managed online endpoint."""
+Stage = Literal["preview", "ga", "legacy", "deprecated", "retired"]
+
+OFFER_NAMES: dict[OfferKind, str] = {
+    "serverless_finetune": "serverless fine-tuning (MaaS)",
+    "serverless_deploy": "serverless deployment of the fine-tuned model",
+    "managed_finetune": "managed-compute fine-tuning (MaaP)",
+}
+
+SOURCES: dict[str, str] = {
+    "registry-phi3": "Azure/azureml-assets assets/models/system/<model>/spec.yaml (commit 4b41f8c, 2026-07-23): "
+    "deprecation dates (tags FinetuneDeprecationDate, FinetuneRetirementDate, InferenceLegacyDate, "
+    "InferenceDeprecationDate, InferenceRetirementDate until 2026-06), finetuneComputes, deploymentOptions, "
+    "isArchived: true",
+    "registry-phi4": "Azure/azureml-assets assets/models/system/Phi-4/spec.yaml (commit 4b41f8c, 2026-07-23): "
+    "preview, deploymentOptions ServerlessMaaS and MaaP, finetuneComputes",
+    "regions-maas": "MicrosoftDocs/azure-ai-docs articles/ai-foundry/includes/region-availability-maas.md "
+    "(2025-11-24): hub/project regions for fine-tuning Phi-4 and Phi-4-mini-instruct",
+    "notebook-maas": "Azure/azureml-examples sdk/python/jobs/finetuning/standalone/model-as-a-service/chat-completion/"
+    "chat_completion_with_model_as_service.ipynb (commit 085cd6e, 2026-07-31): fine-tunes Phi-4-mini-instruct; "
+    "its table of fine-tuned deployment regions",
+    "notebook-maap": "Azure/azureml-examples sdk/python/jobs/finetuning/standalone/model-as-a-platform/chat-completion/"
+    "chat_completion_with_model_as_platform.ipynb (commit 085cd6e, 2026-07-31): managed compute with instance_types, "
+    "ManagedOnlineEndpoint + ManagedOnlineDeployment",
+}
+"""Where the packaged lifecycle facts come from, read on 2026-12-05."""
+
+_DATE = datetime.date
+
+
+class Lifecycle(BaseModel):
+    """An offer's lifecycle: preview or generally available, then legacy, deprecated and retired on these dates."""
+
+    model_config = ConfigDict(frozen=True)
+
+    preview: bool = False
+    legacy: datetime.date | None = None
+    deprecated: datetime.date | None = None
+    retired: datetime.date | None = None
+
+    def stage(self, on: datetime.date | None = None) -> Stage:
+        """The stage on a day (default: today, UTC)."""
+        day = on or datetime.datetime.now(datetime.timezone.utc).date()
+        for stage, date in (("retired", self.retired), ("deprecated", self.deprecated), ("legacy", self.legacy)):
+            if date is not None and day >= date:
+                return stage  # type: ignore[return-value]
+        return "preview" if self.preview else "ga"
+
+
+class Offer(BaseModel):
+    """One Azure offer of a model, with its lifecycle and where the facts come from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: OfferKind
+    lifecycle: Lifecycle = Lifecycle()
+    replacement: str | None = None
+    regions: tuple[str, ...] = ()
+    """Regions where a project can run it (serverless offers); empty where the packaged data does not know."""
+    compute_allow_list: tuple[str, ...] = ()
+    """VM sizes Azure allows for managed-compute fine-tuning; empty where the packaged data does not know."""
+    sources: tuple[str, ...] = ()
+    """Keys of :data:`SOURCES`."""
+    unverified: str = ""
+    """What about this offer no source states outright (said in docs/azure.md)."""
+
+    @property
+    def name(self) -> str:
+        return OFFER_NAMES[self.kind]
 
 
 class CatalogModel(BaseModel):
@@ -25,8 +100,7 @@ class CatalogModel(BaseModel):
     architecture: Architecture = "phi3"
     trust_remote_code: bool = False
     azure_name: str | None = None
-    azure_serverless_finetune: bool = False
-    azure_deploy_regions: tuple[str, ...] = ()
+    offers: tuple[Offer, ...] = ()
     kaito_preset: str | None = None
     backends: tuple[str, ...] = ("local", "azure", "openai")
     note: str = ""
@@ -40,16 +114,79 @@ class CatalogModel(BaseModel):
     def runs_locally(self) -> bool:
         return "local" in self.backends
 
+    def offer(self, kind: OfferKind) -> Offer | None:
+        """The Azure offer of this kind, or None where Azure never offered it."""
+        return next((o for o in self.offers if o.kind == kind), None)
 
-# Regions where fine-tuned Phi-3 serverless deployments exist (model tag ``maas-finetuning-deploy-regions``).
-# The Azure backend prefers the tag read from the registry model and falls back to these values.
-_PHI3_FT_REGIONS = ("eastus2",)
+
+# --------------------------------------------------------------------------------------------- packaged facts
+_A100 = ("Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4", "Standard_NC96ads_A100_v4")
+_MAAS_REGIONS = ("eastus2", "eastus", "northcentralus", "southcentralus", "westus", "westus3")
+_PHI3_FINETUNE = Lifecycle(deprecated=_DATE(2025, 6, 30), retired=_DATE(2025, 8, 30))
+_PHI3_INFERENCE = Lifecycle(legacy=_DATE(2025, 6, 9), deprecated=_DATE(2025, 6, 30), retired=_DATE(2025, 8, 30))
+_MAAP_AFTER_RETIREMENT = (
+    "the registry's FinetuneRetirementDate is read as closing serverless fine-tuning only: the registry still lists "
+    "MaaP among the model's deployment options and the official MaaP notebook still fine-tunes a Phi-3 model, so "
+    "managed compute is treated as deprecated (accepted with a warning), not retired"
+)
+
+
+def _retired_phi3(
+    replacement: str, allow_list: tuple[str, ...], *, serverless: bool = True, regions: tuple[str, ...] = ("eastus2",)
+) -> tuple[Offer, ...]:
+    """The offers of a Phi-3 / Phi-3.5 model after the 2025 retirement of their serverless offers."""
+    managed = Offer(
+        kind="managed_finetune",
+        lifecycle=Lifecycle(deprecated=_PHI3_FINETUNE.deprecated),
+        replacement=replacement,
+        compute_allow_list=allow_list,
+        sources=("registry-phi3", "notebook-maap"),
+        unverified=_MAAP_AFTER_RETIREMENT,
+    )
+    if not serverless:
+        return (managed,)
+    return (
+        Offer(
+            kind="serverless_finetune",
+            lifecycle=_PHI3_FINETUNE,
+            replacement=replacement,
+            regions=regions,
+            sources=("registry-phi3", "notebook-maas"),
+        ),
+        Offer(
+            kind="serverless_deploy",
+            lifecycle=_PHI3_INFERENCE,
+            replacement=replacement,
+            regions=regions,
+            sources=("registry-phi3", "notebook-maas"),
+        ),
+        managed,
+    )
+
+
+def _phi4(
+    *, preview: bool, allow_list: tuple[str, ...], sources: tuple[str, ...], unverified: str
+) -> tuple[Offer, ...]:
+    lifecycle = Lifecycle(preview=preview)
+    return (
+        Offer(kind="serverless_finetune", lifecycle=lifecycle, regions=_MAAS_REGIONS, sources=sources),
+        Offer(kind="serverless_deploy", lifecycle=lifecycle, regions=_MAAS_REGIONS, sources=sources),
+        Offer(
+            kind="managed_finetune",
+            lifecycle=lifecycle,
+            compute_allow_list=allow_list,
+            sources=(*sources, "notebook-maap"),
+            unverified=unverified,
+        ),
+    )
+
 
 _SMALL_NOTE = (
     "Phi-3-small is a different architecture (block-sparse attention, remote code) that needs "
     "trust_remote_code=True and the flash-attention/triton kernels its code imports; the local trainer does not "
     "run it. Use Phi-3-mini or Phi-3-medium locally."
 )
+_AZURE_ONLY_NOTE = "The local trainer runs Phi-3-mini and Phi-3-medium; this model is offered on Azure."
 
 MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
@@ -66,8 +203,7 @@ MODELS: tuple[CatalogModel, ...] = (
         context_length=4096,
         parameters_b=3.82,
         azure_name="Phi-3-mini-4k-instruct",
-        azure_serverless_finetune=True,
-        azure_deploy_regions=_PHI3_FT_REGIONS,
+        offers=_retired_phi3("Phi-4-mini-instruct", (*_A100, "Standard_ND96asr_v4", "Standard_ND96amsr_A100_v4")),
         kaito_preset="phi-3-mini-4k-instruct",
     ),
     CatalogModel(
@@ -76,8 +212,7 @@ MODELS: tuple[CatalogModel, ...] = (
         context_length=131072,
         parameters_b=3.82,
         azure_name="Phi-3-mini-128k-instruct",
-        azure_serverless_finetune=True,
-        azure_deploy_regions=_PHI3_FT_REGIONS,
+        offers=_retired_phi3("Phi-4-mini-instruct", (*_A100, "Standard_ND96amsr_A100_v4")),
         kaito_preset="phi-3-mini-128k-instruct",
     ),
     CatalogModel(
@@ -88,6 +223,9 @@ MODELS: tuple[CatalogModel, ...] = (
         architecture="phi3small",
         trust_remote_code=True,
         azure_name="Phi-3-small-8k-instruct",
+        offers=_retired_phi3(
+            "Phi-4-mini-instruct", ("Standard_ND96amsr_A100_v4", "Standard_NC96ads_A100_v4"), serverless=False
+        ),
         backends=("azure",),
         note=_SMALL_NOTE,
     ),
@@ -99,6 +237,9 @@ MODELS: tuple[CatalogModel, ...] = (
         architecture="phi3small",
         trust_remote_code=True,
         azure_name="Phi-3-small-128k-instruct",
+        offers=_retired_phi3(
+            "Phi-4-mini-instruct", ("Standard_ND96amsr_A100_v4", "Standard_NC96ads_A100_v4"), serverless=False
+        ),
         backends=("azure",),
         note=_SMALL_NOTE,
     ),
@@ -108,8 +249,7 @@ MODELS: tuple[CatalogModel, ...] = (
         context_length=4096,
         parameters_b=13.96,
         azure_name="Phi-3-medium-4k-instruct",
-        azure_serverless_finetune=True,
-        azure_deploy_regions=_PHI3_FT_REGIONS,
+        offers=_retired_phi3("Phi-4", ("Standard_NC96ads_A100_v4", "Standard_ND96amsr_A100_v4")),
         kaito_preset="phi-3-medium-4k-instruct",
     ),
     CatalogModel(
@@ -118,9 +258,67 @@ MODELS: tuple[CatalogModel, ...] = (
         context_length=131072,
         parameters_b=13.96,
         azure_name="Phi-3-medium-128k-instruct",
-        azure_serverless_finetune=True,
-        azure_deploy_regions=_PHI3_FT_REGIONS,
+        offers=_retired_phi3("Phi-4", ("Standard_NC96ads_A100_v4", "Standard_ND96amsr_A100_v4")),
         kaito_preset="phi-3-medium-128k-instruct",
+    ),
+    CatalogModel(
+        name="Phi-3.5-mini-instruct",
+        hf_id="microsoft/Phi-3.5-mini-instruct",
+        context_length=131072,
+        parameters_b=3.82,
+        azure_name="Phi-3.5-mini-instruct",
+        offers=_retired_phi3("Phi-4-mini-instruct", (*_A100, "Standard_ND96amsr_A100_v4"), regions=_MAAS_REGIONS),
+        backends=("azure",),
+        note=_AZURE_ONLY_NOTE,
+    ),
+    CatalogModel(
+        name="Phi-3.5-MoE-instruct",
+        hf_id="microsoft/Phi-3.5-MoE-instruct",
+        context_length=131072,
+        parameters_b=41.9,
+        architecture="phimoe",
+        azure_name="Phi-3.5-MoE-instruct",
+        offers=_retired_phi3("Phi-4", ("Standard_NC96ads_A100_v4", "Standard_ND96amsr_A100_v4"), regions=_MAAS_REGIONS),
+        backends=("azure",),
+        note=_AZURE_ONLY_NOTE,
+    ),
+    CatalogModel(
+        name="Phi-4-mini-instruct",
+        hf_id="microsoft/Phi-4-mini-instruct",
+        context_length=131072,
+        parameters_b=3.84,
+        azure_name="Phi-4-mini-instruct",
+        offers=_phi4(
+            preview=False,
+            allow_list=(),
+            sources=("notebook-maas", "regions-maas"),
+            unverified="Phi-4-mini-instruct's registry spec is not in Azure/azureml-assets: managed compute and its "
+            "allowed VM sizes come from the registry model's tags at create time only",
+        ),
+        backends=("azure",),
+        note=_AZURE_ONLY_NOTE,
+    ),
+    CatalogModel(
+        name="Phi-4",
+        hf_id="microsoft/phi-4",
+        context_length=16384,
+        parameters_b=14.66,
+        azure_name="Phi-4",
+        offers=_phi4(
+            preview=True,
+            allow_list=(
+                *_A100,
+                "Standard_ND96asr_v4",
+                "Standard_ND96amsr_A100_v4",
+                "Standard_NC40ads_H100_v5",
+                "Standard_NC80adis_H100_v5",
+                "Standard_ND96isr_H100_v5",
+            ),
+            sources=("registry-phi4", "regions-maas"),
+            unverified="",
+        ),
+        backends=("azure",),
+        note=_AZURE_ONLY_NOTE,
     ),
 )
 
@@ -138,3 +336,8 @@ def find(model: str) -> CatalogModel | None:
 
 def names() -> list[str]:
     return [m.name for m in MODELS]
+
+
+def offering(kind: OfferKind, on: datetime.date | None = None) -> list[str]:
+    """Names of the models whose ``kind`` offer is open (not retired) on a day."""
+    return [m.name for m in MODELS if (o := m.offer(kind)) is not None and o.lifecycle.stage(on) != "retired"]

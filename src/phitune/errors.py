@@ -4,6 +4,7 @@
 PhituneError
 ├── SpecError                  a job option is invalid; ``field`` names it
 │   └── UnsupportedOptionError a backend cannot honour an option; ``field`` and ``backend`` name them
+│       └── OfferRetiredError  the cloud retired that offer of the model; names the date and what is still open
 ├── DatasetError               a dataset is invalid; ``path`` and ``issues`` (each with its 1-based line)
 ├── NotFoundError              no such file / job / model / deployment
 ├── ConflictError              the object is in a state that forbids the request
@@ -21,6 +22,9 @@ PhituneError
         ├── RateLimitError         429
         └── InternalServerError    >= 500
 ```
+
+Warnings: :class:`OfferLifecycleWarning` (``warnings.warn``) when a job or deployment uses a legacy or deprecated
+cloud offer.
 
 Messages never carry secrets: anything that looks like a key or token is redacted by :func:`redact`.
 """
@@ -86,6 +90,31 @@ class UnsupportedOptionError(SpecError):
     def __init__(self, field: str, backend: str, message: str) -> None:
         self.backend = backend
         super().__init__(field, f"not supported by the {backend} backend: {message}")
+
+
+class OfferRetiredError(UnsupportedOptionError):
+    """The cloud retired this offer of the model (e.g. Azure's serverless fine-tuning of Phi-3); raised before any
+    request is sent. ``retired_on`` is the date, ``replacement`` the suggested model, ``alternatives`` the ways to
+    train this model that are still open."""
+
+    def __init__(
+        self,
+        field: str,
+        backend: str,
+        message: str,
+        *,
+        retired_on: Any,
+        replacement: str | None,
+        alternatives: Sequence[str],
+    ) -> None:
+        self.retired_on = retired_on
+        self.replacement = replacement
+        self.alternatives = list(alternatives)
+        super().__init__(field, backend, message)
+
+
+class OfferLifecycleWarning(UserWarning):
+    """A job or deployment uses a cloud offer that is legacy or deprecated: it works until its retirement date."""
 
 
 class DatasetError(PhituneError, ValueError):

@@ -1,9 +1,12 @@
 """Azure AI Foundry / Azure ML backend, through azure-ai-ml.
 
 Jobs run as Azure ``FineTuning`` jobs: serverless (Models as a Service, MaaS) when ``spec.compute`` is None, or on
-managed compute (Models as a Platform, MaaP) when it names a cluster or instance types. Fine-tuned models deploy as
-serverless endpoints that answer OpenAI chat completions. azure-ai-ml is imported only when an :class:`AzureBackend`
-is constructed; ``import phitune`` never imports azure.
+managed compute (Models as a Platform, MaaP) when it names a cluster or instance types. Each model's offers and their
+lifecycle come from :mod:`phitune.catalog`, overridden by the registry model's tags at create time: a retired offer is
+refused before anything is sent, a legacy or deprecated one warns. A model fine-tuned serverless deploys as a
+serverless endpoint; one fine-tuned on managed compute as a managed online endpoint and deployment. Both answer OpenAI
+chat completions. azure-ai-ml is imported only when an :class:`AzureBackend` is constructed; ``import phitune`` never
+imports azure.
 
 What Azure does not expose (so neither does this backend): per-step metrics and training events (``list_events``
 returns the run's lifecycle, warnings and error, plus one message saying so), intermediate checkpoints
@@ -14,10 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import math
 import re
 import time
+import warnings
 from collections.abc import Callable
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -30,6 +36,8 @@ from ..errors import (
     ConflictError,
     MissingDependencyError,
     NotFoundError,
+    OfferLifecycleWarning,
+    OfferRetiredError,
     PhituneError,
     SpecError,
     UnsupportedOptionError,
@@ -38,6 +46,7 @@ from ..errors import (
     status_error,
 )
 from ..types import (
+    AzureCompute,
     ChatCompletion,
     Checkpoint,
     DatasetReport,
@@ -89,7 +98,7 @@ _JOB_STATUS: dict[str, JobStatus] = {
     "cancelrequested": "running",
     "completed": "succeeded",
     "failed": "failed",
-    "notresponding": "failed",
+    "notresponding": "running",  # Azure lost contact with the job; it can recover
     "canceled": "cancelled",
     "paused": "paused",
 }
@@ -103,31 +112,69 @@ _PROVISIONING: dict[str, str] = {
 }
 _TEXT_FORMATS = ("prompt_completion", "text_ground_truth")
 
-# Hyperparameters -> Hugging Face TrainingArguments names, which Azure fine-tuning jobs take as strings.
-_HF_NAMES = {
+# What each offer takes: phitune's hyperparameter -> the Azure name. Serverless takes the names of Microsoft's MaaS
+# notebook only; managed compute runs Azure ML's chat_completion pipeline component, whose inputs these are.
+_SERVERLESS_NAMES = {
     "epochs": "num_train_epochs",
     "learning_rate": "learning_rate",
     "batch_size": "per_device_train_batch_size",
+}
+_MANAGED_NAMES = {
+    **_SERVERLESS_NAMES,
     "gradient_accumulation_steps": "gradient_accumulation_steps",
     "max_steps": "max_steps",
-    "warmup_ratio": "warmup_ratio",
+    "warmup_ratio": "warmup_steps",
     "lr_scheduler": "lr_scheduler_type",
     "weight_decay": "weight_decay",
     "seed": "seed",
+    "max_grad_norm": "max_grad_norm",
 }
-# Managed compute runs Azure ML's finetune pipeline component, which also takes these (and LoRA's, see below).
-_MAAP_NAMES = {"max_seq_length": "max_seq_length", "max_grad_norm": "max_grad_norm"}
+# GPUs per node of the VM sizes Azure lists for fine-tuning and inference of Phi models (Azure's VM size pages).
+GPUS_PER_VM: dict[str, int] = {
+    "standard_nc6s_v3": 1,
+    "standard_nc12s_v3": 2,
+    "standard_nc24s_v3": 4,
+    "standard_nd40rs_v2": 8,
+    "standard_nc24ads_a100_v4": 1,
+    "standard_nc48ads_a100_v4": 2,
+    "standard_nc96ads_a100_v4": 4,
+    "standard_nd96asr_v4": 8,
+    "standard_nd96amsr_a100_v4": 8,
+    "standard_nc40ads_h100_v5": 1,
+    "standard_nc80adis_h100_v5": 2,
+    "standard_nd96isr_h100_v5": 8,
+}
+# Registry tags that carry an offer's lifecycle: (offer, Lifecycle field) per tag.
+_LIFECYCLE_TAGS: dict[str, tuple[tuple[catalog.OfferKind, str], ...]] = {
+    "FinetuneDeprecationDate": (("serverless_finetune", "deprecated"), ("managed_finetune", "deprecated")),
+    "FinetuneRetirementDate": (("serverless_finetune", "retired"),),
+    "InferenceLegacyDate": (("serverless_deploy", "legacy"),),
+    "InferenceDeprecationDate": (("serverless_deploy", "deprecated"),),
+    "InferenceRetirementDate": (("serverless_deploy", "retired"),),
+}
+ALLOW_LIST_TAG = "finetune_compute_allow_list"
+DEFAULTS_TAG = "model_specific_defaults"
+_NOTES_PROPERTY = "phitune.notes"
+_ONLINE_DEPLOYMENT = "default"
+_SERVERLESS_ENGINE = "azure-serverless"
+_ONLINE_ENGINE = "azure-managed-online"
+_FOREIGN_MODEL = re.compile(
+    r"^azureml://locations/(?P<location>[^/]+)/workspaces/(?P<workspace>[^/]+)/models/(?P<name>[^/]+)"
+    r"/versions/(?P<v>[^/]+)$"
+)
 
 
 class AzureBackend:
     """Fine-tune, deploy and chat with Phi-3 models on Azure AI Foundry / Azure ML.
 
     Give ``subscription_id``, ``resource_group`` and ``workspace`` (an Azure AI Foundry hub-based project for
-    serverless fine-tuning), or none of them to read ``config.json`` (``MLClient.from_config``), or an existing
-    ``ml_client``. ``credential`` defaults to ``DefaultAzureCredential``. Clients built here leave retries to
-    ``retry`` (a :class:`~phitune._retry.RetryPolicy`); for an ``ml_client`` of your own, pass ``retry_total=0`` to
-    azure-ai-ml to avoid retrying twice. ``poll_interval`` is the pause between polls of a deployment being created
-    or deleted.
+    serverless fine-tuning; any Azure ML workspace for managed compute), or none of them to read ``config.json``
+    (``MLClient.from_config``), or an existing ``ml_client``. ``credential`` defaults to ``DefaultAzureCredential``.
+    ``transport`` is an azure-core ``HttpTransport`` for every request the clients built here send, the dataset
+    uploads included (a proxy-aware or test transport). Clients built here leave retries to ``retry`` (a
+    :class:`~phitune._retry.RetryPolicy`); for an ``ml_client`` of your own, pass ``retry_total=0`` to azure-ai-ml to
+    avoid retrying twice. ``uploader`` replaces the default upload to the workspace's default blob datastore.
+    ``poll_interval`` is the pause between polls of a deployment being created or deleted.
     """
 
     name = BACKEND
@@ -142,6 +189,7 @@ class AzureBackend:
         ml_client: MLClient | None = None,
         registry_ml_client: MLClient | None = None,
         uploader: Uploader | None = None,
+        transport: Any = None,
         retry: RetryPolicy | None = None,
         poll_interval: float = 10.0,
     ) -> None:
@@ -156,22 +204,26 @@ class AzureBackend:
 
                 credential = DefaultAzureCredential()
             given = {"subscription_id": subscription_id, "resource_group": resource_group, "workspace": workspace}
+            sdk_options: dict[str, Any] = {"retry_total": 0}
+            if transport is not None:
+                sdk_options["transport"] = transport
             if all(given.values()):
                 ml_client = MLClient(
                     credential,
                     subscription_id=subscription_id,
                     resource_group_name=resource_group,
                     workspace_name=workspace,
-                    retry_total=0,
+                    **sdk_options,
                 )
             elif any(given.values()):
                 missing = next(key for key, value in given.items() if not value)
                 raise SpecError(missing, "give subscription_id, resource_group and workspace together")
             else:
-                ml_client = MLClient.from_config(credential=credential, retry_total=0)
+                ml_client = MLClient.from_config(credential=credential, **sdk_options)
         self._ml: Any = ml_client
         self._registry: Any = registry_ml_client
         self._uploader = uploader
+        self._transport = transport if transport is not None else ml_client._kwargs.get("transport")
         base = retry or RetryPolicy()
         self._retry = dataclasses.replace(base, transient=(*base.transient, ServiceRequestError, ServiceResponseError))
         self._poll_interval = poll_interval
@@ -206,7 +258,7 @@ class AzureBackend:
         }
         if report.format is not None:
             tags["phitune.format"] = report.format
-        uri = self._uploader(str(local), name) if self._uploader is not None else str(local)
+        uri = self._uploader(str(local), name) if self._uploader is not None else self._upload_to_datastore(local, name)
         asset = Data(
             name=name,
             version="1",
@@ -216,6 +268,42 @@ class AzureBackend:
             tags=tags,
         )
         return _file_object(self._call(lambda: self._ml.data.create_or_update(asset)))
+
+    def _upload_to_datastore(self, path: Path, asset: str) -> str:
+        """Upload to the workspace's default blob datastore at ``phitune/<asset>/<file name>`` (azure-storage-blob,
+        through this backend's transport, with the datastore's key or SAS, else the Azure AD credential) and return
+        the ``azureml://datastores/...`` URI Azure ML reads it from."""
+        from azure.ai.ml.entities import AccountKeyConfiguration, SasTokenConfiguration
+        from azure.core.credentials import AzureNamedKeyCredential
+        from azure.storage.blob import BlobClient
+
+        store = self._call(lambda: self._ml.datastores.get_default(include_secrets=True))
+        secret = store.credentials
+        credential: Any = self._ml._credential
+        if isinstance(secret, AccountKeyConfiguration) and secret.account_key:
+            credential = AzureNamedKeyCredential(store.account_name, secret.account_key)
+        elif isinstance(secret, SasTokenConfiguration) and secret.sas_token:
+            credential = secret.sas_token
+        blob_name = f"phitune/{asset}/{path.name}"
+        options: dict[str, Any] = {}
+        if self._transport is not None:
+            options["transport"] = self._transport
+        options["retry_total"] = 0  # retried by self._retry, from the start of the file
+        blob = BlobClient(
+            f"{store.protocol}://{store.account_name}.blob.{store.endpoint}",
+            str(store.container_name),
+            blob_name,
+            credential=credential,
+            **options,
+        )
+        with blob, open(path, "rb") as fh:
+
+            def upload() -> None:
+                fh.seek(0)
+                blob.upload_blob(fh, overwrite=True)
+
+            self._call(upload)
+        return f"azureml://datastores/{store.name}/paths/{blob_name}"
 
     def get_file(self, file_id: str) -> FileObject:
         name, version = _asset_ref(file_id, "file_id")
@@ -233,17 +321,22 @@ class AzureBackend:
 
     # ------------------------------------------------------------------------------------------------------- jobs
     def check_spec(self, spec: JobSpec) -> None:
-        """Refuse, before any request, whatever an Azure fine-tuning job cannot honour."""
-        serverless = spec.compute is None
-        where = "serverless fine-tuning (MaaS)" if serverless else "managed compute fine-tuning"
-        _, _, entry = _model_ref(spec.model)
-        if entry is not None and serverless and not entry.azure_serverless_finetune:
+        """Refuse, before any request, whatever an Azure fine-tuning job cannot honour: a retired offer (with its date,
+        replacement and the ways to train the model that are still open), a method or option the offer does not take,
+        and any hyperparameter that differs from its default where the offer has no name for it."""
+        kind: catalog.OfferKind = "serverless_finetune" if spec.compute is None else "managed_finetune"
+        where = catalog.OFFER_NAMES[kind]
+        model_name, _, entry = _model_ref(spec.model)
+        offer = entry.offer(kind) if entry is not None else None
+        if entry is not None and offer is None:
             raise UnsupportedOptionError(
-                "model",
+                "model" if kind == "serverless_finetune" else "compute",
                 BACKEND,
-                f"{entry.name} does not offer serverless fine-tuning; serverless models: "
-                f"{', '.join(m.name for m in catalog.MODELS if m.azure_serverless_finetune)}",
+                f"Azure does not offer {where} of {entry.name}; "
+                f"models offering it: {', '.join(catalog.offering(kind))}",
             )
+        if offer is not None:
+            _refuse_retired(offer, model_name, entry)
         if spec.distributed.strategy != "none":
             raise UnsupportedOptionError("distributed", BACKEND, "Azure chooses the devices of a fine-tuning job")
         if not isinstance(spec.method, LoRA):
@@ -252,16 +345,23 @@ class AzureBackend:
             )
         if spec.method.target_modules is not None:
             raise UnsupportedOptionError("method.target_modules", BACKEND, f"{where} chooses the LoRA target modules")
-        if serverless:
+        if kind == "serverless_finetune":
             for field in ("r", "alpha", "dropout"):
                 if getattr(spec.method, field) != LoRA.model_fields[field].default:
                     raise UnsupportedOptionError(
                         f"method.{field}", BACKEND, f"{where} does not take LoRA {field}; use managed compute"
                     )
-        sent = set(_HF_NAMES) | (set() if serverless else set(_MAAP_NAMES))
+        names = _SERVERLESS_NAMES if kind == "serverless_finetune" else _MANAGED_NAMES
         for field, info in Hyperparameters.model_fields.items():
-            if field not in sent and getattr(spec.hyperparameters, field) != info.default:
-                raise UnsupportedOptionError(f"hyperparameters.{field}", BACKEND, f"{where} does not take it")
+            if field not in names and getattr(spec.hyperparameters, field) != info.default:
+                hint = " or use managed compute (compute=phitune.AzureCompute(...))" if field in _MANAGED_NAMES else ""
+                if field == "max_seq_length":
+                    hint = " (Azure's max_seq_length pads every example to that length instead of truncating)"
+                raise UnsupportedOptionError(
+                    f"hyperparameters.{field}",
+                    BACKEND,
+                    f"{where} takes only {', '.join(names)}; leave {field} at its default ({info.default!r}){hint}",
+                )
 
     def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
         """Submit the job under a name derived from ``idempotency_key``: a retried create finds the first job."""
@@ -327,6 +427,18 @@ class AzureBackend:
             ),
             JobEvent(id=f"{job_id}:created", created_at=created, message="job created"),
         ]
+        for i, note in enumerate(_stored_notes((job.properties or {}).get(_NOTES_PROPERTY))):
+            events.append(JobEvent(id=f"{job_id}:note:{i}", created_at=created, level=note[0], message=note[1]))
+        if _text(job.status).lower() == "notresponding":
+            events.append(
+                JobEvent(
+                    id=f"{job_id}:not-responding",
+                    created_at=_ts(details.last_modified_utc) or created,
+                    level="warn",
+                    message="Azure reports the job NotResponding: it lost contact with the job, which can recover; "
+                    "the job reads running until Azure reports another state",
+                )
+            )
         started = _ts(details.start_time_utc)
         if started is not None:
             events.append(JobEvent(id=f"{job_id}:started", created_at=started, message="job started running"))
@@ -363,39 +475,76 @@ class AzureBackend:
     def get_model(self, model_id: str) -> ModelObject:
         """A model registered in the workspace (``name``, ``name:version``, ``azureml:name:version`` or its id)."""
         model = self._workspace_model(model_id)
-        return _model_object(model, self._base_model(model))
+        return _model_object(model, self._base_model(model), self._workspace())
 
     def list_models(self) -> list[ModelObject]:
         """Models registered in the workspace, latest version of each (no base model: :meth:`get_model` has it)."""
         containers = self._call(lambda: list(self._ml.models.list()))
-        return [_model_object(self._workspace_model(f"azureml:{c.name}:{c.latest_version}"), None) for c in containers]
+        workspace = self._workspace()
+        return [
+            _model_object(self._workspace_model(f"azureml:{c.name}:{c.latest_version}"), None, workspace)
+            for c in containers
+        ]
 
     # --------------------------------------------------------------------------------------------- deployments
     def create_deployment(self, model: str, name: str, **options: Any) -> Deployment:
-        """Deploy a fine-tuned model as a serverless endpoint. Options: ``wait`` (default True: poll until it is
-        no longer creating) and ``timeout`` (seconds, default 1800). The workspace region is checked first."""
-        from azure.ai.ml.entities import ServerlessEndpoint
+        """Deploy a fine-tuned model: as a serverless endpoint where it was fine-tuned serverless, as a managed online
+        endpoint and deployment where it was fine-tuned on managed compute.
 
+        ``model`` is a workspace model (``name``, ``name:version``, ``azureml:name:version``), or, to deploy into this
+        client's project a model fine-tuned in another project, region or subscription of the same tenant, that
+        model's ``azureml://locations/<region>/workspaces/<workspace id>/models/<name>/versions/<v>`` id (its
+        :attr:`~phitune.types.ModelObject.deploy_id`); pass ``base_model`` (the catalog name it was fine-tuned from) so
+        the region is checked before the request. Options: ``instance_type`` (required for a managed-compute model,
+        e.g. ``Standard_NC24ads_A100_v4``) and ``instance_count`` (default 1); ``wait`` (default True: poll until it
+        is no longer creating) and ``timeout`` (seconds, default 1800)."""
         wait = bool(options.pop("wait", True))
         timeout = float(options.pop("timeout", 1800.0))
+        instance_type = options.pop("instance_type", None)
+        instance_count = int(options.pop("instance_count", 1))
+        base_model = options.pop("base_model", None)
         if options:
             raise UnsupportedOptionError(
-                f"options.{next(iter(options))}", BACKEND, "serverless deployments take only wait and timeout"
+                f"options.{next(iter(options))}",
+                BACKEND,
+                "deployments take instance_type, instance_count, base_model, wait and timeout",
             )
-        registered = self._workspace_model(model)
-        base = _REGISTRY_MODEL.match(self._base_model(registered) or "")
-        if base is not None and base["registry"] == REGISTRY:
-            tags = self._registry_model(base["name"], base["v"]).tags or {}
-            entry = catalog.find(base["name"])
-            self._check_region(base["name"], tags, entry, "serverless deployment of fine-tuned")
         location, workspace_id, _ = self._workspace()
-        endpoint = ServerlessEndpoint(
-            name=name,
-            model_id=f"azureml://locations/{location}/workspaces/{workspace_id}/models/"
-            f"{registered.name}/versions/{registered.version}",
-        )
-        endpoint.location = location
-        self._call(lambda: self._ml.serverless_endpoints.begin_create_or_update(endpoint, polling=False))
+        foreign = _FOREIGN_MODEL.match(model)
+        if foreign is not None and foreign["workspace"] != workspace_id:
+            model_id, base, managed = model, base_model, False
+        else:
+            registered = self._workspace_model(model)
+            job = self._find(lambda: self._ml.jobs.get(registered.job_name)) if registered.job_name else None
+            spec = _stored_spec((job.properties or {}).get(_SPEC_PROPERTY)) if job is not None else None
+            managed = spec is not None and spec.compute is not None
+            base = base_model or (_path(getattr(job, "model", None)) if job is not None else None)
+            model_id = (
+                f"azureml://locations/{location}/workspaces/{workspace_id}/models/"
+                f"{registered.name}/versions/{registered.version}"
+            )
+        if managed:
+            if instance_type is None:
+                raise SpecError(
+                    "options.instance_type",
+                    f"{model} was fine-tuned on managed compute and deploys to a managed online endpoint: give "
+                    f"instance_type, e.g. Standard_NC24ads_A100_v4",
+                )
+            self._create_online_deployment(name, registered, str(instance_type), instance_count)
+        else:
+            if instance_type is not None:
+                raise UnsupportedOptionError(
+                    "options.instance_type",
+                    BACKEND,
+                    f"{model} was fine-tuned serverless and deploys to a serverless endpoint, which takes no "
+                    f"instance type",
+                )
+            self._check_serverless_deployment(base)
+            existing = self._call(lambda: list(self._ml.serverless_endpoints.list()))
+            twin = next((e.name for e in existing if e.model_id == model_id and e.name != name), None)
+            if twin is not None:
+                raise ConflictError(f"{model} already has a serverless deployment, {twin}: Azure allows one per model")
+            self._create_serverless_endpoint(name, model_id, location)
         deployment = self.get_deployment(name)
         deadline = time.monotonic() + timeout
         while wait and deployment.status == "creating" and time.monotonic() < deadline:
@@ -403,16 +552,80 @@ class AzureBackend:
             deployment = self.get_deployment(name)
         return deployment
 
+    def _check_serverless_deployment(self, base: str | None) -> None:
+        """The serverless deployment offer of the base model: refused where retired or outside the workspace's
+        region, warned where legacy or deprecated. Without a known base, Azure decides."""
+        match = _REGISTRY_MODEL.match(base or "")
+        if match is not None and match["registry"] == REGISTRY:
+            name, version = match["name"], match["v"]
+        elif base and (entry := catalog.find(base)) is not None and entry.azure_name:
+            name, version = entry.azure_name, None
+        else:
+            return
+        entry = catalog.find(name)
+        tags = _tags(self._registry_model(name, version))
+        offer = _live_offer(entry.offer("serverless_deploy") if entry is not None else None, "serverless_deploy", tags)
+        if offer is not None:
+            _refuse_retired(offer, name, entry)
+            _lifecycle_notes(offer, name)
+        self._check_region(name, offer, "serverless deployment of fine-tuned")
+
+    def _create_serverless_endpoint(self, name: str, model_id: str, location: str) -> None:
+        from azure.ai.ml.entities import ServerlessEndpoint
+
+        endpoint = ServerlessEndpoint(name=name, model_id=model_id)
+        endpoint.location = location
+        self._call(lambda: self._ml.serverless_endpoints.begin_create_or_update(endpoint, polling=False))
+
+    def _create_online_deployment(self, name: str, registered: Any, instance_type: str, count: int) -> None:
+        """A key-authenticated managed online endpoint with one deployment of the model taking all its traffic, as
+        Microsoft's managed-compute notebook creates it."""
+        from azure.ai.ml.entities import (
+            ManagedOnlineDeployment,
+            ManagedOnlineEndpoint,
+            OnlineRequestSettings,
+            ProbeSettings,
+        )
+
+        endpoint = ManagedOnlineEndpoint(
+            name=name,
+            auth_mode="key",
+            description=f"phitune: {registered.name}",
+            tags={"phitune.model": registered.name},
+        )
+        self._call(lambda: self._ml.online_endpoints.begin_create_or_update(endpoint).result())
+        deployment = ManagedOnlineDeployment(
+            name=_ONLINE_DEPLOYMENT,
+            endpoint_name=name,
+            model=f"azureml:{registered.name}:{registered.version}",
+            instance_type=instance_type,
+            instance_count=count,
+            liveness_probe=ProbeSettings(initial_delay=600),
+            request_settings=OnlineRequestSettings(request_timeout_ms=90000),
+        )
+        self._call(lambda: self._ml.online_deployments.begin_create_or_update(deployment).result())
+        endpoint.traffic = {_ONLINE_DEPLOYMENT: 100}
+        self._call(lambda: self._ml.online_endpoints.begin_create_or_update(endpoint).result())
+
     def get_deployment(self, name: str) -> Deployment:
-        return _deployment(self._call(lambda: self._ml.serverless_endpoints.get(name), "deployment", name))
+        """A serverless endpoint, else a managed online endpoint, of this name."""
+        serverless = self._find(lambda: self._ml.serverless_endpoints.get(name))
+        if serverless is not None:
+            return _deployment(serverless)
+        return _online_deployment(self._call(lambda: self._ml.online_endpoints.get(name), "deployment", name))
 
     def list_deployments(self) -> list[Deployment]:
-        return [_deployment(e) for e in self._call(lambda: list(self._ml.serverless_endpoints.list()))]
+        serverless = [_deployment(e) for e in self._call(lambda: list(self._ml.serverless_endpoints.list()))]
+        online = [_online_deployment(e) for e in self._call(lambda: list(self._ml.online_endpoints.list()))]
+        return serverless + online
 
     def delete_deployment(self, name: str) -> None:
         """Delete the endpoint and wait (up to 30 minutes) until it is gone; the fine-tuned model stays registered."""
         self._drop_openai(name)
-        self._call(lambda: self._ml.serverless_endpoints.begin_delete(name, polling=False), "deployment", name)
+        if self.get_deployment(name).engine == _SERVERLESS_ENGINE:
+            self._call(lambda: self._ml.serverless_endpoints.begin_delete(name, polling=False), "deployment", name)
+        else:
+            self._call(lambda: self._ml.online_endpoints.begin_delete(name), "deployment", name)
         deadline = time.monotonic() + 1800.0
         while time.monotonic() < deadline:
             try:
@@ -423,19 +636,27 @@ class AzureBackend:
         raise WaitTimeoutError(f"deployment {name} is still being deleted after 30 minutes")
 
     def openai_client(self, name: str) -> openai.OpenAI:
-        """An ``openai.OpenAI`` client for the deployment's OpenAI-compatible route, holding its endpoint key."""
+        """An ``openai.OpenAI`` client for the deployment's OpenAI-compatible route (``{scoring_uri}/v1``), holding
+        its endpoint key."""
         if name not in self._openai:
             import openai
 
-            endpoint = self._call(lambda: self._ml.serverless_endpoints.get(name), "deployment", name)
-            if not endpoint.scoring_uri:
-                raise ConflictError(f"deployment {name} has no scoring URI yet ({endpoint.provisioning_state})")
-            keys = self._call(lambda: self._ml.serverless_endpoints.get_keys(name), "deployment", name)
-            base_url = endpoint.scoring_uri.rstrip("/")
+            serverless = self._find(lambda: self._ml.serverless_endpoints.get(name))
+            if serverless is not None:
+                uri, headers = serverless.scoring_uri, dict(serverless.headers or {})
+                state = serverless.provisioning_state
+                keys = self._call(lambda: self._ml.serverless_endpoints.get_keys(name), "deployment", name)
+            else:
+                online = self._call(lambda: self._ml.online_endpoints.get(name), "deployment", name)
+                uri, headers, state = online.scoring_uri, {}, online.provisioning_state
+                keys = self._call(lambda: self._ml.online_endpoints.get_keys(name), "deployment", name)
+            if not uri:
+                raise ConflictError(f"deployment {name} has no scoring URI yet ({state})")
+            base_url = uri.rstrip("/")
             self._openai[name] = openai.OpenAI(
                 base_url=base_url if base_url.endswith("/v1") else f"{base_url}/v1",
                 api_key=keys.primary_key,
-                default_headers=dict(endpoint.headers or {}),
+                default_headers=headers,
             )
         return self._openai[name]
 
@@ -517,11 +738,10 @@ class AzureBackend:
         )
         return self._call(get, "model", f"azureml://registries/{REGISTRY}/models/{name}")
 
-    def _check_region(self, model: str, tags: dict[str, str], entry: catalog.CatalogModel | None, what: str) -> None:
-        """Refuse when the workspace region is not among the model's ``maas-finetuning-deploy-regions`` (the registry
-        tag, else the catalog's regions); with neither known, Azure decides."""
-        regions = tuple(re.findall(r"[a-z0-9]+", tags.get(REGIONS_TAG, "").lower()))
-        regions = regions or (entry.azure_deploy_regions if entry is not None else ())
+    def _check_region(self, model: str, offer: catalog.Offer | None, what: str) -> None:
+        """Refuse when the workspace region is not among the offer's regions (the registry's
+        ``maas-finetuning-deploy-regions`` tag, else the catalog's); with neither known, Azure decides."""
+        regions = offer.regions if offer is not None else ()
         location = self._workspace()[0]
         if regions and location not in regions:
             raise UnsupportedOptionError(
@@ -532,23 +752,40 @@ class AzureBackend:
             )
 
     def _build_job(self, spec: JobSpec, name: str) -> Any:
-        """The azure-ai-ml job for ``spec``, after the registry lookup, the region check and the data checks."""
+        """The azure-ai-ml job for ``spec``, after the registry lookup (whose tags override the catalog's lifecycle,
+        regions and allowed VM sizes), the workspace and region checks and the data checks. The notes it records
+        (lifecycle warnings, how the batch maps to Azure's) become the job's first events."""
         from azure.ai.ml.finetuning import FineTuningTaskType, create_finetuning_job
 
         model_name, version, entry = _model_ref(spec.model)
         base = self._registry_model(model_name, version)
+        tags = _tags(base)
+        kind: catalog.OfferKind = "serverless_finetune" if spec.compute is None else "managed_finetune"
+        offer = _live_offer(entry.offer(kind) if entry is not None else None, kind, tags)
+        notes: list[tuple[str, str]] = []
+        if offer is not None:
+            _refuse_retired(offer, model_name, entry)
+            notes.extend(_lifecycle_notes(offer, model_name))
+        _check_learning_rate(spec.hyperparameters.learning_rate, tags)
         if spec.compute is None:
-            kind = self._workspace()[2]
-            if kind and kind != "project":
+            kind_of_workspace = self._workspace()[2]
+            if kind_of_workspace and kind_of_workspace != "project":
                 raise ConflictError(
                     f"serverless fine-tuning needs an Azure AI Foundry hub-based project; workspace "
-                    f"{self._ml.workspace_name} is a {kind!r} workspace"
+                    f"{self._ml.workspace_name} is a {kind_of_workspace!r} workspace"
                 )
-            self._check_region(model_name, base.tags or {}, entry, "serverless fine-tuning of")
+            self._check_region(model_name, offer, "serverless fine-tuning of")
+            gpus = None
+        else:
+            vm_size, gpus = self._training_vm(spec.compute, model_name, offer)
         training = _asset_id(spec.training_file, "training_file")
         validation = _asset_id(spec.validation_file, "validation_file") if spec.validation_file else None
+        task_name, examples = self._training_data(spec, training)
+        hyperparameters, mapping = _hyperparameters(spec, gpus, examples)
+        notes.append(("info", mapping if gpus is None else f"{mapping} of one {vm_size} node"))
+        notes.extend(_azure_defaults_note(spec, tags))
         task = FineTuningTaskType.CHAT_COMPLETION
-        if self._task(spec, training) == "text_completion":
+        if task_name == "text_completion":
             task = FineTuningTaskType.TEXT_COMPLETION
         key = name.removeprefix("phitune-")[:8]
         output = f"{model_name}-ft-{spec.suffix}-{key}" if spec.suffix else f"{model_name}-ft-{key}"
@@ -559,7 +796,7 @@ class AzureBackend:
             training_data=training,
             # azure-ai-ml 1.35 raises UnboundLocalError when validation_data is omitted: pass one, then clear it.
             validation_data=validation or training,
-            hyperparameters=_hyperparameters(spec),
+            hyperparameters=hyperparameters,
             output_model_name_prefix=output,
             compute=compute.compute if compute is not None else None,
             instance_types=list(compute.instance_types) if compute is not None and compute.instance_types else None,
@@ -567,23 +804,60 @@ class AzureBackend:
             name=name,
             display_name=f"{model_name} {spec.suffix or key}",
             experiment_name=EXPERIMENT,
-            properties={_SPEC_PROPERTY: spec.model_dump_json()},
+            properties={
+                _SPEC_PROPERTY: spec.model_dump_json(),
+                _NOTES_PROPERTY: json.dumps([{"level": level, "message": text} for level, text in notes]),
+            },
         )
         if validation is None:
             job.validation_data = None
         return job
 
-    def _task(self, spec: JobSpec, training: str) -> str:
-        """``spec.task``, checked against (or else inferred from) the format phitune recorded at upload."""
+    def _training_vm(self, compute: AzureCompute, model: str, offer: catalog.Offer | None) -> tuple[str, int]:
+        """(VM size, GPUs per node) a managed-compute job trains on, checked against the model's allowed sizes.
+        A cluster's size is read from the workspace; of ``instance_types``, the allowed ones train (Azure runs the
+        pipeline's other steps on the rest)."""
+        if compute.compute is not None:
+            cluster = compute.compute
+            sizes = [str(self._call(lambda: self._ml.compute.get(cluster), "compute", cluster).size)]
+        else:
+            sizes = list(compute.instance_types or ())
+        allowed = {size.lower() for size in (offer.compute_allow_list if offer is not None else ())}
+        training = (
+            [s for s in sizes if s.lower() in allowed] if allowed else [s for s in sizes if s.lower() in GPUS_PER_VM]
+        )
+        if allowed and not training:
+            raise UnsupportedOptionError(
+                "compute",
+                BACKEND,
+                f"{model} fine-tunes on {', '.join(offer.compute_allow_list if offer else ())}; "
+                f"{', '.join(sizes)} is not among them",
+            )
+        counts = {GPUS_PER_VM.get(size.lower()) for size in training}
+        if not training or None in counts or len(counts) > 1:
+            raise UnsupportedOptionError(
+                "compute",
+                BACKEND,
+                f"phitune maps batch_size (the global batch) to Azure's per-device batch from the GPUs of the training "
+                f"VM, and cannot for {', '.join(sizes)}; use sizes with one known GPU count: "
+                f"{', '.join(sorted(GPUS_PER_VM))}",
+            )
+        return training[0], cast(int, counts.pop())
+
+    def _training_data(self, spec: JobSpec, training: str) -> tuple[str, int | None]:
+        """The task (``spec.task``, checked against or else inferred from the format recorded at upload) and the
+        number of training examples recorded at upload."""
         name, version = _asset_ref(training, "training_file")
         data = self._call(lambda: self._ml.data.get(name, version=version), "file", training)
-        fmt = (data.tags or {}).get("phitune.format")
+        data_tags = data.tags or {}
+        fmt = data_tags.get("phitune.format")
         inferred = None if fmt is None else ("chat_completion" if fmt == "chat" else "text_completion")
         if spec.task is None and inferred is None:
             raise SpecError("task", f"the format of {training} is unknown; pass chat_completion or text_completion")
         if spec.task is not None and inferred is not None and spec.task != inferred:
             raise SpecError("task", f"{spec.task} does not match the {fmt} data in {training}")
-        return spec.task or cast(str, inferred)
+        examples = data_tags.get("phitune.examples")
+        return spec.task or cast(str, inferred), int(examples) if examples else None
 
     def _get_job(self, job_id: str) -> Any:
         job = self._call(lambda: self._ml.jobs.get(job_id), "job", job_id)
@@ -677,18 +951,174 @@ def _model_ref(model: str) -> tuple[str, str | None, catalog.CatalogModel | None
     return name, version, entry
 
 
-def _hyperparameters(spec: JobSpec) -> dict[str, str]:
-    """The Azure ``Dict[str, str]`` of Hugging Face TrainingArguments names (plus LoRA's on managed compute)."""
+def _hyperparameters(spec: JobSpec, gpus: int | None, examples: int | None) -> tuple[dict[str, str], str]:
+    """The Azure ``Dict[str, str]`` for the spec, and a sentence saying how ``batch_size`` maps to Azure's batch.
+
+    ``gpus`` is None for serverless (Azure's names from its MaaS notebook only), else the GPUs of the managed-compute
+    node (the pipeline component's names, LoRA's, ``warmup_steps`` from ``warmup_ratio`` as the local trainer counts
+    them, and the global ``batch_size`` split over the GPUs)."""
     hp = spec.hyperparameters
-    names = _HF_NAMES if spec.compute is None else {**_HF_NAMES, **_MAAP_NAMES}
-    out = {azure: _string(getattr(hp, ours)) for ours, azure in names.items() if getattr(hp, ours) is not None}
-    if spec.compute is not None:
-        if hp.max_grad_norm is None:
-            out["max_grad_norm"] = "0"  # Hugging Face: 0 turns clipping off
-        method = cast(LoRA, spec.method)
-        out.update(apply_lora="true", lora_r=str(method.r), lora_alpha=str(method.alpha))
-        out["lora_dropout"] = _string(method.dropout)
-    return out
+    if gpus is None:
+        out = {azure: _string(getattr(hp, ours)) for ours, azure in _SERVERLESS_NAMES.items()}
+        mapping = (
+            f"batch_size {hp.batch_size} is sent as per_device_train_batch_size={hp.batch_size}; Azure does not "
+            f"disclose how many devices a serverless job uses, so its global batch is {hp.batch_size} x that count"
+        )
+        return out, mapping
+    if hp.batch_size % gpus:
+        raise SpecError(
+            "hyperparameters.batch_size",
+            f"the global batch of {hp.batch_size} cannot be split evenly over {gpus} GPUs; use a multiple of {gpus}",
+        )
+    per_device = hp.batch_size // gpus
+    out = {
+        "num_train_epochs": str(hp.epochs),
+        "learning_rate": _string(hp.learning_rate),
+        "per_device_train_batch_size": str(per_device),
+        "gradient_accumulation_steps": str(hp.gradient_accumulation_steps),
+        "lr_scheduler_type": hp.lr_scheduler,
+        "weight_decay": _string(hp.weight_decay),
+        "seed": str(hp.seed),
+        "max_grad_norm": _string(hp.max_grad_norm) if hp.max_grad_norm is not None else "0",  # 0: no clipping (HF)
+    }
+    if hp.max_steps is not None:
+        out["max_steps"] = str(hp.max_steps)
+    if hp.warmup_ratio > 0:
+        total = hp.max_steps
+        if total is None:
+            if examples is None:
+                raise SpecError(
+                    "hyperparameters.warmup_ratio",
+                    "managed compute takes warmup_steps, and the training file records no example count to compute "
+                    "them from; upload it with client.files.upload or set max_steps",
+                )
+            total = hp.epochs * math.ceil(math.ceil(examples / hp.batch_size) / hp.gradient_accumulation_steps)
+        warmup = int(hp.warmup_ratio * total)
+        out["warmup_steps"] = str(warmup)
+        if hp.lr_scheduler == "constant" and warmup:
+            out["lr_scheduler_type"] = "constant_with_warmup"  # phitune's constant schedule warms up first
+    method = cast(LoRA, spec.method)
+    out.update(apply_lora="true", lora_r=str(method.r), lora_alpha=str(method.alpha))
+    out["lora_dropout"] = _string(method.dropout)
+    mapping = (
+        f"batch_size {hp.batch_size} is the global batch: per_device_train_batch_size={per_device} on {gpus} GPU(s)"
+    )
+    return out, mapping
+
+
+def _tags(asset: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (getattr(asset, "tags", None) or {}).items()}
+
+
+def _tag_date(value: str) -> date | None:
+    try:
+        return date.fromisoformat(value.strip()[:10])
+    except ValueError:
+        return None
+
+
+def _live_offer(offer: catalog.Offer | None, kind: catalog.OfferKind, tags: dict[str, str]) -> catalog.Offer | None:
+    """The packaged offer updated from the registry model's tags, which win where present."""
+    dates = {
+        field: date
+        for tag, targets in _LIFECYCLE_TAGS.items()
+        for target, field in targets
+        if target == kind and tag in tags and (date := _tag_date(tags[tag])) is not None
+    }
+    update: dict[str, Any] = {}
+    if dates:
+        lifecycle = offer.lifecycle if offer is not None else catalog.Lifecycle()
+        update["lifecycle"] = lifecycle.model_copy(update=dates)
+    regions = tuple(re.findall(r"[a-z0-9]+", tags.get(REGIONS_TAG, "").lower()))
+    if regions and kind != "managed_finetune":
+        update["regions"] = regions
+    allow_list = tuple(re.findall(r"Standard_\w+", tags.get(ALLOW_LIST_TAG, "")))
+    if allow_list and kind == "managed_finetune":
+        update["compute_allow_list"] = allow_list
+    if not update:
+        return offer
+    update["sources"] = (*(offer.sources if offer is not None else ()), "registry tags")
+    return offer.model_copy(update=update) if offer is not None else catalog.Offer(kind=kind, **update)
+
+
+def _refuse_retired(offer: catalog.Offer, model: str, entry: catalog.CatalogModel | None) -> None:
+    """Raise :class:`OfferRetiredError` for a retired offer, naming the date, the replacement and what is still open."""
+    if offer.lifecycle.stage() != "retired":
+        return
+    alternatives = []
+    managed = entry.offer("managed_finetune") if entry is not None else None
+    if offer.kind == "serverless_finetune" and managed is not None and managed.lifecycle.stage() != "retired":
+        alternatives.append(f"on managed compute (compute=phitune.AzureCompute(...), {managed.lifecycle.stage()})")
+    if entry is not None and entry.runs_locally:
+        alternatives.append("locally (phitune.Client())")
+    message = f"Azure retired {offer.name} of {model} on {offer.lifecycle.retired}"
+    if offer.replacement:
+        message += f"; use {offer.replacement} instead"
+    if alternatives:
+        message += f", or train {model} {' or '.join(alternatives)}"
+    raise OfferRetiredError(
+        "compute" if offer.kind == "managed_finetune" else "model",
+        BACKEND,
+        message,
+        retired_on=offer.lifecycle.retired,
+        replacement=offer.replacement,
+        alternatives=alternatives,
+    )
+
+
+def _lifecycle_notes(offer: catalog.Offer, model: str) -> list[tuple[str, str]]:
+    """A warning (also given to ``warnings.warn``) for a legacy or deprecated offer, a note for a preview one."""
+    stage = offer.lifecycle.stage()
+    if stage in ("legacy", "deprecated"):
+        text = f"{offer.name} of {model} is {stage}"
+        if offer.lifecycle.retired is not None:
+            text += f" and retires on {offer.lifecycle.retired}"
+        if offer.replacement:
+            text += f"; Azure suggests {offer.replacement}"
+        warnings.warn(text, OfferLifecycleWarning, stacklevel=4)
+        return [("warn", text)]
+    if stage == "preview":
+        return [("info", f"{offer.name} of {model} is in preview: Azure may change or withdraw it at short notice")]
+    return []
+
+
+def _model_defaults(tags: dict[str, str]) -> dict[str, str]:
+    """The registry model's ``model_specific_defaults`` tag (a serialised mapping) as strings."""
+    pairs = re.findall(r"['\"]?(\w+)['\"]?\s*[:=]\s*['\"]?([^,'\"}\s]+)", tags.get(DEFAULTS_TAG, ""))
+    return dict(pairs)
+
+
+def _check_learning_rate(learning_rate: float, tags: dict[str, str]) -> None:
+    """Refuse a learning rate outside the model's ``learning_rate_min``..``learning_rate_max`` where the registry
+    states them."""
+    defaults = _model_defaults(tags)
+    try:
+        low, high = float(defaults["learning_rate_min"]), float(defaults["learning_rate_max"])
+    except (KeyError, ValueError):
+        return
+    if not low <= learning_rate <= high:
+        raise SpecError(
+            "hyperparameters.learning_rate",
+            f"Azure takes learning rates from {_string(low)} to {_string(high)} for this model "
+            f"(registry default {defaults.get('learning_rate', '?')}); got {_string(learning_rate)}",
+        )
+
+
+def _azure_defaults_note(spec: JobSpec, tags: dict[str, str]) -> list[tuple[str, str]]:
+    """Where the offer does not take a hyperparameter, Azure's own default applies: say which ones differ."""
+    names = _SERVERLESS_NAMES if spec.compute is None else _MANAGED_NAMES
+    defaults = _model_defaults(tags)
+    azure_names = {"lr_scheduler": "lr_scheduler_type", "gradient_accumulation_steps": "gradient_accumulation_steps"}
+    differing = [
+        f"{azure}={defaults[azure]} (phitune's {ours}: {getattr(spec.hyperparameters, ours)})"
+        for ours, azure in azure_names.items()
+        if ours not in names and azure in defaults and defaults[azure] != str(getattr(spec.hyperparameters, ours))
+    ]
+    if not differing:
+        return []
+    return [
+        ("info", f"Azure applies the model's own defaults for what this offer does not take: {', '.join(differing)}")
+    ]
 
 
 def _string(value: object) -> str:
@@ -728,7 +1158,9 @@ def _file_object(data: Any) -> FileObject:
     )
 
 
-def _model_object(model: Any, base: str | None) -> ModelObject:
+def _model_object(model: Any, base: str | None, workspace: tuple[str, str, str]) -> ModelObject:
+    """A registered model; ``deploy_id`` is the id another project of the tenant deploys it by."""
+    location, workspace_id, _ = workspace
     return ModelObject(
         id=model.name,
         created=_ts(_created(model)) or 0,
@@ -738,6 +1170,7 @@ def _model_object(model: Any, base: str | None) -> ModelObject:
         job_id=model.job_name,
         version=model.version,
         asset_id=f"azureml:{model.name}:{model.version}",
+        deploy_id=f"azureml://locations/{location}/workspaces/{workspace_id}/models/{model.name}/versions/{model.version}",
     )
 
 
@@ -751,9 +1184,24 @@ def _deployment(endpoint: Any) -> Deployment:
         status=_PROVISIONING.get(state, "creating"),
         created_at=_ts(_created(endpoint)) or 0,
         endpoint=endpoint.scoring_uri,
-        engine="azure-serverless",
+        engine=_SERVERLESS_ENGINE,
         backend=BACKEND,
         model_id=model_id,
+    )
+
+
+def _online_deployment(endpoint: Any) -> Deployment:
+    """A managed online endpoint as a deployment (its model is the one its traffic goes to, named in its tags)."""
+    state = str(endpoint.provisioning_state or "").lower()
+    return Deployment(
+        name=endpoint.name,
+        model=str((endpoint.tags or {}).get("phitune.model", "")),
+        status=_PROVISIONING.get(state, "creating"),
+        created_at=_ts(_created(endpoint)) or 0,
+        endpoint=endpoint.scoring_uri,
+        engine=_ONLINE_ENGINE,
+        backend=BACKEND,
+        traffic=dict(endpoint.traffic or {}),
     )
 
 
@@ -790,6 +1238,15 @@ def _stored_spec(raw: str | None) -> JobSpec | None:
         return JobSpec.model_validate_json(raw)
     except ValueError:
         return None
+
+
+def _stored_notes(raw: str | None) -> list[tuple[Any, str]]:
+    """The notes ``create_job`` recorded in the job's properties: (level, message) pairs."""
+    try:
+        notes = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [(n.get("level", "info"), str(n.get("message", ""))) for n in notes if isinstance(n, dict)]
 
 
 def _created(obj: Any) -> Any:

@@ -160,8 +160,9 @@ class FineTuning(Resource):
         timeout: float | None = None,
         progress: bool | None = None,
     ) -> FineTuneJob:
-        """Block until the job succeeds, fails or is cancelled, and return it. A progress bar shows on a TTY
-        (``progress=`` forces it on or off). Raises :class:`~phitune.errors.WaitTimeoutError` after ``timeout``."""
+        """Block until the job succeeds, fails, is cancelled or is paused (it then waits for you to resume it), and
+        return it. A progress bar shows on a TTY (``progress=`` forces it on or off). Raises
+        :class:`~phitune.errors.WaitTimeoutError` after ``timeout``."""
         show = sys.stderr.isatty() if progress is None else progress
         deadline = None if timeout is None else time.monotonic() + timeout
         with _Progress(job_id, enabled=show) as bar:
@@ -172,7 +173,7 @@ class FineTuning(Resource):
                     events = self._backend.list_events(job_id, after=cursor)
                     cursor = events[-1].id if events else cursor
                     bar.update(job, events)
-                if job.done:
+                if job.done or job.status == "paused":
                     return job
                 if deadline is not None and time.monotonic() > deadline:
                     raise WaitTimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
