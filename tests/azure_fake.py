@@ -562,7 +562,11 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
                 "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments",
                 "location": body["location"],
                 "sku": body.get("sku"),
-                "properties": {**body["properties"], "provisioningState": "Succeeded"},
+                "properties": {
+                    "scaleSettings": {"scaleType": "Default"},
+                    **body["properties"],
+                    "provisioningState": "Succeeded",
+                },
                 "systemData": self._system_data(),
             }
             self.online_deployments[(endpoint, name)] = deployment

@@ -247,7 +247,8 @@ def test_managed_compute_sends_compute_and_lora(backend: AzureBackend, fake: Fak
     }  # no max_seq_length: the pipeline pads to it rather than truncating
     notes = [e.message for e in backend.list_events(job_id) if ":note:" in e.id]
     assert notes[0] == (
-        "batch_size 4 is the global batch: per_device_train_batch_size=4 on 1 GPU(s) of one Standard_NC24ads_A100_v4 node"
+        "batch_size 4 is the global batch: per_device_train_batch_size=4 on 1 GPU(s) "
+        "of one Standard_NC24ads_A100_v4 node"
     )
 
     # a cluster's VM size is read from the workspace: 4 GPUs, so a global batch of 8 is 2 per device
@@ -614,8 +615,8 @@ def test_serverless_needs_a_project(backend: AzureBackend, fake: FakeAzure, tmp_
 
 
 # ------------------------------------------------------------------------------------- models, deployments, chat
-def finished_model(backend: AzureBackend, fake: FakeAzure, folder: Path) -> str:
-    job_id = submit(backend, folder)
+def finished_model(backend: AzureBackend, fake: FakeAzure, folder: Path, **fields: Any) -> str:
+    job_id = submit(backend, folder, **fields)
     fake.set_job_status(job_id, "Running")
     fake.set_job_status(job_id, "Completed")
     model = backend.get_job(job_id).fine_tuned_model
@@ -679,6 +680,74 @@ def test_deploy_and_chat(backend: AzureBackend, fake: FakeAzure, chat_server: Ch
     assert fake.sent("DELETE", r"/serverlessEndpoints/phi3-support$") and fake.endpoints == {}
     with pytest.raises(NotFoundError):
         backend.get_deployment("phi3-support")
+
+
+def test_managed_compute_create_wait_deploy_chat(
+    backend: AzureBackend, fake: FakeAzure, chat_server: ChatServer, tmp_path: Path
+) -> None:
+    fake.scoring_uri = chat_server.url
+    fake.location = "westeurope"  # managed compute needs no hub project nor a serverless region
+    fake.kind = "Default"
+    compute = AzureCompute(instance_types=("Standard_NC24ads_A100_v4",))
+    model = finished_model(backend, fake, tmp_path, compute=compute)
+    with pytest.raises(SpecError) as err:
+        backend.create_deployment(model, "phi4-maap")
+    assert err.value.field == "options.instance_type" and "managed online endpoint" in str(err.value)
+
+    deployment = backend.create_deployment(model, "phi4-maap", instance_type="Standard_NC24ads_A100_v4")
+    assert fake.sent("PUT", r"/serverlessEndpoints/") == []
+    puts = fake.sent("PUT", r"/onlineEndpoints/phi4-maap")
+    assert [p.path.split("/onlineEndpoints/")[1] for p in puts] == [
+        "phi4-maap",
+        "phi4-maap/deployments/default",
+        "phi4-maap",
+    ]
+    assert puts[0].body["properties"]["authMode"] == "Key"
+    assert puts[1].body["sku"] == {"name": "Default", "capacity": 1}
+    assert puts[1].body["properties"]["instanceType"] == "Standard_NC24ads_A100_v4"
+    assert puts[1].body["properties"]["model"].endswith(f"/models/{model}/versions/1")
+    assert puts[2].body["properties"]["traffic"] == {"default": 100}
+    assert (deployment.name, deployment.model, deployment.status) == ("phi4-maap", model, "succeeded")
+    assert deployment.engine == "azure-managed-online" and deployment.endpoint == chat_server.url
+    assert [d.name for d in backend.list_deployments()] == ["phi4-maap"]
+
+    reply = backend.chat(
+        "phi4-maap", [{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, top_p=1, seed=None
+    )
+    assert reply.text == "echo: hi"
+    assert chat_server.requests[-1]["path"] == "/v1/chat/completions"
+    assert chat_server.requests[-1]["headers"]["authorization"] == f"Bearer {ENDPOINT_KEY}"
+    assert fake.sent("POST", r"/onlineEndpoints/phi4-maap/listKeys$")
+
+    backend.delete_deployment("phi4-maap")
+    assert fake.sent("DELETE", r"/onlineEndpoints/phi4-maap$") and fake.online_endpoints == {}
+
+
+def test_a_model_of_another_project_deploys_across_regions(
+    backend: AzureBackend, fake: FakeAzure, chat_server: ChatServer, sleeps: list[float], tmp_path: Path
+) -> None:
+    model = finished_model(backend, fake, tmp_path)
+    source_id = backend.get_model(model).deploy_id
+    target_fake = FakeAzure(location="westus3", workspace_guid="0d9e8c7b-0000-4000-8000-0000000beef0")
+    target_fake.scoring_uri = chat_server.url
+    target = AzureBackend(ml_client=ml_client(target_fake), retry=RetryPolicy(sleep=sleeps.append), poll_interval=0)
+    deployment = target.create_deployment(source_id, "phi4-westus3", base_model=MODEL)
+    (put,) = target_fake.sent("PUT", r"/serverlessEndpoints/phi4-westus3$")
+    assert put.body["properties"]["modelSettings"]["modelId"] == source_id  # the model stays where it was trained
+    assert put.body["location"] == "westus3" and deployment.status == "succeeded"
+    reply = target.chat(
+        "phi4-westus3", [{"role": "user", "content": "x"}], max_tokens=4, temperature=0, top_p=1, seed=None
+    )
+    assert reply.text == "echo: x"
+
+    elsewhere = FakeAzure(location="swedencentral", workspace_guid="0d9e8c7b-0000-4000-8000-0000000beef1")
+    far = AzureBackend(ml_client=ml_client(elsewhere), retry=RetryPolicy(sleep=sleeps.append), poll_interval=0)
+    with pytest.raises(UnsupportedOptionError) as err:
+        far.create_deployment(source_id, "phi4-sweden", base_model=MODEL)
+    assert "swedencentral" in str(err.value) and "westus3" in str(err.value)
+    assert elsewhere.sent("PUT", r"/serverlessEndpoints/") == []
+    target.close()
+    far.close()
 
 
 def test_deploy_checks_the_region_first(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
@@ -749,6 +818,47 @@ def test_end_to_end_through_the_client(
             .message.content
             == "echo: pong"
         )
+
+
+def test_the_documented_constructor_and_the_default_upload(fake: FakeAzure, tmp_path: Path) -> None:
+    from conftest import write_chat
+
+    client = phitune.Client.azure(
+        subscription_id=SUBSCRIPTION,
+        resource_group=RESOURCE_GROUP,
+        workspace=WORKSPACE,
+        credential=FakeCredential(),
+        transport=fake,
+        retry=RetryPolicy(sleep=lambda _: None),
+    )
+    path = write_chat(tmp_path / "chat.jsonl")
+    uploaded = client.files.upload(path)
+    (blob,) = fake.blobs.items()
+    asset = uploaded.id.split(":")[1]
+    assert blob == (f"/azureml-blobstore-0000/phitune/{asset}/chat.jsonl", path.read_bytes())
+    (put,) = fake.sent("PUT", r"/data/phitune-chat-[0-9a-f]{12}/versions/1$")
+    assert (
+        put.body["properties"]["dataUri"] == f"azureml://datastores/workspaceblobstore/paths/phitune/{asset}/chat.jsonl"
+    )
+    (upload,) = [r for r in fake.requests if STORAGE_ACCOUNT in r.url]
+    assert upload.headers["Authorization"].startswith(f"SharedKey {STORAGE_ACCOUNT}:")  # signed with the store's key
+    assert all(r.headers.get("Authorization") == f"Bearer {AAD_TOKEN}" for r in fake.requests if "management" in r.url)
+    job = client.finetune.create(model=MODEL, training_file=uploaded.id)
+    assert job.status == "queued"
+    assert STORAGE_KEY not in repr(client.backend) and STORAGE_KEY not in uploaded.model_dump_json()
+
+
+def test_client_constructors_are_typed() -> None:
+    import inspect
+
+    for factory, names in (
+        (phitune.Client.azure, {"subscription_id", "resource_group", "workspace", "credential", "transport"}),
+        (phitune.Client.openai, {"base_url", "api_key"}),
+    ):
+        parameters = inspect.signature(factory).parameters
+        assert names <= set(parameters)
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
+        assert all(p.annotation is not inspect.Parameter.empty for p in parameters.values())
 
 
 MAAS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "azureml-examples-maas"

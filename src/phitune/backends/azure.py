@@ -1177,7 +1177,7 @@ def _model_object(model: Any, base: str | None, workspace: tuple[str, str, str])
 def _deployment(endpoint: Any) -> Deployment:
     model_id = str(endpoint.model_id or "")
     match = _ASSET_PATH.search(model_id)
-    state = str(endpoint.provisioning_state or "").lower()
+    state = _text(endpoint.provisioning_state).lower()
     return Deployment(
         name=endpoint.name,
         model=match["name"] if match else model_id,
@@ -1192,7 +1192,7 @@ def _deployment(endpoint: Any) -> Deployment:
 
 def _online_deployment(endpoint: Any) -> Deployment:
     """A managed online endpoint as a deployment (its model is the one its traffic goes to, named in its tags)."""
-    state = str(endpoint.provisioning_state or "").lower()
+    state = _text(endpoint.provisioning_state).lower()
     return Deployment(
         name=endpoint.name,
         model=str((endpoint.tags or {}).get("phitune.model", "")),
