@@ -1,9 +1,10 @@
-"""Fine-tune Phi-3-mini with Azure serverless fine-tuning (Models as a Service), deploy it, and chat with it.
+"""Fine-tune Phi-4-mini-instruct with Azure serverless fine-tuning (Models as a Service), deploy it, and chat.
 
 The flow of Microsoft's notebook azureml-examples/sdk/python/jobs/finetuning/standalone/model-as-a-service/
 chat-completion/chat_completion_with_model_as_service.ipynb, through phitune: upload → job → wait → deploy → chat.
 
-It needs a real Azure AI Foundry hub-based project in East US 2 and credentials (``az login`` or any
+It needs a real Azure AI Foundry hub-based project in a region that fine-tunes Phi-4-mini-instruct serverless (East US
+2, East US, North Central US, South Central US, West US, West US 3) and credentials (``az login`` or any
 ``DefaultAzureCredential`` source); it cannot run offline and was not run in phitune's test environment (the same
 calls are exercised offline by tests/test_azure.py against a fake Azure). It creates billable resources: a
 fine-tuning job and a serverless endpoint (deleted at the end unless ``KEEP_DEPLOYMENT=1``). Usage::
@@ -20,18 +21,13 @@ from __future__ import annotations
 import os
 import sys
 
-import phitune
+from _azure_workspace import client_from_environment
 
-MODEL = "Phi-3-mini-4k-instruct"
+MODEL = "Phi-4-mini-instruct"
 
 
 def main(train: str, validation: str | None) -> None:
-    client = phitune.Client.azure(
-        subscription_id=os.environ["AZURE_SUBSCRIPTION_ID"],
-        resource_group=os.environ["AZURE_RESOURCE_GROUP"],
-        workspace=os.environ["AZURE_WORKSPACE"],
-    )
-    with client:
+    with client_from_environment("an Azure AI Foundry hub-based project") as client:
         # 1. Data: validated locally (every problem with its line number), then registered as uri_file assets.
         train_file = client.files.upload(train, model=MODEL)
         valid_file = client.files.upload(validation, model=MODEL) if validation else None
@@ -56,7 +52,7 @@ def main(train: str, validation: str | None) -> None:
         print(f"fine-tuned model: {job.fine_tuned_model}")
 
         # 4. Deploy the registered model as a serverless endpoint (waits until it is provisioned).
-        deployment = client.deployments.create(model=job.fine_tuned_model, name=f"phi3-ft-{job.id[-8:]}")
+        deployment = client.deployments.create(model=job.fine_tuned_model, name=f"phi4-ft-{job.id[-8:]}")
         print(f"deployment {deployment.name}: {deployment.status} at {deployment.endpoint}")
 
         # 5. Chat through the endpoint's OpenAI-compatible route.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -885,3 +886,27 @@ def test_official_maas_sample_data(
     assert client.files.get(job.training_file).examples == len(
         (MAAS_DATA / f"{stem}_train.jsonl").read_text().splitlines()
     )
+
+
+@pytest.mark.parametrize("sample", ["azure_maas.py", "azure_managed_compute.py"])
+def test_azure_samples_say_what_they_need(sample: str, tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parents[1] / "samples" / sample
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AZURE_")}
+    done = subprocess.run(
+        [sys.executable, str(path), str(tmp_path / "train.jsonl")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "KeyError" not in done.stderr
+    assert "export AZURE_SUBSCRIPTION_ID=" in done.stderr and "export AZURE_WORKSPACE=" in done.stderr
+
+
+def test_docs_show_the_catalog_as_it_is() -> None:
+    import re
+    from datetime import date
+
+    from phitune import catalog
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "azure.md").read_text()
+    checked = re.search(r"checked on (\d{4}-\d{2}-\d{2})", page)
+    assert checked is not None
+    assert catalog.offers_table(date.fromisoformat(checked[1])) in page

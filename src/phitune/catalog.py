@@ -341,3 +341,31 @@ def names() -> list[str]:
 def offering(kind: OfferKind, on: datetime.date | None = None) -> list[str]:
     """Names of the models whose ``kind`` offer is open (not retired) on a day."""
     return [m.name for m in MODELS if (o := m.offer(kind)) is not None and o.lifecycle.stage(on) != "retired"]
+
+
+def offers_table(on: datetime.date | None = None) -> str:
+    """The Azure models' offers and their stages on a day, as the Markdown table docs/azure.md shows."""
+    rows = [
+        "| model | serverless fine-tuning | serverless deployment | managed compute | local trainer | Kaito preset |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in MODELS:
+        if model.azure_name is None:
+            continue
+        cells = [_offer_cell(model.offer(kind), on) for kind in OFFER_NAMES]
+        local = "yes" if model.runs_locally else "no"
+        rows.append(f"| `{model.name}` | {' | '.join(cells)} | {local} | {model.kaito_preset or '-'} |")
+    return "\n".join(rows)
+
+
+def _offer_cell(offer: Offer | None, on: datetime.date | None) -> str:
+    if offer is None:
+        return "not offered"
+    life = offer.lifecycle
+    stage = life.stage(on)
+    text = {"retired": f"retired {life.retired}", "deprecated": f"deprecated {life.deprecated}"}.get(stage, stage)
+    if stage == "deprecated" and life.retired is not None:
+        text += f", retires {life.retired}"
+    if offer.replacement and stage != "ga":
+        text += f" (use {offer.replacement})"
+    return f"{text} [{', '.join(offer.sources)}]"

@@ -1,0 +1,74 @@
+"""Fine-tune Phi-4-mini-instruct on Azure ML managed compute (Models as a Platform), deploy it to a managed online
+endpoint, and chat with it.
+
+The flow of Microsoft's notebook azureml-examples/sdk/python/jobs/finetuning/standalone/model-as-a-platform/
+chat-completion/chat_completion_with_model_as_platform.ipynb, through phitune: upload → job on serverless GPU instances
+→ wait → managed online endpoint + deployment (all traffic) → chat on ``{scoring_uri}/v1/chat/completions``.
+
+It needs any Azure ML workspace (no hub project required), quota for the GPU instance type, and credentials (``az
+login`` or any ``DefaultAzureCredential`` source); it cannot run offline and was not run in phitune's test environment
+(the same calls are exercised offline by tests/test_azure.py against a fake Azure). It creates billable resources: a
+fine-tuning job and a managed online deployment on a GPU VM (deleted at the end unless ``KEEP_DEPLOYMENT=1``). Usage::
+
+    export AZURE_SUBSCRIPTION_ID=... AZURE_RESOURCE_GROUP=... AZURE_WORKSPACE=...   # the workspace
+    python samples/azure_managed_compute.py TRAIN.jsonl [VALIDATION.jsonl]
+
+``INSTANCE_TYPE`` (default Standard_NC24ads_A100_v4, one A100) trains and serves; ``batch_size`` is the global batch,
+split evenly over that VM's GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from _azure_workspace import client_from_environment
+
+import phitune
+
+MODEL = "Phi-4-mini-instruct"
+
+
+def main(train: str, validation: str | None) -> None:
+    instance_type = os.environ.get("INSTANCE_TYPE", "Standard_NC24ads_A100_v4")
+    with client_from_environment("an Azure ML workspace") as client:
+        train_file = client.files.upload(train, model=MODEL)
+        valid_file = client.files.upload(validation, model=MODEL) if validation else None
+        print(f"training data {train_file.id}: {train_file.examples} examples")
+
+        job = client.finetune.create(
+            model=MODEL,
+            training_file=train_file.id,
+            validation_file=valid_file.id if valid_file else None,
+            method=phitune.LoRA(r=16, alpha=32, dropout=0.05),
+            hyperparameters={"epochs": 1, "batch_size": 1, "learning_rate": 2e-5, "warmup_ratio": 0.05},
+            compute=phitune.AzureCompute(instance_types=(instance_type,)),
+            suffix="samsum",
+        )
+        print(f"job {job.id}: {job.status}")
+        job = client.finetune.wait(job.id, poll_interval=60)
+        for event in client.finetune.events(job.id):
+            print(f"  [{event.level}] {event.message}")
+        if job.status != "succeeded" or job.fine_tuned_model is None:
+            sys.exit(f"job {job.id} ended {job.status}: {job.error.message if job.error else ''}")
+        print(f"fine-tuned model: {job.fine_tuned_model}")
+
+        deployment = client.deployments.create(
+            model=job.fine_tuned_model, name=f"phi4-maap-{job.id[-8:]}", instance_type=instance_type
+        )
+        print(f"deployment {deployment.name}: {deployment.status} at {deployment.endpoint}")
+        reply = deployment.chat(
+            [{"role": "user", "content": "Summarize: Amanda baked cookies and will bring Jerry some tomorrow."}],
+            max_tokens=128,
+        )
+        print(reply.text)
+
+        if os.environ.get("KEEP_DEPLOYMENT") != "1":
+            client.deployments.delete(deployment.name)
+            print(f"deleted {deployment.name} (the fine-tuned model stays registered)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None)
