@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import phitune
 
@@ -28,3 +29,26 @@ def client_from_environment(what: str) -> phitune.Client:
         resource_group=os.environ["AZURE_RESOURCE_GROUP"],
         workspace=os.environ["AZURE_WORKSPACE"],
     )
+
+
+def wait_deploy_chat(client: phitune.Client, job_id: str, name: str, **deploy_options: Any) -> None:
+    """Wait for the job, print its events, deploy its model, ask the model a question, then delete the deployment
+    (unless ``KEEP_DEPLOYMENT=1``)."""
+    job = client.finetune.wait(job_id, poll_interval=60)  # tens of minutes to hours
+    for event in client.finetune.events(job.id):
+        print(f"  [{event.level}] {event.message}")
+    if job.status != "succeeded" or job.fine_tuned_model is None:
+        sys.exit(f"job {job.id} ended {job.status}: {job.error.message if job.error else ''}")
+    print(f"fine-tuned model: {job.fine_tuned_model}")
+
+    deployment = client.deployments.create(model=job.fine_tuned_model, name=name, **deploy_options)
+    print(f"deployment {deployment.name}: {deployment.status} at {deployment.endpoint}")
+    reply = deployment.chat(  # through the endpoint's OpenAI-compatible route
+        [{"role": "user", "content": "Summarize: Amanda baked cookies and will bring Jerry some tomorrow."}],
+        max_tokens=128,
+    )
+    print(reply.text)
+
+    if os.environ.get("KEEP_DEPLOYMENT") != "1":
+        client.deployments.delete(deployment.name)
+        print(f"deleted {deployment.name} (the fine-tuned model stays registered)")

@@ -18,10 +18,9 @@ validation.jsonl.
 
 from __future__ import annotations
 
-import os
 import sys
 
-from _azure_workspace import client_from_environment
+from _azure_workspace import client_from_environment, wait_deploy_chat
 
 MODEL = "Phi-4-mini-instruct"
 
@@ -43,28 +42,9 @@ def main(train: str, validation: str | None) -> None:
         )
         print(f"job {job.id}: {job.status}")
 
-        # 3. Wait: serverless fine-tuning takes from tens of minutes to hours.
-        job = client.finetune.wait(job.id, poll_interval=60)
-        for event in client.finetune.events(job.id):
-            print(f"  [{event.level}] {event.message}")
-        if job.status != "succeeded" or job.fine_tuned_model is None:
-            sys.exit(f"job {job.id} ended {job.status}: {job.error.message if job.error else ''}")
-        print(f"fine-tuned model: {job.fine_tuned_model}")
-
-        # 4. Deploy the registered model as a serverless endpoint (waits until it is provisioned).
-        deployment = client.deployments.create(model=job.fine_tuned_model, name=f"phi4-ft-{job.id[-8:]}")
-        print(f"deployment {deployment.name}: {deployment.status} at {deployment.endpoint}")
-
-        # 5. Chat through the endpoint's OpenAI-compatible route.
-        reply = deployment.chat(
-            [{"role": "user", "content": "Summarize: Amanda baked cookies and will bring Jerry some tomorrow."}],
-            max_tokens=128,
-        )
-        print(reply.text)
-
-        if os.environ.get("KEEP_DEPLOYMENT") != "1":
-            client.deployments.delete(deployment.name)
-            print(f"deleted {deployment.name} (the fine-tuned model stays registered)")
+        # 3-5. Wait (serverless fine-tuning takes tens of minutes to hours), deploy the registered model as a
+        # serverless endpoint, and chat through its OpenAI-compatible route.
+        wait_deploy_chat(client, job.id, f"phi4-ft-{job.id[-8:]}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
-from _azure_workspace import client_from_environment
+from _azure_workspace import client_from_environment, wait_deploy_chat
 
 import phitune
 
@@ -46,26 +46,8 @@ def main(train: str, validation: str | None) -> None:
             suffix="samsum",
         )
         print(f"job {job.id}: {job.status}")
-        job = client.finetune.wait(job.id, poll_interval=60)
-        for event in client.finetune.events(job.id):
-            print(f"  [{event.level}] {event.message}")
-        if job.status != "succeeded" or job.fine_tuned_model is None:
-            sys.exit(f"job {job.id} ended {job.status}: {job.error.message if job.error else ''}")
-        print(f"fine-tuned model: {job.fine_tuned_model}")
-
-        deployment = client.deployments.create(
-            model=job.fine_tuned_model, name=f"phi4-maap-{job.id[-8:]}", instance_type=instance_type
-        )
-        print(f"deployment {deployment.name}: {deployment.status} at {deployment.endpoint}")
-        reply = deployment.chat(
-            [{"role": "user", "content": "Summarize: Amanda baked cookies and will bring Jerry some tomorrow."}],
-            max_tokens=128,
-        )
-        print(reply.text)
-
-        if os.environ.get("KEEP_DEPLOYMENT") != "1":
-            client.deployments.delete(deployment.name)
-            print(f"deleted {deployment.name} (the fine-tuned model stays registered)")
+        # a managed online endpoint on the same VM size, all traffic to its one deployment
+        wait_deploy_chat(client, job.id, f"phi4-maap-{job.id[-8:]}", instance_type=instance_type)
 
 
 if __name__ == "__main__":
