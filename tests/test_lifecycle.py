@@ -19,7 +19,7 @@ from conftest import rename_at_once
 from phitune.errors import ConflictError, DatasetError, NotFoundError, SpecError
 from phitune.trainer import allocator
 
-FAST = {"epochs": 50, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
+FAST = {"batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
 
 
 def _metrics(client: phitune.Client, job_id: str) -> dict[int, float]:
@@ -69,6 +69,13 @@ def test_full_lifecycle(home: Path, chat_file: Path) -> None:
     assert job.id in {j.id for j in client.finetune.list()}
 
     events = client.finetune.events(job.id)
+    (plan,) = [e for e in events if e.message.startswith("training lora on 8 examples: ")]
+    assert "6 steps, 3 epochs, 24 examples seen" in plan.message  # max_steps, not the one epoch asked for
+    assert plan.data is not None and (plan.data["total_steps"], plan.data["epochs"], plan.data["examples_seen"]) == (
+        6,
+        3,
+        24,
+    )
     (load,) = [e.data["load"] for e in events if e.data and "load" in e.data]  # the base's load, with its peak
     assert load["peak_rss_bytes"] > 0 and load["weight_bytes"] > 0 and load["seconds"] >= 0
     kept = any("allocator keeps the memory it frees" in e.message for e in events)  # no PHITUNE_MEMORY_LIMIT here

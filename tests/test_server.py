@@ -165,9 +165,9 @@ def test_fine_tune_through_the_official_openai_client(oai: openai.OpenAI, traine
     assert job.status == "succeeded", job.error
     assert job.object == "fine_tuning.job" and job.organization_id == "phitune" and job.result_files == []
     assert job.fine_tuned_model.startswith("ft:tiny-phi3:srv:") and job.trained_tokens > 0 and job.seed == 0
-    assert job.hyperparameters.n_epochs == 50 and job.hyperparameters.batch_size == 4
+    assert job.hyperparameters.n_epochs == "auto" and job.hyperparameters.batch_size == 4  # max_steps decides
     assert job.hyperparameters.learning_rate_multiplier == pytest.approx(15)
-    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == 50
+    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == "auto"
     extra = job.model_extra
     assert extra["step"] == 4 and extra["total_steps"] == 4
     assert extra["spec"]["method"]["type"] == "lora" and extra["spec"]["hyperparameters"]["learning_rate"] == 3e-3

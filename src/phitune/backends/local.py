@@ -328,11 +328,9 @@ class LocalBackend:
 
 
 def _training_seconds(predicted: Estimate, spec: JobSpec) -> float | None:
-    """Predicted seconds of training: every epoch's steps, or ``max_steps`` where fewer."""
-    if predicted.seconds_per_epoch is None or not predicted.steps_per_epoch:
+    """Predicted seconds of training: the predicted time of a micro-batch times the micro-batches of the job's
+    :class:`~phitune.types.TrainingPlan` (every epoch's, or ``max_steps``' however many epochs those take)."""
+    if predicted.seconds_per_epoch is None or not predicted.examples:
         return None
-    hp = spec.hyperparameters
-    steps = hp.epochs * predicted.steps_per_epoch
-    if hp.max_steps is not None:
-        steps = min(steps, hp.max_steps)
-    return predicted.seconds_per_epoch * steps / predicted.steps_per_epoch
+    plan = spec.hyperparameters.plan(predicted.examples)
+    return predicted.seconds_per_epoch / plan.batches_per_epoch * plan.micro_batches

@@ -4,8 +4,10 @@ One optimizer step consumes ``gradient_accumulation_steps`` micro-batches of ``b
 batch. Under torchrun every rank walks the same micro-batches and trains on its share of each (see
 :mod:`phitune.trainer.distributed`). The loss is token-normalised over the whole step (sum of token losses on all
 ranks / trainable tokens in the step), so neither accumulation nor the number of processes changes the objective.
-Data order is a pure function of (seed, epoch), so a run resumed from a checkpoint (weights, optimizer, scheduler,
-every rank's RNG, step) continues exactly where the uninterrupted run would be.
+A run lasts ``epochs`` passes over the data or, where set, exactly ``max_steps`` optimizer steps, as many passes as
+those take (:meth:`~phitune.types.Hyperparameters.plan`). Data order is a pure function of (seed, epoch), so a run
+resumed from a checkpoint (weights, optimizer, scheduler, every rank's RNG, step) continues exactly where the
+uninterrupted run would be, across epoch boundaries too.
 
 Where the work goes: each rank's examples of a micro-batch are packed into one row with no padding, every example
 attending only to itself (:mod:`phitune.trainer.packing`); the LM head runs only at positions that carry loss, in
@@ -110,17 +112,21 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     )
     trainable, total = count_parameters(model)
     batch_of = _batching(model, tokenizer.pad_token_id)
-    batches_per_epoch = math.ceil(len(train_set) / hp.batch_size)
-    total_micro = hp.epochs * batches_per_epoch
-    total_steps = math.ceil(total_micro / hp.gradient_accumulation_steps)
-    if hp.max_steps is not None:
-        total_steps = min(total_steps, hp.max_steps)
+    plan = hp.plan(len(train_set))
+    total_steps = plan.total_steps
     layout = run.spec.distributed
     control.message(
-        f"training {run.spec.method.type} on {len(train_set)} examples: {total_steps} steps, "
+        f"training {run.spec.method.type} on {len(train_set)} examples: {plan.describe()}; "
         f"{trainable:,} of {total:,} parameters trainable, {device}{' bf16' if use_bf16 else ' fp32'}"
         + (f", {layout.strategy} on {ranks.world} processes" if layout.strategy != "none" else ""),
-        data={"trainable_parameters": trainable, "total_parameters": total, "total_steps": total_steps},
+        data={
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "total_steps": total_steps,
+            "epochs": round(plan.epochs(), 4),
+            "examples": plan.examples,
+            "examples_seen": plan.examples_seen(),
+        },
     )
 
     # -- engine (one process, DDP, FSDP or DeepSpeed), schedule, resume
@@ -156,9 +162,9 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
             return TrainResult(reason, step, total_steps, trained_tokens, last_loss, valid_loss)
         started = time.perf_counter()
         micro = [
-            _micro_batch(train_set, m, batches_per_epoch, hp.batch_size, hp.seed)
+            _micro_batch(train_set, m, plan.batches_per_epoch, hp.batch_size, hp.seed)
             for m in range(step * hp.gradient_accumulation_steps, (step + 1) * hp.gradient_accumulation_steps)
-            if m < total_micro
+            if m < plan.micro_batches
         ]
         step_tokens = sum(ex.trainable_tokens for batch in micro for ex in batch)  # global: every rank sees all
         loss_here = 0.0
@@ -185,7 +191,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
             "learning_rate": lr,
             "tokens_per_second": step_tokens / elapsed,
             "trainable_tokens": step_tokens,
-            "epoch": round(min(step * hp.gradient_accumulation_steps, total_micro) / batches_per_epoch, 4),
+            "epoch": round(plan.epochs(step), 4),
             "peak_memory_mb": _peak_memory_mb(device),
         }
         if grad_norm is not None:
