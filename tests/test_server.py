@@ -22,8 +22,8 @@ import uvicorn
 from fastapi import FastAPI
 
 import phitune
-from conftest import write_chat
-from phitune.errors import NotFoundError, RemoteNotFoundError, SpecError
+from conftest import write_chat, write_chat_with_long_prompts
+from phitune.errors import DatasetError, NotFoundError, RemoteNotFoundError, SpecError
 from phitune.server import StripQueryStrings, check_bind, cli, is_loopback, serve
 from phitune.server.app import create_app
 
@@ -306,6 +306,36 @@ def test_a_bad_upload_is_a_400_naming_its_lines(oai: openai.OpenAI, server_home:
     with pytest.raises(openai.BadRequestError) as info:
         oai.files.create(file=("x.jsonl", b"{}\n"), purpose="assistants")
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "purpose"
+
+
+def test_a_job_that_cannot_train_is_a_400_and_never_stored(
+    oai: openai.OpenAI, server_home: Path, tmp_path: Path
+) -> None:
+    with open(write_chat_with_long_prompts(tmp_path / "long.jsonl"), "rb") as fh:
+        uploaded = oai.files.create(file=fh, purpose="fine-tune")
+    hyperparameters = {"max_seq_length": 64, "max_steps": 2}
+    with pytest.raises(DatasetError) as local:  # what the SDK says to a local user of the same home
+        phitune.Client(home=server_home).finetune.create(
+            model="tiny-phi3", training_file=uploaded.id, hyperparameters=hyperparameters
+        )
+    jobs_before = len(oai.fine_tuning.jobs.list(limit=1000).data)
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.fine_tuning.jobs.create(
+            model="tiny-phi3", training_file=uploaded.id, extra_body={"phitune": {"hyperparameters": hyperparameters}}
+        )
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "invalid_file" and error["message"] == str(local.value)
+    assert (
+        f"{uploaded.id} (long.jsonl):3: [too_long]" in error["message"]
+        and "drop_untrainable_examples" in error["message"]
+    )
+    assert str(server_home) not in error["message"]
+
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.fine_tuning.jobs.create(model="someone/not-downloaded", training_file=uploaded.id)
+    error = info.value.body
+    assert isinstance(error, dict) and error["param"] == "model" and "someone/not-downloaded" in error["message"]
+    assert len(oai.fine_tuning.jobs.list(limit=1000).data) == jobs_before
 
 
 def test_uploads_over_the_limit_are_a_413(oai: openai.OpenAI, base_url: str) -> None:

@@ -125,6 +125,11 @@ class Hyperparameters(_Request):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32."
     )
+    drop_untrainable_examples: bool = Field(
+        False,
+        description="Train without the examples that keep no token with loss within max_seq_length (the job's "
+        "events say which); by default such examples refuse the job.",
+    )
 
     def plan(self, examples: int) -> TrainingPlan:
         """The optimizer steps of training on ``examples`` examples: ``max_steps`` where set, else every epoch's."""

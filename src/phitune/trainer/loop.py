@@ -41,7 +41,7 @@ from . import allocator, data, distributed, packing
 from .distributed import Engine, Ranks
 from .loading import load_for_training
 from .loss import linear_cross_entropy
-from .model import apply_method, bf16_supported, count_parameters, load_tokenizer, quantized_footprint
+from .model import apply_method, bf16_supported, count_parameters, quantized_footprint
 
 StopReason = Literal["cancelled", "paused", "superseded"]
 
@@ -71,6 +71,9 @@ class TrainRun:
     output_dir: Path
     checkpoint_dir: Path
     resume_from: Path | None = None
+    train_name: str | None = None
+    """How messages name the training file (a stored file's id and filename); None: its path."""
+    valid_name: str | None = None
 
 
 @dataclass
@@ -93,11 +96,18 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     use_bf16 = hp.precision == "bf16" or (hp.precision == "auto" and bf16_supported())
 
     # -- model and data
-    tokenizer = load_tokenizer(run.base_path)
-    train_set = data.load_examples(run.train_path, tokenizer, max_seq_length=hp.max_seq_length)
-    valid_set = (
-        data.load_examples(run.valid_path, tokenizer, max_seq_length=hp.max_seq_length) if run.valid_path else []
+    job_data = data.prepare(
+        run.spec,
+        run.base_path,
+        data.DatasetFile(run.train_path, run.train_name),
+        data.DatasetFile(run.valid_path, run.valid_name) if run.valid_path else None,
     )
+    tokenizer = job_data.tokenizer
+    train_set = job_data.train.examples
+    valid_set = job_data.valid.examples if job_data.valid else []
+    for dataset in (job_data.train, job_data.valid):
+        if dataset is not None and dataset.dropped_lines:
+            _report_dropped(control, dataset, hp.max_seq_length)
     kept = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
     model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
     control.message(load_report.message, data=load_report.data())
@@ -367,6 +377,17 @@ def _plan_checkpointing(
             data={"kept_matmul_layers": kept.layers, "kept_down_projections": kept.down_projections, "layers": layers},
         )
     return kept
+
+
+def _report_dropped(control: Control, dataset: data.Dataset, max_seq_length: int) -> None:
+    lines = dataset.dropped_lines
+    shown = ", ".join(map(str, lines[:20])) + (f" and {len(lines) - 20} more" if len(lines) > 20 else "")
+    control.message(
+        f"left out {len(lines)} of {len(lines) + len(dataset.examples)} examples of {dataset.file.label} "
+        f"(drop_untrainable_examples): no token with loss within max_seq_length={max_seq_length}; lines {shown}",
+        level="warn",
+        data={"file": dataset.file.label, "dropped_examples": len(lines), "dropped_lines": lines},
+    )
 
 
 def _report_quantized_base(control: Control, model: Any, method: QLoRA) -> None:

@@ -111,6 +111,8 @@ def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, c
             output_dir=output_dir,
             checkpoint_dir=job_dir / "checkpoints",
             resume_from=checkpoints[-1] if checkpoints else None,
+            train_name=store.file_label(spec.training_file),
+            valid_name=store.file_label(spec.validation_file) if spec.validation_file else None,
         )
         if ranks.broadcast(control.should_stop()) is not None:
             return 0
