@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 
 def _wait_for(
-    predicate: Callable[[], T | None], timeout: float = 180.0, interval: float = 0.1, state: Callable[[], object] = str
+    predicate: Callable[[], T | None], timeout: float = 1800.0, interval: float = 0.1, state: Callable[[], object] = str
 ) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,7 +110,7 @@ def trained(oai: openai.OpenAI, dataset: Path) -> Any:
     done = ("succeeded", "failed")
     return _wait_for(
         lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in done and j,
-        timeout=300,
+        timeout=1800,
         state=_job_state(oai, job.id),
     )
 
@@ -133,11 +133,11 @@ def resumed(oai: openai.OpenAI, trained: Any) -> dict[str, Any]:
     state = _job_state(oai, first.id)
     _wait_for(lambda: _step(oai, first.id) >= 2, interval=0.05, state=state)
     paused = oai.fine_tuning.jobs.pause(first.id)
-    stopped = _wait_for(lambda: _event_with(oai, first.id, "job paused at step"), timeout=60, state=state)
+    stopped = _wait_for(lambda: _event_with(oai, first.id, "job paused at step"), state=state)
     resumed = oai.fine_tuning.jobs.resume(first.id)
     final = _wait_for(
         lambda: (j := oai.fine_tuning.jobs.retrieve(first.id)).status in ("succeeded", "failed") and j,
-        timeout=300,
+        timeout=1800,
         state=state,
     )
     return {"first": first, "again": again, "paused": paused, "stopped": stopped, "resumed": resumed, "final": final}
@@ -466,7 +466,7 @@ def test_the_same_flow_through_phitune_client_openai(base_url: str, trained: Any
         suffix="sdk",
     )
     assert job.backend == "openai" and job.spec is not None and job.spec.hyperparameters.max_steps == 3
-    job = client.finetune.wait(job.id, timeout=300, poll_interval=0.2, progress=False)
+    job = client.finetune.wait(job.id, timeout=1800, poll_interval=0.2, progress=False)
     assert job.status == "succeeded", job.error
     assert job.step == 3 and job.fine_tuned_model is not None and job.fine_tuned_model.startswith("ft:tiny-phi3:sdk:")
     assert job.spec is not None and job.spec.method == phitune.LoRA(r=8, alpha=16)

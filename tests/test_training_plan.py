@@ -80,12 +80,10 @@ def test_max_steps_trains_past_an_epoch_and_a_resume_across_the_boundary_repeats
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
 
-    def run(output: str, resume_from: Path | None = None) -> tuple[_Recorder, Any]:
+    def run(output: str, resume_from: Path | None = None, attempt: int = 1) -> tuple[_Recorder, Any]:
         control = _Recorder()
-        result = train(
-            TrainRun(spec, str(tiny_model_dir), train_file, None, tmp_path / output, checkpoints, resume_from),
-            control,
-        )
+        folders = (tmp_path / output, checkpoints, resume_from)
+        result = train(TrainRun(spec, str(tiny_model_dir), train_file, None, *folders, attempt=attempt), control)
         return control, result
 
     whole, result = run("whole")
@@ -99,10 +97,13 @@ def test_max_steps_trains_past_an_epoch_and_a_resume_across_the_boundary_repeats
     )
     assert [m["step"] for m in whole.steps] == [1, 2, 3, 4, 5]
     assert [m["epoch"] for m in whole.steps] == [0.375, 0.75, 1.0, 1.375, 1.75]
+    assert {m["attempt"] for m in whole.steps} == {1}
 
     step_2 = next(p for p in iter_checkpoints(checkpoints) if p.name == "step-000002")
-    resumed, result = run("resumed", resume_from=step_2)  # steps 3 (the pass's short batch), 4 and 5 (the next pass)
+    # steps 3 (the pass's short batch), 4 and 5 (the next pass), marked as the second attempt's
+    resumed, result = run("resumed", resume_from=step_2, attempt=2)
     assert result.status == "succeeded" and result.step == 5
-    assert [m["step"] for m in resumed.steps] == [3, 4, 5]
+    assert ("resumed from checkpoint at step 2 (attempt 2)", {"step": 2, "attempt": 2}) in resumed.messages
+    assert [(m["step"], m["attempt"]) for m in resumed.steps] == [(3, 2), (4, 2), (5, 2)]
     for again, before in zip(resumed.steps, whole.steps[2:], strict=True):
         assert again["train_loss"] == pytest.approx(before["train_loss"], rel=1e-5, abs=1e-6), again["step"]

@@ -74,6 +74,9 @@ class TrainRun:
     train_name: str | None = None
     """How messages name the training file (a stored file's id and filename); None: its path."""
     valid_name: str | None = None
+    attempt: int = 1
+    """1 for a job's first run, 2 for the run after its first restart, ...: every metrics event carries it, so the
+    steps a resumed run repeats can be told from those they supersede."""
 
 
 @dataclass
@@ -150,7 +153,10 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][ranks.rank])
         step, trained_tokens, best_valid = int(state["step"]), int(state["trained_tokens"]), float(state["best_valid"])
-        control.message(f"resumed from checkpoint at step {step}", data={"step": step})
+        control.message(
+            f"resumed from checkpoint at step {step} (attempt {run.attempt})",
+            data={"step": step, "attempt": run.attempt},
+        )
     saved_step = step  # the newest checkpoint on disk (none at step 0)
 
     def save_checkpoint(metrics: dict[str, float]) -> Path:
@@ -197,6 +203,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         last_loss = ranks.sum(loss_here) / step_tokens
         metrics: dict[str, Any] = {
             "step": step,
+            "attempt": run.attempt,
             "train_loss": last_loss,
             "learning_rate": lr,
             "tokens_per_second": step_tokens / elapsed,
@@ -228,7 +235,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     if valid_set:
         if valid_step != step:
             valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, batch_of, use_bf16)
-        control.metrics({"step": step, "full_valid_loss": valid_loss})
+        control.metrics({"step": step, "attempt": run.attempt, "full_valid_loss": valid_loss})
     weights = engine.weights()
     if ranks.main:
         save_output(engine.model, weights, tokenizer, run)
