@@ -10,6 +10,7 @@ import pytest
 
 from conftest import write_chat
 from phitune.server.shapes import openai_hyperparameters
+from phitune.trainer.run import QuietControl
 from phitune.types import Hyperparameters, JobSpec
 
 
@@ -44,8 +45,8 @@ def test_openai_shapes_show_no_epoch_count_where_max_steps_decides() -> None:
     assert openai_hyperparameters(epochs)["n_epochs"] == 3
 
 
-class _Recorder:
-    """A loop :class:`~phitune.trainer.loop.Control` that keeps what the loop reports."""
+class _Recorder(QuietControl):
+    """A loop :class:`~phitune.trainer.loop.Control` that keeps the loop's messages and step metrics."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, dict[str, Any] | None]] = []
@@ -57,15 +58,6 @@ class _Recorder:
     def metrics(self, data: dict[str, Any]) -> None:
         if "train_loss" in data:
             self.steps.append(data)
-
-    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
-        pass
-
-    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-        pass
-
-    def should_stop(self) -> None:
-        return None
 
 
 def test_max_steps_trains_past_an_epoch_and_a_resume_across_the_boundary_repeats_it(
