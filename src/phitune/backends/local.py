@@ -108,6 +108,9 @@ class LocalBackend:
         if spec.validation_file is not None:
             self.store.get_file(spec.validation_file)
         allocator.for_trainers()  # a malformed or unmet $PHITUNE_ALLOCATOR is refused here
+        for package in ("torch", "transformers"):
+            if importlib.util.find_spec(package) is None:
+                raise MissingDependencyError(package, "local")
         predicted = self._check_fit(spec)
         self._admitted[spec.model_dump_json()] = _Admission(self._plan(spec), predicted)
 
@@ -119,7 +122,6 @@ class LocalBackend:
         if os.environ.get(SKIP_FIT_CHECK_ENV, "").lower() in ("1", "true", "yes"):
             return None
         memory_limit()  # a malformed limit is an error even where nothing gets estimated
-        _require_trainer()
         from ..estimate import check_fits
 
         try:
@@ -137,7 +139,6 @@ class LocalBackend:
         that cannot be loaded; :class:`~phitune.errors.DatasetError` naming the file by id and filename, its lines
         and the fixes, for examples that keep no token with loss within ``max_seq_length`` or exceed the model's
         context. Returns the job's training plan."""
-        _require_trainer()
         from ..trainer.data import DatasetFile, prepare
         from ..trainer.model import resolve_base
 
@@ -342,12 +343,6 @@ class LocalBackend:
 
     def close(self) -> None:
         self._pool = None
-
-
-def _require_trainer() -> None:
-    for package in ("torch", "transformers"):
-        if importlib.util.find_spec(package) is None:
-            raise MissingDependencyError(package, "local")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -153,7 +153,7 @@ class Dataset:
 
     file: DatasetFile
     examples: list[Example]
-    dropped_lines: list[int] = field(default_factory=list)
+    dropped_lines: list[int]
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class TrainRun:
     train_name: str | None = None
     """How messages name the training file (a stored file's id and filename); None: its path."""
     valid_name: str | None = None
+    """How messages name the validation file, likewise."""
     attempt: int = 1
     """1 for a job's first run, 2 for the run after its first restart, ...: every metrics event carries it, so the
     steps a resumed run repeats can be told from those they supersede."""

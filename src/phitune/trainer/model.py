@@ -55,17 +55,16 @@ def open_base(model: str, path: str) -> Base:
     if not Path(path).is_dir():
         _check_reachable(model, path)
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(path)
-    except OSError as exc:
+        model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
+        config = AutoConfig.from_pretrained(path) if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+    except (OSError, ValueError) as exc:
         raise SpecError("model", f"{model!r} cannot be loaded: {_first_line(exc)}") from None
-    model_type = config_dict.get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config is None:
         raise SpecError(
             "model",
             f"{model!r} is a {model_type or 'untyped'} model (config.json model_type), for which transformers "
             f"{__version__} has no causal language model",
         )
-    config = AutoConfig.from_pretrained(path)
     try:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, TypeError) as exc:
