@@ -4,7 +4,7 @@
 PhituneError
 ├── SpecError                  a job option is invalid; ``field`` names it
 │   └── UnsupportedOptionError a backend cannot honour an option; ``field`` and ``backend`` name them
-├── DatasetError               a dataset is invalid; ``path``, ``issues`` (each with its 1-based line), ``fixes``
+├── DatasetError               a dataset is invalid; ``path`` and ``issues`` (each with its 1-based line)
 ├── NotFoundError              no such file / job / model / deployment
 ├── ConflictError              the object is in a state that forbids the request
 ├── WontFitError               a job cannot fit the machine; carries the estimate and what would make it fit
