@@ -28,6 +28,7 @@ from .types import (
     ModelObject,
     QLoRA,
     TokenStats,
+    TrainingPlan,
 )
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "QLoRA",
     "SpecError",
     "TokenStats",
+    "TrainingPlan",
     "UnsupportedOptionError",
     "__version__",
     "catalog",

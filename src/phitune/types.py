@@ -6,6 +6,7 @@ Requests (``JobSpec`` and its parts) refuse unknown fields so that a typo is an 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -98,10 +99,17 @@ METHOD_NAMES: tuple[str, ...] = ("lora", "qlora", "dora", "full", "peft")
 
 # ---------------------------------------------------------------------------------------------- hyperparameters
 class Hyperparameters(_Request):
-    """Training hyperparameters. ``batch_size`` is the global batch (examples per micro-step, all processes)."""
+    """Training hyperparameters. ``batch_size`` is the global batch (examples per micro-step, all processes).
+    docs/hyperparameters.md says which backend takes which."""
 
     epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Train exactly this many optimizer steps, overriding epochs (as Hugging Face TrainingArguments "
+        "does): the data is cycled through, each pass reshuffled by the seed, and the learning-rate schedule spans "
+        "max_steps.",
+    )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
     batch_size: int = Field(4, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
@@ -117,6 +125,62 @@ class Hyperparameters(_Request):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32."
     )
+    drop_untrainable_examples: bool = Field(
+        False,
+        description="Train without the examples that keep no token with loss within max_seq_length (the job's "
+        "events say which); by default such examples refuse the job.",
+    )
+
+    def plan(self, examples: int) -> TrainingPlan:
+        """The optimizer steps of training on ``examples`` examples: ``max_steps`` where set, else every epoch's."""
+        if examples < 1:
+            raise ValueError(f"a training plan needs at least one example, got {examples}")
+        if self.max_steps is not None:
+            micro_batches = self.max_steps * self.gradient_accumulation_steps
+        else:
+            micro_batches = self.epochs * math.ceil(examples / self.batch_size)
+        return TrainingPlan(
+            examples=examples,
+            batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            micro_batches=micro_batches,
+            total_steps=math.ceil(micro_batches / self.gradient_accumulation_steps),
+        )
+
+
+class TrainingPlan(Response):
+    """The optimizer steps a job takes over its training examples (:meth:`Hyperparameters.plan`). Micro-batches
+    stream through the data one pass after another, each pass a fresh seeded shuffle; an optimizer step takes
+    ``gradient_accumulation_steps`` of them (the last step of an epochs-long run may take fewer)."""
+
+    examples: int = Field(description="Training examples that carry loss.")
+    batch_size: int
+    gradient_accumulation_steps: int
+    micro_batches: int = Field(description="Micro-batches of the whole run.")
+    total_steps: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches of one pass over the examples (the last may hold fewer than ``batch_size``)."""
+        return math.ceil(self.examples / self.batch_size)
+
+    def examples_seen(self, step: int | None = None) -> int:
+        """Examples fed to the model by the end of ``step`` (default: the whole run), counting repeats."""
+        micro = self.micro_batches if step is None else min(step * self.gradient_accumulation_steps, self.micro_batches)
+        passes, within = divmod(micro, self.batches_per_epoch)
+        return passes * self.examples + min(within * self.batch_size, self.examples)
+
+    def epochs(self, step: int | None = None) -> float:
+        """Passes over the examples by the end of ``step`` (default: the whole run); fractional mid-pass."""
+        return self.examples_seen(step) / self.examples
+
+    def describe(self) -> str:
+        """E.g. ``30 steps, 1.5 epochs, 120 examples seen``."""
+        steps, epochs = self.total_steps, round(self.epochs(), 2)
+        return (
+            f"{steps} step{'' if steps == 1 else 's'}, {epochs:g} epoch{'' if epochs == 1 else 's'}, "
+            f"{self.examples_seen()} examples seen"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ distributed

@@ -65,7 +65,9 @@ class FineTuning(Resource):
 
         Every option is checked before the job is created: invalid values and options the backend cannot honour
         raise :class:`~phitune.errors.SpecError` naming the field, a local job that cannot fit the machine
-        :class:`~phitune.errors.WontFitError`; files this call uploaded are then deleted again. A retried call with
+        :class:`~phitune.errors.WontFitError`, a local job whose base cannot be loaded a ``SpecError`` on ``model``
+        and one whose examples cannot train :class:`~phitune.errors.DatasetError` with the lines and the fixes;
+        files this call uploaded are then deleted again. A retried call with
         the same ``idempotency_key`` returns the first job instead of starting a second one.
         """
         uploaded: builtins.list[str] = []
