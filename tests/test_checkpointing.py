@@ -70,7 +70,7 @@ def test_kept_layers_recompute_no_base_matmul_and_train_identically(tiny_model_d
 
 
 def test_kept_outputs_follow_the_memory_beside_the_peak() -> None:
-    hp = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True)
+    hp = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True, precision="bf16")
     spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
     shape = model_shape(spec.model)
     layers = shape.num_hidden_layers
