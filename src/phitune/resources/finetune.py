@@ -18,7 +18,8 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 from .. import estimate as _estimate
-from ..errors import PhituneError, SpecError, WaitTimeoutError
+from ..backends.base import PausingBackend
+from ..errors import PhituneError, SpecError, UnsupportedOptionError, WaitTimeoutError
 from ..types import (
     AzureCompute,
     Checkpoint,
@@ -179,6 +180,15 @@ class FineTuning(Resource):
         """Stop a job; what it produced (events, checkpoints, logs) is kept."""
         return self._backend.cancel_job(job_id)
 
+    def pause(self, job_id: str) -> FineTuneJob:
+        """Stop a queued or running job after it saves a checkpoint; :meth:`resume` continues it from there. Raises
+        :class:`~phitune.errors.UnsupportedOptionError` on a backend that cannot pause jobs (Azure)."""
+        return self._pausing("pause").pause_job(job_id)
+
+    def resume(self, job_id: str) -> FineTuneJob:
+        """Continue a paused job from its last checkpoint."""
+        return self._pausing("resume").resume_job(job_id)
+
     def events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> builtins.list[JobEvent]:
         """Events oldest first; metrics events carry step, train_loss, learning_rate, tokens_per_second."""
         return self._backend.list_events(job_id, after=after, limit=limit)
@@ -211,6 +221,12 @@ class FineTuning(Resource):
                 if deadline is not None and time.monotonic() > deadline:
                     raise WaitTimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
                 time.sleep(poll_interval)
+
+    def _pausing(self, operation: str) -> PausingBackend:
+        backend = self._backend
+        if not isinstance(backend, PausingBackend):
+            raise UnsupportedOptionError(operation, backend.name, "this backend cannot pause and resume jobs")
+        return backend
 
     def _file_id(self, value: str | os.PathLike[str] | None, model: str, uploaded: builtins.list[str]) -> str | None:
         """A file id as is; an existing local path is validated and uploaded first (its id added to ``uploaded``)."""
