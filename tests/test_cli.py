@@ -127,3 +127,23 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path, argv: list[str]) -> None:
         os.close(writer)
     assert done.stderr == ""  # no BrokenPipeError traceback
     assert done.returncode in (0, SIGPIPE_STATUS)  # argparse's help ignores a failed write
+
+
+def test_files_models_and_deployments_one_at_a_time(
+    home: Path, chat_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--home", str(home), "--json"]
+    assert main([*args, "files", "upload", str(chat_file)]) == 0
+    file_id = json.loads(capsys.readouterr().out)["id"]
+    assert main([*args, "files", "show", file_id]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 8
+    assert main([*args, "files", "delete", file_id]) == 0
+    assert main([*args, "files", "show", file_id]) == 2 and "no file" in capsys.readouterr().err
+    assert main([*args, "models", "tiny-phi3"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == "tiny-phi3"
+    assert main([*args, "deploy", "tiny-phi3", "--name", "base"]) == 0
+    capsys.readouterr()
+    assert main([*args, "deployments", "show", "base"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "tiny-phi3"
+    assert main([*args, "deployments", "delete", "base"]) == 0
+    assert main([*args, "deployments", "show", "base"]) == 2
