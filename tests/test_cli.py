@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,24 @@ def test_files_models_and_deployments_one_at_a_time(
     assert json.loads(capsys.readouterr().out)["model"] == "tiny-phi3"
     assert main([*args, "deployments", "delete", "base"]) == 0
     assert main([*args, "deployments", "show", "base"]) == 2
+
+
+def test_the_printed_estimate_agrees_with_itself(
+    tmp_path: Path, chat_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """time per epoch x tokens/s = tokens per epoch, in the figures as printed; a QLoRA base is said to be 4-bit."""
+    lines = [f"Question {i}?" + " filler" * ((i * 53) % 400) for i in range(30)]  # widely spread lengths
+    dataset = tmp_path / "mixed.jsonl"
+    dataset.write_text("".join(json.dumps({"messages": [{"role": "user", "content": line},
+                       {"role": "assistant", "content": "Yes."}]}) + "\n" for line in lines))  # fmt: skip
+    main(["--home", str(tmp_path / "home"), "jobs", "estimate", "--model", "Phi-3-mini-4k-instruct",
+          "--training-file", str(dataset), "--method", "qlora", "--hp", "gradient_checkpointing=true"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "4-bit nf4 linear weights" in out.splitlines()[0] and "bf16 weights" not in out
+    per_epoch = re.search(r"per epoch: 30 examples, ([\d,]+) tokens .*, ~(?:(\d+):(\d+):(\d+)|([\d.]+) s)$", out, re.M)
+    speed = re.search(r"^speed: ~([\d,.]+) tokens/s \(([\d,.]+) trainable tokens/s", out, re.M)
+    assert per_epoch and speed, out
+    tokens = int(per_epoch[1].replace(",", ""))
+    hours, minutes, secs, plain = per_epoch.groups()[1:]
+    seconds = float(plain) if plain else int(hours) * 3600 + int(minutes) * 60 + int(secs)
+    assert seconds * float(speed[1].replace(",", "")) == pytest.approx(tokens, rel=0.01)

@@ -109,9 +109,12 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_estimate(result: Estimate) -> None:
+    weights = f"{result.weight_dtype} weights"
+    if result.quantization is not None:
+        weights = f"4-bit {result.quantization} linear weights, {result.weight_dtype} embeddings and head"
     print(
-        f"{result.method} of {result.model} on {result.device} ({result.compute_dtype} compute, "
-        f"{result.weight_dtype} weights): {result.trainable_parameters:,} of {result.parameters:,} parameters train"
+        f"{result.method} of {result.model} on {result.device} ({result.compute_dtype} compute, {weights}): "
+        f"{result.trainable_parameters:,} of {result.parameters:,} parameters train"
     )
     parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in result.memory.model_dump().items())
     print(f"memory at the peak (GiB{' per process' if result.processes > 1 else ''}): {parts}")
@@ -132,7 +135,15 @@ def _print_estimate(result: Estimate) -> None:
             f"({result.trainable_tokens_per_epoch or 0:,} trainable), {result.steps_per_epoch:,} "
             f"step{'' if result.steps_per_epoch == 1 else 's'}, ~{duration}"
         )
-    print(f"speed: ~{result.tokens_per_second:,.1f} tokens/s")
+    speed = f"speed: ~{_rate(result.tokens_per_second)} tokens/s"
+    if result.trainable_tokens_per_second is not None:
+        speed += f" ({_rate(result.trainable_tokens_per_second)} trainable tokens/s, the rate a job's metrics report)"
+    print(speed)
+
+
+def _rate(per_second: float) -> str:
+    """Three significant digits below 100 (``6.58``, ``0.117``), whole numbers above (``1,234``)."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
