@@ -19,6 +19,7 @@ from pydantic_core import PydanticUndefined
 
 from . import catalog
 from ._client import Client, default_home
+from ._third_party import quiet_command
 from .errors import PhituneError
 from .estimate import Estimate, GiB
 from .types import Distributed, Hyperparameters, LoRA, QLoRA
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help="also show what the libraries underneath print (transformers, peft, DeepSpeed warnings and progress)",
+        help="also show what the libraries underneath print: warnings, banners, progress bars (phitune serve: "
+        "--log-level debug)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -483,9 +485,10 @@ def _run(tokens: list[str]) -> int:
     split = next((i for i, t in enumerate(tokens) if t in _DELEGATED), None)
     if split is not None and all(t.startswith("-") or tokens[i - 1] == "--home" for i, t in enumerate(tokens[:split])):
         args = build_parser().parse_args([*tokens[:split], tokens[split]])
-        args.rest = tokens[split + 1 :]
+        args.rest = tokens[split + 1 :]  # phitune serve quiets the libraries by its own --log-level
     else:
         args = build_parser().parse_args(tokens)
+        quiet_command(verbose=args.verbose)
     try:
         status = int(args.func(args))
     except PhituneError as exc:
