@@ -321,30 +321,14 @@ def _add_job_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--training-file", required=True, help="a file id (phitune files list) or a local JSONL path")
     parser.add_argument("--validation-file", help="a file id or a local JSONL path, for validation loss")
     parser.add_argument("--method", default="lora", choices=["lora", "qlora", "dora", "full"], help="default lora")
-    parser.add_argument(
-        "--method-option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the method, e.g. r=8 (repeat; listed below)",
-    )
-    parser.add_argument(
-        "--hp",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a hyperparameter, e.g. max_steps=40 (repeat; listed below)",
-    )
-    parser.add_argument(
-        "--distributed",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a multi-process option, e.g. strategy=ddp (repeat; listed below)",
-    )
+    for flag, what in (
+        ("--method-option", "an option of the method, e.g. r=8"),
+        ("--hp", "a hyperparameter, e.g. max_steps=40"),
+        ("--distributed", "a multi-process option, e.g. strategy=ddp"),
+    ):
+        parser.add_argument(
+            flag, type=_key_value, action="append", default=[], metavar="KEY=VALUE", help=f"{what} (repeat; see below)"
+        )
     parser.add_argument(
         "--task", choices=["chat_completion", "text_completion"], help="default: inferred from the training data"
     )
