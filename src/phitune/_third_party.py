@@ -45,20 +45,27 @@ DEEPSPEED_ACCELERATOR_BANNER = "Setting accelerator to CPU"
 def guard_imports() -> None:
     """Make bitsandbytes, when first imported in this process, find no ``kernels`` package (so no Hub download).
     Idempotent; ``import phitune`` calls it."""
-    if not any(isinstance(finder, _AroundImport) and finder.name == "bitsandbytes" for finder in sys.meta_path):
+    if not _hooked("bitsandbytes"):
         sys.meta_path.insert(0, _AroundImport("bitsandbytes", _without_hub_kernels))
 
 
 def quiet_command(*, verbose: bool) -> None:
-    """Keep third-party warnings, banners and progress bars out of a phitune command's output (unless ``verbose``)."""
+    """Keep third-party warnings, banners and progress bars out of a phitune command's output (unless ``verbose``).
+    Calling it again changes nothing more."""
     if verbose:
         return
     warnings.simplefilter("ignore")
-    logging.getLogger("DeepSpeed").addFilter(_DropMessages(DEEPSPEED_ACCELERATOR_BANNER))
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessages) for f in deepspeed.filters):
+        deepspeed.addFilter(_DropMessages(DEEPSPEED_ACCELERATOR_BANNER))
     if "transformers" in sys.modules:
         _quiet_transformers()
-    else:
+    elif not _hooked("transformers"):
         sys.meta_path.insert(0, _AroundImport("transformers", contextlib.nullcontext, after=_quiet_transformers))
+
+
+def _hooked(name: str) -> bool:
+    return any(isinstance(finder, _AroundImport) and finder.name == name for finder in sys.meta_path)
 
 
 def _quiet_transformers(_: ModuleType | None = None) -> None:
@@ -98,7 +105,8 @@ class _DropMessages(logging.Filter):
 
 class _AroundImport(importlib.abc.MetaPathFinder):
     """Runs the first import of the module ``name`` inside ``context()``, then ``after(module)``. It finds the module
-    with the other finders and only wraps the loader they return; it takes itself out once used."""
+    with the other finders and only wraps the loader they return (so a mere ``importlib.util.find_spec`` probe changes
+    nothing); it takes itself out once the module is loaded."""
 
     def __init__(
         self,
@@ -116,8 +124,9 @@ class _AroundImport(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)
         for finder in sys.meta_path:
+            if finder is self:
+                continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None:
@@ -139,6 +148,8 @@ class _WrappedLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         with self._around.context():
             self._loader.exec_module(module)
+        with contextlib.suppress(ValueError):  # a concurrent import took it out already
+            sys.meta_path.remove(self._around)
         if self._around.after is not None:
             self._around.after(module)
 
