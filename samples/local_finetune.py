@@ -16,6 +16,7 @@ from phitune.demo import demo_dataset, demo_prompts, exact_matches, loss_range
 
 
 def main() -> None:
+    phitune.quiet_libraries()  # no warnings or progress bars from transformers, peft, DeepSpeed
     with tempfile.TemporaryDirectory() as home:
         client = phitune.Client(home=home)
         report = client.files.validate(demo_dataset())

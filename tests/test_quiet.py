@@ -109,3 +109,27 @@ def test_bitsandbytes_never_asks_the_hub_for_its_cpu_kernel() -> None:
     done = _python("-c", script)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "hub requests: []\n" and HUB_KERNEL_WARNING not in done.stderr
+
+
+def test_a_script_quiets_the_libraries_with_one_call(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+
+        import phitune
+
+        if sys.argv[1] == "quiet":
+            phitune.quiet_libraries()
+        from phitune.trainer.tiny import ensure_tiny_phi3  # saves a model: accelerate imports DeepSpeed
+
+        folder = ensure_tiny_phi3(Path(sys.argv[2]))
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(folder)  # "Loading weights" progress bar
+        """
+    )
+    loud = _python("-c", script, "loud", str(tmp_path / "loud"))
+    assert DEEPSPEED_ACCELERATOR_BANNER in loud.stdout + loud.stderr and "Loading weights" in loud.stderr
+    quiet = _python("-c", script, "quiet", str(tmp_path / "quiet"))
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == ""

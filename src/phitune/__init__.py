@@ -1,7 +1,8 @@
 """phitune: fine-tune Phi-3 models with one typed job schema on Azure, OpenAI-compatible services, or locally.
 
 ``import phitune`` stays light: torch, transformers, peft, azure and openai load only on the paths that use them. It
-makes bitsandbytes, whenever it gets imported, skip its download of a kernel from the Hugging Face Hub
+makes bitsandbytes, whenever it gets imported, skip its download of a kernel from the Hugging Face Hub;
+``phitune.quiet_libraries()`` keeps the other libraries' warnings and progress bars out of a script's output
 (:mod:`phitune._third_party`).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from . import _third_party, catalog, errors, kaito
 from ._client import Client
+from ._third_party import quiet_libraries
 from .errors import DatasetError, NotFoundError, PhituneError, SpecError, UnsupportedOptionError
 from .types import (
     PEFT,
@@ -66,4 +68,5 @@ __all__ = [
     "catalog",
     "errors",
     "kaito",
+    "quiet_libraries",
 ]

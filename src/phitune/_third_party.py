@@ -12,15 +12,16 @@ Each message traced to its source in a ``phitune demo``, ``chat`` and ``export``
 ``Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.``
     accelerate imports DeepSpeed inside every ``save_pretrained`` (to recognise a DeepSpeed engine) wherever DeepSpeed
     is installed, and DeepSpeed's import logs this to stdout. Leaving it unimported would make DeepSpeed look
-    uninstalled to the checks of a DeepSpeed job, so :func:`quiet_command` drops the record instead, with a filter on
+    uninstalled to the checks of a DeepSpeed job, so :func:`quiet_libraries` drops the record instead, with a filter on
     DeepSpeed's logger (DeepSpeed's own set-up of that logger keeps it).
 transformers' ``FutureWarning``\\ s (peft calls APIs transformers deprecates) and progress bars (``Loading weights``,
 ``Writing model shards``)
-    :func:`quiet_command` ignores Python warnings and turns transformers' verbosity down to errors, without progress
+    :func:`quiet_libraries` ignores Python warnings and turns transformers' verbosity down to errors, without progress
     bars, when transformers is imported.
 
-:func:`quiet_command` is for a phitune command's own process (the CLI, ``phitune serve``) and is skipped under
-``--verbose``. A job's trainer process keeps everything: it goes to the job's log, ``jobs/<id>/train.log``.
+phitune's commands (the CLI, ``phitune serve``) call :func:`quiet_libraries` unless ``--verbose``; a script may call
+it too (``phitune.quiet_libraries()``), as the samples do. A job's trainer process keeps everything: it goes to the
+job's log, ``jobs/<id>/train.log``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def guard_imports() -> None:
         sys.meta_path.insert(0, _AroundImport("bitsandbytes", _without_hub_kernels))
 
 
-def quiet_command(*, verbose: bool) -> None:
-    """Keep third-party warnings, banners and progress bars out of a phitune command's output (unless ``verbose``).
-    Calling it again changes nothing more."""
+def quiet_libraries(*, verbose: bool = False) -> None:
+    """Keep the warnings, banners and progress bars of the libraries under phitune out of this process's output
+    (Python warnings are ignored; transformers logs errors only). Nothing changes with ``verbose``, nor when called
+    again."""
     if verbose:
         return
     warnings.simplefilter("ignore")

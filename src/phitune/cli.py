@@ -19,7 +19,7 @@ from pydantic_core import PydanticUndefined
 
 from . import catalog
 from ._client import Client, default_home
-from ._third_party import quiet_command
+from ._third_party import quiet_libraries
 from .errors import PhituneError
 from .estimate import Estimate, GiB
 from .types import Distributed, Hyperparameters, LoRA, QLoRA
@@ -472,7 +472,7 @@ def _run(tokens: list[str]) -> int:
         args.rest = tokens[split + 1 :]  # phitune serve quiets the libraries by its own --log-level
     else:
         args = build_parser().parse_args(tokens)
-        quiet_command(verbose=args.verbose)
+        quiet_libraries(verbose=args.verbose)
     try:
         status = int(args.func(args))
     except PhituneError as exc:

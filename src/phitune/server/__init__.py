@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._third_party import quiet_command
+from .._third_party import quiet_libraries
 from ..errors import SpecError
 
 __all__ = ["API_KEY_ENV", "StripQueryStrings", "check_bind", "cli", "is_loopback", "serve"]
@@ -101,7 +101,7 @@ def cli(argv: Sequence[str] | None = None, *, home: str | None = None) -> int:
         help="the server's log (default info); debug also shows what the libraries underneath print",
     )
     args = parser.parse_args(argv)
-    quiet_command(verbose=args.log_level == "debug")
+    quiet_libraries(verbose=args.log_level == "debug")
     try:
         return serve(
             host=args.host,
