@@ -282,7 +282,7 @@ def _value_kind(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def fields_help(model: type[BaseModel], exclude: Sequence[str] = ()) -> str:
+def _fields_help(model: type[BaseModel], exclude: Sequence[str] = ()) -> str:
     """One entry per field of ``model``: its name, the values it takes, its default and its description, from the
     model itself (so the help cannot drift from the schema)."""
     lines = []
@@ -301,13 +301,13 @@ def fields_help(model: type[BaseModel], exclude: Sequence[str] = ()) -> str:
 def _job_options_help() -> str:
     return (
         "hyperparameters (--hp KEY=VALUE; a VALUE that parses as JSON is taken as JSON, else as a string):\n"
-        f"{fields_help(Hyperparameters)}\n\n"
+        f"{_fields_help(Hyperparameters)}\n\n"
         "method options of lora, dora and qlora (--method-option KEY=VALUE):\n"
-        f"{fields_help(LoRA, exclude=('type',))}\n"
+        f"{_fields_help(LoRA, exclude=('type',))}\n"
         "qlora also takes:\n"
-        f"{fields_help(QLoRA, exclude=tuple(LoRA.model_fields))}\n\n"
+        f"{_fields_help(QLoRA, exclude=tuple(LoRA.model_fields))}\n\n"
         "distributed training (--distributed KEY=VALUE):\n"
-        f"{fields_help(Distributed)}"
+        f"{_fields_help(Distributed)}"
     )
 
 
