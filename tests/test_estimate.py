@@ -283,3 +283,29 @@ def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None
     predicted = estimate(spec, tokens_per_example=300, available_bytes=100 * GiB)
     per_token = ACT_H * mini.hidden_size + ACT_I * mini.intermediate_size
     assert predicted.memory.activations == round(mini.num_hidden_layers * 600 * per_token)
+
+
+def _mixed_lengths(path: Path) -> Path:
+    """Answers from one word to a few hundred: a padded micro-batch would be mostly padding."""
+    pairs = [(f"Question {i}?", " ".join(["word"] * (1 + (i * 37) % 300))) for i in range(41)]
+    return write_chat(path, pairs)
+
+
+def test_time_per_epoch_and_tokens_per_second_agree(tmp_path: Path) -> None:
+    probe = MachineProbe(device="cpu", threads=2, bf16_flops=3e11, fp32_flops=1.5e11, dequant_per_second=1e9,
+                         measured_at=0.0, fingerprint="fixed")  # fmt: skip
+    spec = JobSpec(
+        model="Phi-3-mini-4k-instruct",
+        training_file="train.jsonl",
+        method="qlora",
+        hyperparameters=Hyperparameters(batch_size=4, gradient_checkpointing=True),
+    )
+    result = estimate(spec, dataset=_mixed_lengths(tmp_path / "train.jsonl"), probe=probe, available_bytes=64 * GiB)
+    assert result.examples == 41 and result.steps_per_epoch == 11  # 10 full micro-batches and one of a single example
+    assert result.tokens_per_epoch and result.trainable_tokens_per_epoch and result.seconds_per_epoch
+    assert result.tokens_per_second * result.seconds_per_epoch == pytest.approx(result.tokens_per_epoch)
+    assert result.trainable_tokens_per_second is not None
+    assert result.trainable_tokens_per_second * result.seconds_per_epoch == pytest.approx(
+        result.trainable_tokens_per_epoch
+    )
+    assert (result.weight_dtype, result.quantization) == ("bf16" if result.compute_dtype == "bf16" else "fp32", "nf4")

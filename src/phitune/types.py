@@ -62,9 +62,9 @@ class QLoRA(_LoRAOptions):
     """LoRA on a base quantised to 4 bits by bitsandbytes (NF4 with double quantisation by default)."""
 
     type: Literal["qlora"] = "qlora"
-    bits: Literal[4] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    bits: Literal[4] = Field(4, description="Bits per quantised weight.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="The 4-bit data type: NormalFloat or float.")
+    double_quant: bool = Field(True, description="Quantise the quantisation scales too (~0.37 bits per weight less).")
 
 
 class DoRA(_LoRAOptions):
@@ -102,7 +102,7 @@ class Hyperparameters(_Request):
     """Training hyperparameters. ``batch_size`` is the global batch (examples per micro-step, all processes).
     docs/hyperparameters.md says which backend takes which."""
 
-    epochs: int = Field(1, ge=1, le=1000)
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the training data.")
     max_steps: int | None = Field(
         None,
         ge=1,
@@ -110,18 +110,24 @@ class Hyperparameters(_Request):
         "does): the data is cycled through, each pass reshuffled by the seed, and the learning-rate schedule spans "
         "max_steps.",
     )
-    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
-    batch_size: int = Field(4, ge=1, le=4096)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    max_seq_length: int = Field(1024, ge=16, le=131072)
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
-    seed: int = Field(0, ge=0)
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate of AdamW.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Examples per micro-batch, every process together.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(1024, ge=16, le=131072, description="Longer examples are cut to this many tokens.")
+    warmup_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of the steps over which the learning rate rises from 0."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="How the learning rate falls after the warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip the gradient norm to this; None: no clipping.")
+    seed: int = Field(0, ge=0, description="Seeds the data order and the adapter's initialisation.")
     checkpoint_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (needs validation_file).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, more time."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32."
     )
@@ -187,10 +193,12 @@ class TrainingPlan(Response):
 class Distributed(_Request):
     """Multi-process training through an existing engine (torchrun for DDP/FSDP, DeepSpeed for ZeRO)."""
 
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
-    nproc: int = Field(1, ge=1, le=1024)
-    zero_stage: Literal[1, 2, 3] | None = None
-    offload_optimizer: bool = False
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="none: one process; ddp or fsdp through torchrun; deepspeed: DeepSpeed ZeRO."
+    )
+    nproc: int = Field(1, ge=1, le=1024, description="Training processes.")
+    zero_stage: Literal[1, 2, 3] | None = Field(None, description="DeepSpeed's ZeRO stage; None: stage 2.")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: keep the optimizer state in CPU memory.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Distributed:
