@@ -47,7 +47,7 @@ def rename_at_once(
 ) -> tuple[list[Any], list[BaseException]]:
     """Run ``task`` in ``threads`` threads, every ``os.replace`` waiting until each thread has reached its own: the
     worst interleaving of their renames. Returns the tasks' results and errors."""
-    everyone = threading.Barrier(threads, timeout=60)
+    everyone = threading.Barrier(threads, timeout=1800)  # a slow machine's tasks may take minutes
     rename = os.replace
 
     def rename_together(source: Any, target: Any) -> None:
