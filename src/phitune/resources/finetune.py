@@ -7,7 +7,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..types import (
     Distributed,
     FineTuneJob,
     Hyperparameters,
+    Integration,
     JobEvent,
     JobSpec,
     Method,
@@ -59,6 +60,7 @@ class FineTuning(Resource):
         suffix: str | None = None,
         task: Task | None = None,
         compute: AzureCompute | Mapping[str, Any] | None = None,
+        integrations: Sequence[Integration | Mapping[str, Any]] | None = None,
         idempotency_key: str | None = None,
     ) -> FineTuneJob:
         """Submit a job and return it at once (``queued``). Files may be ids or local paths (uploaded first).
@@ -66,7 +68,8 @@ class FineTuning(Resource):
         Every option is checked before the job is created: invalid values and options the backend cannot honour
         raise :class:`~phitune.errors.SpecError` naming the field, a local job that cannot fit the machine
         :class:`~phitune.errors.WontFitError`; files this call uploaded are then deleted again. A retried call with
-        the same ``idempotency_key`` returns the first job instead of starting a second one.
+        the same ``idempotency_key`` returns the first job instead of starting a second one. ``integrations``
+        (``[phitune.MLflow(...), phitune.TensorBoard(...)]``) log the job to experiment trackers where it trains.
         """
         uploaded: builtins.list[str] = []
         try:
@@ -80,6 +83,7 @@ class FineTuning(Resource):
                 suffix=suffix,
                 task=task,
                 compute=compute,
+                integrations=integrations,
             )
             self._backend.check_spec(spec)
         except PhituneError:
