@@ -82,7 +82,9 @@ def test_a_resumed_job_continues_its_run_and_supersedes_repeated_steps(tmp_path:
         model="tiny-phi3",
         training_file="file-x",
         integrations=(
-            phitune.MLflow(tracking_uri=f"sqlite:///{tmp_path / 'ml.db'}", experiment="resume"),
+            phitune.MLflow(
+                tracking_uri=f"sqlite:///{tmp_path / 'ml.db'}", experiment="resume", artifact_location=tmp_path.as_uri()
+            ),
             phitune.TensorBoard(log_dir=str(tmp_path / "tb")),
         ),
     )
