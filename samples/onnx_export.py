@@ -27,6 +27,7 @@ QUESTION = [
 
 
 def main(out: Path) -> None:
+    phitune.quiet_libraries()  # no warnings or progress bars from transformers, peft, DeepSpeed
     client = phitune.Client(home=out / "home")
     job = client.finetune.create(
         model="tiny-phi3",

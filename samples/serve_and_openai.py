@@ -7,6 +7,10 @@ Runs offline in a few minutes on a laptop CPU::
 It starts ``python -m phitune.server`` (what ``phitune serve`` runs) on a free loopback port, with an API key passed
 through the environment (never on the command line, where ``ps`` would show it), then uses nothing but ``openai``:
 upload, a LoRA job with phitune-only options in ``extra_body``, events, checkpoints, chat (plain and streamed).
+
+The demo set's 20 questions all come under one system prompt; every chat here sends it too, as in training. The
+training loss of the first and last steps and the exact-match count of the base model and of the fine-tune on those
+20 questions show what the job taught the model.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pathlib import Path
 import httpx
 import openai
 
-from phitune.demo import demo_dataset
+from phitune.demo import demo_dataset, demo_prompts
+
+PROMPTS = demo_prompts()  # (system prompt and question, expected answer) of each training example
 
 
 def start_server(home: Path, api_key: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -50,11 +56,21 @@ def start_server(home: Path, api_key: str) -> tuple[subprocess.Popen[bytes], str
     raise SystemExit("phitune serve did not start within 60 s")
 
 
+def exact_matches(client: openai.OpenAI, model: str) -> int:
+    """How many of the training questions ``model`` answers exactly (greedy)."""
+    matches = 0
+    for messages, expected in PROMPTS:
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+        matches += (reply.choices[0].message.content or "").strip() == expected
+    return matches
+
+
 def main(home: Path) -> None:
     api_key = secrets.token_urlsafe(24)
     server, base_url = start_server(home, api_key)
     try:
         client = openai.OpenAI(base_url=base_url, api_key=api_key)
+        before = exact_matches(client, "tiny-phi3")
 
         with open(demo_dataset(), "rb") as fh:  # 20 short questions and answers
             training_file = client.files.create(file=fh, purpose="fine-tune")
@@ -98,18 +114,27 @@ def main(home: Path) -> None:
         assert model is not None
         checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
         print(f"fine-tuned model {model}; checkpoints at steps {[c.step_number for c in checkpoints]}")
+        metrics = [  # (step, train_loss) of the job's metrics events, oldest first
+            (event.data["step"], event.data["train_loss"])
+            for event in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=100)))
+            if event.type == "metrics" and isinstance(event.data, dict) and "train_loss" in event.data
+        ]
+        (first_step, first_loss), (last_step, last_loss) = metrics[0], metrics[-1]
+        print(f"train loss {first_loss:.3f} (step {first_step}) -> {last_loss:.3f} (step {last_step})")
 
-        for question in ("What is the capital of France?", "How many legs does a spider have?"):
-            reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": question}], max_tokens=16, temperature=0
-            )
+        for messages, expected in (PROMPTS[0], PROMPTS[6]):
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
             tokens = reply.usage.completion_tokens if reply.usage else "?"
-            print(f"Q: {question}\nA: {reply.choices[0].message.content}  ({tokens} tokens)")
+            answer = reply.choices[0].message.content
+            print(f"Q: {messages[-1]['content']}\nA: {answer}  (expected {expected}; {tokens} tokens)")
+        after, total = exact_matches(client, model), len(PROMPTS)
+        print(f"exact match on the {total} training questions: base {before}/{total} -> fine-tuned {after}/{total}")
 
-        print("streamed: ", end="")
+        messages, _ = PROMPTS[11]
+        print(f"streamed: {messages[-1]['content']} ", end="")
         stream = client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": "What do bees make?"}],
+            messages=messages,
             max_tokens=16,
             temperature=0,
             stream=True,

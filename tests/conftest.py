@@ -32,6 +32,16 @@ def write_chat(path: Path, pairs: list[tuple[str, str]] = CHAT_EXAMPLES) -> Path
     return path
 
 
+LONG_PROMPT = " ".join(["Tell me, in every detail you can recall, what happened on that long day."] * 12)
+"""A question whose answer starts far beyond ``max_seq_length=64`` (and well within tiny-phi3's 2048-token context)."""
+
+
+def write_chat_with_long_prompts(path: Path) -> Path:
+    """Ten chat examples; those on lines 3 and 7 keep no token with loss within ``max_seq_length=64``."""
+    pairs = [*CHAT_EXAMPLES[:2], (LONG_PROMPT, "Yes."), *CHAT_EXAMPLES[2:5], (LONG_PROMPT, "No."), *CHAT_EXAMPLES[5:]]
+    return write_chat(path, pairs)
+
+
 def rename_at_once(
     monkeypatch: pytest.MonkeyPatch, threads: int, task: Callable[[], Any]
 ) -> tuple[list[Any], list[BaseException]]:

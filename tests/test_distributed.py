@@ -69,14 +69,14 @@ def _run(client: phitune.Client, chat_file: Path, steps: int, **options: Any) ->
     job = client.finetune.create(
         model="tiny-phi3", training_file=chat_file, method=LORA, hyperparameters={**HP, "max_steps": steps}, **options
     )
-    job = client.finetune.wait(job.id, timeout=600, progress=False)
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)
     assert job.status == "succeeded", job.error
     return job
 
 
 def _kill_worker_after_first_checkpoint(client: phitune.Client, home: Path, job_id: str) -> None:
     """kill -9 the worker once the job has a checkpoint; every trainer process of the job must die with it."""
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1800
     while not client.finetune.checkpoints(job_id):
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.05)
@@ -132,7 +132,7 @@ def test_single_process_lora_follows_the_recorded_losses_and_resumes_after_kill_
         hyperparameters={**HP, "max_steps": 12, "checkpoint_every": 3},
     )
     _kill_worker_after_first_checkpoint(client, home, job.id)
-    job = client.finetune.wait(job.id, timeout=600, progress=False)  # restarts the worker, which resumes the job
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)  # restarts the worker, which resumes the job
     assert job.status == "succeeded", job.error
     _assert_resumed(client, job.id)
     assert _losses(client, job.id) == pytest.approx(reference, rel=RESUME_RTOL)
@@ -158,7 +158,7 @@ def test_fsdp_follows_single_process_and_resumes_after_kill_9(home: Path, chat_f
         distributed=fsdp,
     )
     _kill_worker_after_first_checkpoint(client, home, job.id)
-    job = client.finetune.wait(job.id, timeout=600, progress=False)
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)
     assert job.status == "succeeded", job.error
     _assert_resumed(client, job.id)
     assert _losses(client, job.id) == pytest.approx(reference, rel=RESUME_RTOL)
@@ -177,7 +177,7 @@ def test_ddp_paused_and_resumed_follows_single_process(home: Path, chat_file: Pa
         hyperparameters={**HP, "max_steps": 8},
         distributed={"strategy": "ddp", "nproc": 2},
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1800
     while client.finetune.get(job.id).step < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -188,7 +188,7 @@ def test_ddp_paused_and_resumed_follows_single_process(home: Path, chat_file: Pa
     assert client.finetune.get(job.id).status == "paused" and client.finetune.checkpoints(job.id)
     _wait_until_gone(job.id)
     backend.resume_job(job.id)
-    job = client.finetune.wait(job.id, timeout=600, progress=False)
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)
     assert job.status == "succeeded", job.error
     _assert_resumed(client, job.id)
     assert _losses(client, job.id) == pytest.approx(EXPECTED[:8], rel=RTOL, abs=ATOL)

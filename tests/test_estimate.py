@@ -142,7 +142,7 @@ def test_medium_full_fine_tune_is_refused_on_24_gib(tmp_path: Path) -> None:
 
 
 def test_oversized_lora_gets_each_change_that_fits(tmp_path: Path) -> None:
-    hp = Hyperparameters(batch_size=4, max_seq_length=4096)
+    hp = Hyperparameters(batch_size=4, max_seq_length=4096, precision="bf16")  # the same on every CPU
     spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
     result = estimate(spec, home=tmp_path, available_bytes=24 * GiB)
     assert not result.fits and result.memory.activations > 50 * GiB
@@ -153,7 +153,7 @@ def test_oversized_lora_gets_each_change_that_fits(tmp_path: Path) -> None:
 
 
 def test_medium_qlora_fits_24_gib(tmp_path: Path) -> None:
-    hp = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True)
+    hp = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True, precision="bf16")
     spec = JobSpec(model="Phi-3-medium-4k-instruct", training_file="file-x", method="qlora", hyperparameters=hp)
     result = check_fits(spec, home=tmp_path, available_bytes=24 * GiB)
     assert result is not None
@@ -167,7 +167,8 @@ def test_a_mapped_embedding_counts_only_the_rows_the_data_holds(wider_model: Pat
     data = write_chat(tmp_path / "few.jsonl", [("Hi.", "Hello there."), ("Bye.", "Goodbye.")])
     embedding = shape.vocab_size * shape.hidden_size * 2
     for method in ("lora", "qlora"):
-        spec = JobSpec(model=str(wider_model), training_file="file-x", method=method)
+        bf16 = Hyperparameters(precision="bf16")  # a bf16 base stays mapped, whatever this CPU prefers
+        spec = JobSpec(model=str(wider_model), training_file="file-x", method=method, hyperparameters=bf16)
         everything = estimate(spec, tokens_per_example=64, available_bytes=24 * GiB)
         few_rows = estimate(spec, dataset=data, available_bytes=24 * GiB)
         assert few_rows.tokens_per_epoch is not None
@@ -219,7 +220,8 @@ def test_peft_passthrough_methods_are_estimated_on_a_small_vocabulary(home: Path
 def test_probe_is_measured_once_and_cached(tmp_path: Path) -> None:
     cache = tmp_path / "probe.json"
     first = probe_machine(cache)
-    assert first.bf16_flops > 1e9 and first.fp32_flops > 1e9 and first.dequant_per_second is None
+    # CPUs without AVX512-BF16 run bf16 GEMMs far slower than fp32 ones: only fp32 is bounded below everywhere
+    assert first.bf16_flops > 0 and first.fp32_flops > 1e9 and first.dequant_per_second is None
     assert probe_machine(cache).measured_at == first.measured_at
     quantized = probe_machine(cache, quantized=True)  # the dequantisation rate was missing: measured now
     assert quantized.dequant_per_second is not None and quantized.dequant_per_second > 1e6
@@ -275,9 +277,35 @@ def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None
     for name, shape in CATALOG_SHAPES.items():
         assert probabilities_kept_from(shape) > KEEP_PROBABILITIES_MAX_LENGTH, name
 
-    hp = Hyperparameters(batch_size=2, max_seq_length=300)
+    hp = Hyperparameters(batch_size=2, max_seq_length=300, precision="bf16")
     spec = JobSpec(model="Phi-3-mini-4k-instruct", training_file="file-x", method="lora", hyperparameters=hp)
     mini = model_shape(spec.model)
     predicted = estimate(spec, tokens_per_example=300, available_bytes=100 * GiB)
     per_token = ACT_H * mini.hidden_size + ACT_I * mini.intermediate_size
     assert predicted.memory.activations == round(mini.num_hidden_layers * 600 * per_token)
+
+
+def _mixed_lengths(path: Path) -> Path:
+    """Answers from one word to a few hundred: a padded micro-batch would be mostly padding."""
+    pairs = [(f"Question {i}?", " ".join(["word"] * (1 + (i * 37) % 300))) for i in range(41)]
+    return write_chat(path, pairs)
+
+
+def test_time_per_epoch_and_tokens_per_second_agree(tmp_path: Path) -> None:
+    probe = MachineProbe(device="cpu", threads=2, bf16_flops=3e11, fp32_flops=1.5e11, dequant_per_second=1e9,
+                         measured_at=0.0, fingerprint="fixed")  # fmt: skip
+    spec = JobSpec(
+        model="Phi-3-mini-4k-instruct",
+        training_file="train.jsonl",
+        method="qlora",
+        hyperparameters=Hyperparameters(batch_size=4, gradient_checkpointing=True),
+    )
+    result = estimate(spec, dataset=_mixed_lengths(tmp_path / "train.jsonl"), probe=probe, available_bytes=64 * GiB)
+    assert result.examples == 41 and result.steps_per_epoch == 11  # 10 full micro-batches and one of a single example
+    assert result.tokens_per_epoch and result.trainable_tokens_per_epoch and result.seconds_per_epoch
+    assert result.tokens_per_second * result.seconds_per_epoch == pytest.approx(result.tokens_per_epoch)
+    assert result.trainable_tokens_per_second is not None
+    assert result.trainable_tokens_per_second * result.seconds_per_epoch == pytest.approx(
+        result.trainable_tokens_per_epoch
+    )
+    assert (result.weight_dtype, result.quantization) == ("bf16" if result.compute_dtype == "bf16" else "fp32", "nf4")

@@ -74,7 +74,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         ]
         models = []
         for job in jobs:
-            done = client.finetune.wait(job.id, timeout=300, progress=False)
+            done = client.finetune.wait(job.id, timeout=1800, progress=False)
             assert done.status == "succeeded", done.error
             assert done.fine_tuned_model is not None
             models.append(done.fine_tuned_model)

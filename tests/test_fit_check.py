@@ -58,10 +58,13 @@ def test_a_model_whose_shape_is_unknown_is_not_refused(
     client = phitune.Client(home=home)
     uploaded = client.files.upload(chat_file)
     assert isinstance(client.backend, LocalBackend)
-    # no decoder dimensions in its config.json: nothing to refuse it with
-    client.backend.check_spec(JobSpec(model=str(folder), training_file=uploaded.id))
+    # no decoder dimensions in its config.json: the fit check has nothing to refuse it with (the model is refused
+    # after it, as one that cannot be loaded)
+    with pytest.raises(SpecError, match="no causal language model"):
+        client.backend.check_spec(JobSpec(model=str(folder), training_file=uploaded.id))
     assert "fit check skipped" in caplog.text
-    client.backend.check_spec(JobSpec(model="someone/not-downloaded", training_file=uploaded.id))
+    with pytest.raises(SpecError, match="HF_HUB_OFFLINE"):
+        client.backend.check_spec(JobSpec(model="someone/not-downloaded", training_file=uploaded.id))
 
 
 def test_a_local_job_starts_with_the_predicted_finish(home: Path, chat_file: Path) -> None:

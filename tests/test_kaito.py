@@ -229,6 +229,7 @@ SPEC_REFUSALS = [
     ({"compute": {"compute": "gpu-cluster"}}, "compute"),
     ({"validation_file": "valid.jsonl"}, "validation_file"),
     ({"hyperparameters": {"max_seq_length": 4096}}, "hyperparameters.max_seq_length"),
+    ({"hyperparameters": {"drop_untrainable_examples": True}}, "hyperparameters.drop_untrainable_examples"),
 ]
 
 

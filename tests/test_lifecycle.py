@@ -19,7 +19,7 @@ from conftest import rename_at_once
 from phitune.errors import ConflictError, DatasetError, NotFoundError, SpecError
 from phitune.trainer import allocator
 
-FAST = {"epochs": 50, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
+FAST = {"batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
 
 
 def _metrics(client: phitune.Client, job_id: str) -> dict[int, float]:
@@ -31,7 +31,7 @@ def _metrics(client: phitune.Client, job_id: str) -> dict[int, float]:
     return losses
 
 
-def _wait_for(predicate, timeout: float = 120.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
+def _wait_for(predicate, timeout: float = 1800.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -39,6 +39,11 @@ def _wait_for(predicate, timeout: float = 120.0, interval: float = 0.2):  # type
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def _event(client: phitune.Client, job_id: str, text: str) -> phitune.JobEvent | None:
+    """The first event of the job whose message holds ``text``."""
+    return next((e for e in client.finetune.events(job_id) if text in e.message), None)
 
 
 def _worker_pid(home: Path) -> int:
@@ -62,13 +67,20 @@ def test_full_lifecycle(home: Path, chat_file: Path) -> None:
     )
     assert job.status == "queued" and job.spec is not None and job.spec.method.type == "lora"
 
-    job = client.finetune.wait(job.id, timeout=300, progress=False)
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)
     assert job.status == "succeeded", job.error
     assert job.step == 6 and job.total_steps == 6 and job.trained_tokens and job.trained_tokens > 0
     assert job.fine_tuned_model is not None and job.fine_tuned_model.startswith("ft:tiny-phi3:demo:")
     assert job.id in {j.id for j in client.finetune.list()}
 
     events = client.finetune.events(job.id)
+    (plan,) = [e for e in events if e.message.startswith("training lora on 8 examples: ")]
+    assert "6 steps, 3 epochs, 24 examples seen" in plan.message  # max_steps, not the one epoch asked for
+    assert plan.data is not None and (plan.data["total_steps"], plan.data["epochs"], plan.data["examples_seen"]) == (
+        6,
+        3,
+        24,
+    )
     (load,) = [e.data["load"] for e in events if e.data and "load" in e.data]  # the base's load, with its peak
     assert load["peak_rss_bytes"] > 0 and load["weight_bytes"] > 0 and load["seconds"] >= 0
     kept = any("allocator keeps the memory it frees" in e.message for e in events)  # no PHITUNE_MEMORY_LIMIT here
@@ -116,7 +128,7 @@ def test_worker_killed_mid_job_resumes_from_checkpoint_with_the_same_losses(home
     hyperparameters = {**FAST, "max_steps": 14, "checkpoint_every": 4}
     reference = client.finetune.wait(
         client.finetune.create(model="tiny-phi3", training_file=chat_file, hyperparameters=hyperparameters).id,
-        timeout=300,
+        timeout=1800,
         progress=False,
     )
     assert reference.status == "succeeded"
@@ -126,17 +138,26 @@ def test_worker_killed_mid_job_resumes_from_checkpoint_with_the_same_losses(home
     os.kill(_worker_pid(home), signal.SIGKILL)  # the trainer dies with it (PR_SET_PDEATHSIG)
     last_checkpoint = client.finetune.checkpoints(job.id)[0].step_number
 
-    job = client.finetune.wait(job.id, timeout=300, progress=False)  # the next call restarts the worker
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)  # the next call restarts the worker
     assert job.status == "succeeded", job.error
     assert job.step == 14
-    messages = [e.message for e in client.finetune.events(job.id)]
+    events = client.finetune.events(job.id)
+    messages = [e.message for e in events]
     assert any("worker restarted" in m for m in messages)
-    assert any(f"resumed from checkpoint at step {last_checkpoint}" in m for m in messages)
+    assert f"resumed from checkpoint at step {last_checkpoint} (attempt 2)" in messages
 
     expected, resumed = _metrics(client, reference.id), _metrics(client, job.id)
     assert sorted(resumed) == list(range(1, 15))
     for step in range(1, 15):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    # every step event says which attempt ran it: the first ran from step 1 at least to the checkpoint; the second
+    # repeats what followed the checkpoint, to the end
+    steps = [
+        (e.data["attempt"], e.data["step"]) for e in events if e.type == "metrics" and "train_loss" in (e.data or {})
+    ]
+    first = [step for attempt, step in steps if attempt == 1]
+    assert first == list(range(1, len(first) + 1)) and len(first) >= last_checkpoint
+    assert [step for attempt, step in steps if attempt == 2] == list(range(last_checkpoint + 1, 15))
 
 
 def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(home: Path, chat_file: Path) -> None:
@@ -147,15 +168,29 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(home: Path, chat_f
     _wait_for(lambda: client.finetune.get(job.id).step >= 3)
     cancelled = client.finetune.cancel(job.id)
     assert cancelled.status == "cancelled"
-    started = time.monotonic()
-    _wait_for(lambda: any("job cancelled at step" in e.message for e in client.finetune.events(job.id)), timeout=30)
-    assert time.monotonic() - started < 15
+    # the trainer itself says where it stopped (a trainer killed after the worker's grace period could not)
+    stopped = _wait_for(lambda: _event(client, job.id, "job cancelled at step"))
     final = client.finetune.get(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None and final.step < 5000
-    assert client.finetune.checkpoints(job.id)
+    kept = [c.step_number for c in client.finetune.checkpoints(job.id)]
+    assert kept and stopped.message == (
+        f"job cancelled at step {final.step}; checkpoints kept: {', '.join(map(str, sorted(kept)))}"
+    )
     assert (home / "jobs" / job.id / "train.log").exists()
     with pytest.raises(ConflictError):
         client.finetune.cancel(job.id)
+
+
+def test_cancel_before_the_first_checkpoint_says_none_is_kept(home: Path, chat_file: Path) -> None:
+    client = phitune.Client(home=home)
+    job = client.finetune.create(
+        model="tiny-phi3", training_file=chat_file, hyperparameters={**FAST, "max_steps": 5000}
+    )
+    _wait_for(lambda: client.finetune.get(job.id).step >= 1)
+    client.finetune.cancel(job.id)
+    stopped = _wait_for(lambda: _event(client, job.id, "job cancelled at step"))
+    assert stopped.message == f"job cancelled at step {client.finetune.get(job.id).step}; no checkpoint yet"
+    assert client.finetune.checkpoints(job.id) == []
 
 
 def test_concurrent_uploads_of_one_content(home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +242,7 @@ def test_concurrent_clients_share_one_home(home: Path, tmp_path: Path, chat_file
 
     client = phitune.Client(home=home)
     for job_id in results:
-        assert client.finetune.wait(job_id, timeout=300, progress=False).status == "succeeded"
+        assert client.finetune.wait(job_id, timeout=1800, progress=False).status == "succeeded"
     assert len(client.files.list()) == 6
     assert {j.id for j in client.finetune.list(limit=100)} == set(results)
     page = client.finetune.list(limit=2)

@@ -92,7 +92,7 @@ def test_full_streams_without_holding_the_mapped_checkpoint(sharded: Path) -> No
 
 
 def test_lora_keeps_transformers_mapped_bf16(sharded: Path) -> None:
-    model, report = load_for_training(str(sharded), LoRA(), device="cpu")
+    model, report = load_for_training(str(sharded), LoRA(), device="cpu", precision="bf16")
     assert report.loader == "from_pretrained" and report.dtype == "bf16"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert math.isclose(report.weight_bytes, checkpoint_bytes(sharded), rel_tol=0.01)
@@ -111,12 +111,12 @@ def _mapped_files(tensor: torch.Tensor) -> set[str]:
 
 
 def test_qlora_keeps_its_bf16_embedding_mapped(sharded: Path) -> None:
-    model, _ = load_for_training(str(sharded), QLoRA(), device="cpu")
+    model, _ = load_for_training(str(sharded), QLoRA(), device="cpu", precision="bf16")
     files = _mapped_files(model.get_input_embeddings().weight)
     assert any(name.endswith(".safetensors") for name in files), files  # a view of the shard, read as rows are used
     with torch.no_grad():
         model.get_input_embeddings().weight[0, 0] = 1.0  # a private mapping: the checkpoint is never written
-    reloaded, _ = load_for_training(str(sharded), QLoRA(), device="cpu")
+    reloaded, _ = load_for_training(str(sharded), QLoRA(), device="cpu", precision="bf16")
     assert reloaded.get_input_embeddings().weight[0, 0] != 1.0
 
 
@@ -124,7 +124,7 @@ def test_qlora_keeps_its_bf16_embedding_mapped(sharded: Path) -> None:
 def test_same_model_as_from_pretrained(sharded: Path, method: QLoRA | Full) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model, _ = load_for_training(str(sharded), method, device="cpu")
+    model, _ = load_for_training(str(sharded), method, device="cpu", precision="bf16")  # bf16 autocast below
     kwargs: dict[str, object] = {"dtype": torch.float32}
     if isinstance(method, QLoRA):
         kwargs = {

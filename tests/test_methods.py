@@ -28,7 +28,7 @@ def _train(client: phitune.Client, chat_file: Path, method: Any, **options: Any)
     job = client.finetune.create(
         model="tiny-phi3", training_file=chat_file, method=method, hyperparameters=hyperparameters, **options
     )
-    job = client.finetune.wait(job.id, timeout=600, progress=False)
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model is not None
     path = client.models.get(job.fine_tuned_model).path

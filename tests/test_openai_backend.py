@@ -276,7 +276,10 @@ def test_a_phitune_server_gets_the_whole_spec() -> None:
         hyperparameters={"max_steps": 10, "learning_rate": 1e-3},
     )
     body = json.loads(service.posted("/fine_tuning/jobs")[-1].content)
-    assert body["method"] == {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}}
+    assert body["method"] == {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {"n_epochs": "auto", "batch_size": 4}},
+    }
     options = body["phitune"]
     assert options["method"]["type"] == "dora" and options["method"]["r"] == 4
     assert options["hyperparameters"]["max_steps"] == 10 and options["hyperparameters"]["learning_rate"] == 1e-3

@@ -21,8 +21,8 @@ import uvicorn
 from fastapi import FastAPI
 
 import phitune
-from conftest import write_chat
-from phitune.errors import NotFoundError, RemoteNotFoundError, SpecError
+from conftest import write_chat, write_chat_with_long_prompts
+from phitune.errors import DatasetError, NotFoundError, RemoteNotFoundError, SpecError
 from phitune.server import StripQueryStrings, check_bind, cli, is_loopback, serve
 from phitune.server.app import create_app
 
@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 def _wait_for(
-    predicate: Callable[[], T | None], timeout: float = 180.0, interval: float = 0.1, state: Callable[[], object] = str
+    predicate: Callable[[], T | None], timeout: float = 1800.0, interval: float = 0.1, state: Callable[[], object] = str
 ) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,7 +99,7 @@ def trained(oai: openai.OpenAI, dataset: Path) -> Any:
     done = ("succeeded", "failed")
     return _wait_for(
         lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in done and j,
-        timeout=300,
+        timeout=1800,
         state=_job_state(oai, job.id),
     )
 
@@ -122,11 +122,11 @@ def resumed(oai: openai.OpenAI, trained: Any) -> dict[str, Any]:
     state = _job_state(oai, first.id)
     _wait_for(lambda: _step(oai, first.id) >= 2, interval=0.05, state=state)
     paused = oai.fine_tuning.jobs.pause(first.id)
-    stopped = _wait_for(lambda: _event_with(oai, first.id, "job paused at step"), timeout=60, state=state)
+    stopped = _wait_for(lambda: _event_with(oai, first.id, "job paused at step"), state=state)
     resumed = oai.fine_tuning.jobs.resume(first.id)
     final = _wait_for(
         lambda: (j := oai.fine_tuning.jobs.retrieve(first.id)).status in ("succeeded", "failed") and j,
-        timeout=300,
+        timeout=1800,
         state=state,
     )
     return {"first": first, "again": again, "paused": paused, "stopped": stopped, "resumed": resumed, "final": final}
@@ -154,9 +154,9 @@ def test_fine_tune_through_the_official_openai_client(oai: openai.OpenAI, traine
     assert job.status == "succeeded", job.error
     assert job.object == "fine_tuning.job" and job.organization_id == "phitune" and job.result_files == []
     assert job.fine_tuned_model.startswith("ft:tiny-phi3:srv:") and job.trained_tokens > 0 and job.seed == 0
-    assert job.hyperparameters.n_epochs == 50 and job.hyperparameters.batch_size == 4
+    assert job.hyperparameters.n_epochs == "auto" and job.hyperparameters.batch_size == 4  # max_steps decides
     assert job.hyperparameters.learning_rate_multiplier == pytest.approx(15)
-    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == 50
+    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == "auto"
     extra = job.model_extra
     assert extra["step"] == 4 and extra["total_steps"] == 4
     assert extra["spec"]["method"]["type"] == "lora" and extra["spec"]["hyperparameters"]["learning_rate"] == 3e-3
@@ -297,6 +297,36 @@ def test_a_bad_upload_is_a_400_naming_its_lines(oai: openai.OpenAI, server_home:
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "purpose"
 
 
+def test_a_job_that_cannot_train_is_a_400_and_never_stored(
+    oai: openai.OpenAI, server_home: Path, tmp_path: Path
+) -> None:
+    with open(write_chat_with_long_prompts(tmp_path / "long.jsonl"), "rb") as fh:
+        uploaded = oai.files.create(file=fh, purpose="fine-tune")
+    hyperparameters = {"max_seq_length": 64, "max_steps": 2}
+    with pytest.raises(DatasetError) as local:  # what the SDK says to a local user of the same home
+        phitune.Client(home=server_home).finetune.create(
+            model="tiny-phi3", training_file=uploaded.id, hyperparameters=hyperparameters
+        )
+    jobs_before = len(oai.fine_tuning.jobs.list(limit=1000).data)
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.fine_tuning.jobs.create(
+            model="tiny-phi3", training_file=uploaded.id, extra_body={"phitune": {"hyperparameters": hyperparameters}}
+        )
+    error = info.value.body
+    assert isinstance(error, dict) and error["code"] == "invalid_file" and error["message"] == str(local.value)
+    assert (
+        f"{uploaded.id} (long.jsonl):3: [too_long]" in error["message"]
+        and "drop_untrainable_examples" in error["message"]
+    )
+    assert str(server_home) not in error["message"]
+
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.fine_tuning.jobs.create(model="someone/not-downloaded", training_file=uploaded.id)
+    error = info.value.body
+    assert isinstance(error, dict) and error["param"] == "model" and "someone/not-downloaded" in error["message"]
+    assert len(oai.fine_tuning.jobs.list(limit=1000).data) == jobs_before
+
+
 def test_uploads_over_the_limit_are_a_413(oai: openai.OpenAI, base_url: str) -> None:
     big = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n' * 2000
     with pytest.raises(openai.APIStatusError) as info:
@@ -425,7 +455,7 @@ def test_the_same_flow_through_phitune_client_openai(base_url: str, trained: Any
         suffix="sdk",
     )
     assert job.backend == "openai" and job.spec is not None and job.spec.hyperparameters.max_steps == 3
-    job = client.finetune.wait(job.id, timeout=300, poll_interval=0.2, progress=False)
+    job = client.finetune.wait(job.id, timeout=1800, poll_interval=0.2, progress=False)
     assert job.status == "succeeded", job.error
     assert job.step == 3 and job.fine_tuned_model is not None and job.fine_tuned_model.startswith("ft:tiny-phi3:sdk:")
     assert job.spec is not None and job.spec.method == phitune.LoRA(r=8, alpha=16)

@@ -1,12 +1,16 @@
 """phitune: fine-tune Phi-3 models with one typed job schema on Azure, OpenAI-compatible services, or locally.
 
-``import phitune`` stays light: torch, transformers, peft, azure and openai load only on the paths that use them.
+``import phitune`` stays light: torch, transformers, peft, azure and openai load only on the paths that use them. It
+makes bitsandbytes, whenever it gets imported, skip its download of a kernel from the Hugging Face Hub;
+``phitune.quiet_libraries()`` keeps the other libraries' warnings and progress bars out of a script's output
+(:mod:`phitune._third_party`).
 """
 
 from __future__ import annotations
 
-from . import catalog, errors, kaito
+from . import _third_party, catalog, errors, kaito
 from ._client import Client
+from ._third_party import quiet_libraries
 from .errors import DatasetError, NotFoundError, PhituneError, SpecError, UnsupportedOptionError
 from .types import (
     PEFT,
@@ -30,9 +34,12 @@ from .types import (
     QLoRA,
     TensorBoard,
     TokenStats,
+    TrainingPlan,
 )
 
 __version__ = "0.1.0"
+
+_third_party.guard_imports()
 
 __all__ = [
     "PEFT",
@@ -61,9 +68,11 @@ __all__ = [
     "SpecError",
     "TensorBoard",
     "TokenStats",
+    "TrainingPlan",
     "UnsupportedOptionError",
     "__version__",
     "catalog",
     "errors",
     "kaito",
+    "quiet_libraries",
 ]

@@ -118,15 +118,22 @@ class OfferLifecycleWarning(UserWarning):
 
 
 class DatasetError(PhituneError, ValueError):
-    """A dataset failed validation. ``issues`` lists every problem found, each with its line number."""
+    """A dataset failed validation. ``path`` names the dataset (a local path, or a stored file's id and original
+    filename); ``issues`` lists every problem found, each with its line number; ``fixes`` what would make it train."""
 
-    def __init__(self, path: str, issues: Sequence[DatasetIssue], total: int | None = None) -> None:
+    def __init__(
+        self, path: str, issues: Sequence[DatasetIssue], total: int | None = None, fixes: Sequence[str] = ()
+    ) -> None:
         self.path = path
         self.issues = list(issues)
+        self.fixes = list(fixes)
         total = len(self.issues) if total is None else total
         shown = "\n".join(f"  {path}:{i.line}: [{i.category}] {i.message}" for i in self.issues[:20])
         more = f"\n  ... and {total - 20} more" if total > 20 else ""
-        super().__init__(f"{path} has {total} problem(s):\n{shown}{more}")
+        remedies = "".join(f"\n  - {fix}" for fix in self.fixes)
+        super().__init__(
+            f"{path} has {total} problem(s):\n{shown}{more}" + (f"\nTo fix:{remedies}" if remedies else "")
+        )
 
 
 class NotFoundError(PhituneError, LookupError):

@@ -352,7 +352,12 @@ class Estimate(Response):
     model: str
     method: str
     device: str
-    weight_dtype: Literal["bf16", "fp32"]
+    weight_dtype: Literal["bf16", "fp32"] = Field(
+        description="The dtype of the base's weights; with QLoRA, of those not quantised (embeddings, norms, LM head)."
+    )
+    quantization: Literal["nf4", "fp4"] | None = Field(
+        None, description="QLoRA: the 4-bit type of the base's linear layers, which hold most of its weights."
+    )
     compute_dtype: Literal["bf16", "fp32"]
     parameters: int
     trainable_parameters: int
@@ -370,9 +375,15 @@ class Estimate(Response):
     fits: bool
     examples: int | None = None
     tokens_per_epoch: int | None = Field(None, description="Tokens fed to the model per epoch (after truncation).")
-    trainable_tokens_per_epoch: int | None = None
+    trainable_tokens_per_epoch: int | None = Field(None, description="Those of them that carry loss.")
     steps_per_epoch: int | None = None
-    tokens_per_second: float
+    tokens_per_second: float = Field(
+        description="The data's tokens trained per second, padding excluded: with a dataset, tokens_per_epoch / "
+        "seconds_per_epoch."
+    )
+    trainable_tokens_per_second: float | None = Field(
+        None, description="Those of them that carry loss: the rate a job's metrics events report as tokens_per_second."
+    )
     seconds_per_epoch: float | None = None
     probe: MachineProbe
     suggestions: list[str] = Field(default_factory=list)
@@ -430,25 +441,31 @@ def estimate(
         peak = _job_peak(memory, spec)
     trainable = _trainable_parameters(shape, spec)
 
-    # -- speed: a micro-batch of one process, padded to the typical length
-    typical = min(
-        hp.max_seq_length, (data.p95_tokens if hp.batch_size > 1 else round(data.mean_tokens)) if data else length
-    )
-    seconds_per_micro = _seconds(shape, spec, micro, typical, compute, probe, kept)
-    tokens_per_second = processes * micro * typical / seconds_per_micro
+    # -- speed. A process's micro-batch is its examples packed into one row, so it costs their own tokens (the mean
+    # length each); prompt learning pads them to the longest of the batch instead (about the p95 length).
+    mean = min(hp.max_seq_length, data.mean_tokens) if data else float(length)
+    padded = data is not None and hp.batch_size > 1 and _pads_batches(spec)
+    cost_length = min(hp.max_seq_length, data.p95_tokens) if data is not None and padded else mean
+    seconds_per_micro = _seconds(shape, spec, micro, cost_length, compute, probe, kept)
+    tokens_per_second = processes * micro * mean / seconds_per_micro
     examples = data.examples if data else None
-    epoch_tokens = trainable_tokens = steps = epoch_seconds = None
-    if examples is not None and data is not None:
-        epoch_tokens = round(examples * min(data.mean_tokens, hp.max_seq_length))
+    epoch_tokens = trainable_tokens = steps = epoch_seconds = trainable_per_second = None
+    if examples and data is not None:
+        epoch_tokens = round(examples * mean)
         trainable_tokens = round(epoch_tokens * data.trainable_fraction)
-        micro_batches = math.ceil(examples / hp.batch_size)
-        steps = math.ceil(micro_batches / hp.gradient_accumulation_steps)
-        epoch_seconds = micro_batches * seconds_per_micro
+        full, rest = divmod(examples, hp.batch_size)  # the last micro-batch of an epoch may be short
+        steps = math.ceil((full + (rest > 0)) / hp.gradient_accumulation_steps)
+        epoch_seconds = full * seconds_per_micro
+        if rest:
+            epoch_seconds += _seconds(shape, spec, math.ceil(rest / processes), cost_length, compute, probe, kept)
+        tokens_per_second = epoch_tokens / epoch_seconds  # the printed figures agree: time x tokens/s = tokens
+        trainable_per_second = trainable_tokens / epoch_seconds
     result = Estimate(
         model=spec.model,
         method=spec.method.type,
         device=device,
         weight_dtype=_weight_dtype(spec),
+        quantization=spec.method.quant_type if isinstance(spec.method, QLoRA) else None,
         compute_dtype=compute,
         parameters=shape.parameters,
         trainable_parameters=trainable,
@@ -465,6 +482,7 @@ def estimate(
         trainable_tokens_per_epoch=trainable_tokens,
         steps_per_epoch=steps,
         tokens_per_second=tokens_per_second,
+        trainable_tokens_per_second=trainable_per_second,
         seconds_per_epoch=epoch_seconds,
         probe=probe,
     )
@@ -725,9 +743,7 @@ def _memory(
     else:
         activations = round(layers * per_layer)
     layout = spec.distributed
-    plain_loss = (isinstance(method, PEFT) and str(method.config.get("peft_type", "")).upper() in PROMPT_LEARNING) or (
-        layout.strategy == "deepspeed" and (layout.zero_stage or 0) >= 3
-    )
+    plain_loss = _pads_batches(spec) or (layout.strategy == "deepspeed" and (layout.zero_stage or 0) >= 3)
     if plain_loss:
         logits = tokens * vocab * LOGIT_BYTES
     else:
@@ -766,16 +782,23 @@ def _job_peak(memory: MemoryBreakdown, spec: JobSpec) -> int:
     return n * (memory.total - sharded) + sharded
 
 
+def _pads_batches(spec: JobSpec) -> bool:
+    """Whether the trainer pads a micro-batch's examples to the longest (prompt learning) rather than packing them."""
+    method = spec.method
+    return isinstance(method, PEFT) and str(method.config.get("peft_type", "")).upper() in PROMPT_LEARNING
+
+
 def _seconds(
     shape: ModelShape,
     spec: JobSpec,
     micro: int,
-    length: int,
+    length: float,
     compute: str,
     probe: MachineProbe,
     kept: KeptOutputs | None = None,
 ) -> float:
-    """Seconds per micro-batch of ``micro`` sequences of ``length`` tokens; ``kept``: the matmuls not recomputed."""
+    """Seconds per micro-batch of ``micro`` sequences of ``length`` tokens (a typical length: the mean where they are
+    packed); ``kept``: the matmuls not recomputed."""
     kept = kept or KeptOutputs()
     method, hp = spec.method, spec.hyperparameters
     layers, tokens = shape.num_hidden_layers, micro * length

@@ -214,6 +214,13 @@ def _check_spec(spec: JobSpec) -> tuple[str, LoRA | QLoRA]:
             f"Kaito's training_config.yaml has no sequence-length parameter; its trainer truncates at "
             f"{_KAITO_MAX_SEQ_LENGTH} tokens, so leave max_seq_length at {_KAITO_MAX_SEQ_LENGTH}",
         )
+    if spec.hyperparameters.drop_untrainable_examples:
+        raise UnsupportedOptionError(
+            "hyperparameters.drop_untrainable_examples",
+            _BACKEND,
+            "Kaito's trainer takes every example of its dataset; leave out those with no token with loss before "
+            "publishing the data",
+        )
     return kaito_preset, spec.method
 
 

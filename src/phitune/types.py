@@ -6,6 +6,7 @@ Requests (``JobSpec`` and its parts) refuse unknown fields so that a typo is an 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -61,9 +62,9 @@ class QLoRA(_LoRAOptions):
     """LoRA on a base quantised to 4 bits by bitsandbytes (NF4 with double quantisation by default)."""
 
     type: Literal["qlora"] = "qlora"
-    bits: Literal[4] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    bits: Literal[4] = Field(4, description="Bits per quantised weight.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="The 4-bit data type: NormalFloat or float.")
+    double_quant: bool = Field(True, description="Quantise the quantisation scales too (~0.37 bits per weight less).")
 
 
 class DoRA(_LoRAOptions):
@@ -98,35 +99,106 @@ METHOD_NAMES: tuple[str, ...] = ("lora", "qlora", "dora", "full", "peft")
 
 # ---------------------------------------------------------------------------------------------- hyperparameters
 class Hyperparameters(_Request):
-    """Training hyperparameters. ``batch_size`` is the global batch (examples per micro-step, all processes)."""
+    """Training hyperparameters. ``batch_size`` is the global batch (examples per micro-step, all processes).
+    docs/hyperparameters.md says which backend takes which."""
 
-    epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
-    batch_size: int = Field(4, ge=1, le=4096)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
-    max_seq_length: int = Field(1024, ge=16, le=131072)
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
-    seed: int = Field(0, ge=0)
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Train exactly this many optimizer steps, overriding epochs (as Hugging Face TrainingArguments "
+        "does): the data is cycled through, each pass reshuffled by the seed, and the learning-rate schedule spans "
+        "max_steps.",
+    )
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate of AdamW.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Examples per micro-batch, every process together.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(1024, ge=16, le=131072, description="Longer examples are cut to this many tokens.")
+    warmup_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of the steps over which the learning rate rises from 0."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="How the learning rate falls after the warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip the gradient norm to this; None: no clipping.")
+    seed: int = Field(0, ge=0, description="Seeds the data order and the adapter's initialisation.")
     checkpoint_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (needs validation_file).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, more time."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32."
     )
+    drop_untrainable_examples: bool = Field(
+        False,
+        description="Train without the examples that keep no token with loss within max_seq_length (the job's "
+        "events say which); by default such examples refuse the job.",
+    )
+
+    def plan(self, examples: int) -> TrainingPlan:
+        """The optimizer steps of training on ``examples`` examples: ``max_steps`` where set, else every epoch's."""
+        if examples < 1:
+            raise ValueError(f"a training plan needs at least one example, got {examples}")
+        if self.max_steps is not None:
+            micro_batches = self.max_steps * self.gradient_accumulation_steps
+        else:
+            micro_batches = self.epochs * math.ceil(examples / self.batch_size)
+        return TrainingPlan(
+            examples=examples,
+            batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            micro_batches=micro_batches,
+            total_steps=math.ceil(micro_batches / self.gradient_accumulation_steps),
+        )
+
+
+class TrainingPlan(Response):
+    """The optimizer steps a job takes over its training examples (:meth:`Hyperparameters.plan`). Micro-batches
+    stream through the data one pass after another, each pass a fresh seeded shuffle; an optimizer step takes
+    ``gradient_accumulation_steps`` of them (the last step of an epochs-long run may take fewer)."""
+
+    examples: int = Field(description="Training examples that carry loss.")
+    batch_size: int
+    gradient_accumulation_steps: int
+    micro_batches: int = Field(description="Micro-batches of the whole run.")
+    total_steps: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches of one pass over the examples (the last may hold fewer than ``batch_size``)."""
+        return math.ceil(self.examples / self.batch_size)
+
+    def examples_seen(self, step: int | None = None) -> int:
+        """Examples fed to the model by the end of ``step`` (default: the whole run), counting repeats."""
+        micro = self.micro_batches if step is None else min(step * self.gradient_accumulation_steps, self.micro_batches)
+        passes, within = divmod(micro, self.batches_per_epoch)
+        return passes * self.examples + min(within * self.batch_size, self.examples)
+
+    def epochs(self, step: int | None = None) -> float:
+        """Passes over the examples by the end of ``step`` (default: the whole run); fractional mid-pass."""
+        return self.examples_seen(step) / self.examples
+
+    def describe(self) -> str:
+        """E.g. ``30 steps, 1.5 epochs, 120 examples seen``."""
+        steps, epochs = self.total_steps, round(self.epochs(), 2)
+        return (
+            f"{steps} step{'' if steps == 1 else 's'}, {epochs:g} epoch{'' if epochs == 1 else 's'}, "
+            f"{self.examples_seen()} examples seen"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ distributed
 class Distributed(_Request):
     """Multi-process training through an existing engine (torchrun for DDP/FSDP, DeepSpeed for ZeRO)."""
 
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
-    nproc: int = Field(1, ge=1, le=1024)
-    zero_stage: Literal[1, 2, 3] | None = None
-    offload_optimizer: bool = False
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="none: one process; ddp or fsdp through torchrun; deepspeed: DeepSpeed ZeRO."
+    )
+    nproc: int = Field(1, ge=1, le=1024, description="Training processes.")
+    zero_stage: Literal[1, 2, 3] | None = Field(None, description="DeepSpeed's ZeRO stage; None: stage 2.")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: keep the optimizer state in CPU memory.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Distributed:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import time
 import warnings
@@ -955,8 +954,9 @@ def _hyperparameters(spec: JobSpec, gpus: int | None, examples: int | None) -> t
     """The Azure ``Dict[str, str]`` for the spec, and a sentence saying how ``batch_size`` maps to Azure's batch.
 
     ``gpus`` is None for serverless (Azure's names from its MaaS notebook only), else the GPUs of the managed-compute
-    node (the pipeline component's names, LoRA's, ``warmup_steps`` from ``warmup_ratio`` as the local trainer counts
-    them, and the global ``batch_size`` split over the GPUs)."""
+    node (the pipeline component's names, LoRA's, ``warmup_steps`` from ``warmup_ratio`` over the steps of
+    :meth:`~phitune.types.Hyperparameters.plan`, as the local trainer counts them, and the global ``batch_size``
+    split over the GPUs)."""
     hp = spec.hyperparameters
     if gpus is None:
         out = {azure: _string(getattr(hp, ours)) for ours, azure in _SERVERLESS_NAMES.items()}
@@ -984,16 +984,13 @@ def _hyperparameters(spec: JobSpec, gpus: int | None, examples: int | None) -> t
     if hp.max_steps is not None:
         out["max_steps"] = str(hp.max_steps)
     if hp.warmup_ratio > 0:
-        total = hp.max_steps
-        if total is None:
-            if examples is None:
-                raise SpecError(
-                    "hyperparameters.warmup_ratio",
-                    "managed compute takes warmup_steps, and the training file records no example count to compute "
-                    "them from; upload it with client.files.upload or set max_steps",
-                )
-            total = hp.epochs * math.ceil(math.ceil(examples / hp.batch_size) / hp.gradient_accumulation_steps)
-        warmup = int(hp.warmup_ratio * total)
+        if examples is None and hp.max_steps is None:
+            raise SpecError(
+                "hyperparameters.warmup_ratio",
+                "managed compute takes warmup_steps, and the training file records no example count to compute "
+                "them from; upload it with client.files.upload or set max_steps",
+            )
+        warmup = int(hp.warmup_ratio * hp.plan(examples or 1).total_steps)
         out["warmup_steps"] = str(warmup)
         if hp.lr_scheduler == "constant" and warmup:
             out["lr_scheduler_type"] = "constant_with_warmup"  # phitune's constant schedule warms up first

@@ -78,3 +78,14 @@ class Backend(Protocol):
     ) -> ChatCompletion: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PausingBackend(Protocol):
+    """A backend that can pause a job and resume it later from its last checkpoint (local, OpenAI-compatible)."""
+
+    name: str
+
+    def pause_job(self, job_id: str) -> FineTuneJob: ...
+
+    def resume_job(self, job_id: str) -> FineTuneJob: ...

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ from ..types import (
     JobSpec,
     ModelObject,
     QLoRA,
+    TrainingPlan,
     Usage,
 )
 
@@ -64,7 +66,7 @@ class LocalBackend:
         self.store = Store(home)
         self.home = self.store.home
         self._pool: ModelPool | None = None
-        self._estimates: dict[str, Estimate] = {}  # by spec: what check_spec predicted, for create_job's first ETA
+        self._admitted: dict[str, _Admission] = {}  # by spec: what check_spec found, for create_job
 
     # ---------------------------------------------------------------------------------------------------- files
     def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
@@ -110,41 +112,57 @@ class LocalBackend:
         if spec.validation_file is not None:
             self.store.get_file(spec.validation_file)
         allocator.for_trainers()  # a malformed or unmet $PHITUNE_ALLOCATOR is refused here
-        self._check_fit(spec)
+        for package in ("torch", "transformers"):
+            if importlib.util.find_spec(package) is None:
+                raise MissingDependencyError(package, "local")
+        predicted = self._check_fit(spec)
+        self._admitted[spec.model_dump_json()] = _Admission(self._plan(spec), predicted)
 
-    def _check_fit(self, spec: JobSpec) -> None:
+    def _check_fit(self, spec: JobSpec) -> Estimate | None:
         """Refuse a job whose predicted peak exceeds the memory available now, or ``$PHITUNE_MEMORY_LIMIT``:
-        :func:`phitune.estimate.check_fits` with the training file's token lengths. Nothing is refused where the
-        model's shape is not on this machine, where torch is not installed, where the estimate fails (logged), or
-        with ``$PHITUNE_SKIP_FIT_CHECK=1``."""
+        :func:`phitune.estimate.check_fits` with the training file's token lengths; returns the estimate. Nothing is
+        refused where the model's shape is not on this machine, where the estimate fails (logged), or with
+        ``$PHITUNE_SKIP_FIT_CHECK=1``."""
         if os.environ.get(SKIP_FIT_CHECK_ENV, "").lower() in ("1", "true", "yes"):
-            return
+            return None
         memory_limit()  # a malformed limit is an error even where nothing gets estimated
-        if importlib.util.find_spec("torch") is None:
-            return
         from ..estimate import check_fits
 
         try:
             with _FIT_CHECK_LOCK:
-                result = check_fits(spec, home=self.home, dataset=self.store.file_blob(spec.training_file))
+                return check_fits(spec, home=self.home, dataset=self.store.file_blob(spec.training_file))
         except PhituneError:
             raise
         except Exception as exc:  # e.g. a config.json without a decoder's dimensions: the check refuses nothing
             logger.warning("fit check skipped: the estimate of this job failed: %r", exc)
-            return
-        if result is not None:
-            self._estimates[spec.model_dump_json()] = result
+            return None
+
+    def _plan(self, spec: JobSpec) -> TrainingPlan:
+        """Refuse a job that could not train, as the trainer would, from the base's config and tokenizer and the
+        datasets (:func:`phitune.trainer.data.prepare`): :class:`~phitune.errors.SpecError` on ``model`` for a base
+        that cannot be loaded; :class:`~phitune.errors.DatasetError` naming the file by id and filename, its lines
+        and the fixes, for examples that keep no token with loss within ``max_seq_length`` or exceed the model's
+        context. Returns the job's training plan."""
+        from ..trainer.data import DatasetFile, prepare
+        from ..trainer.model import resolve_base
+
+        def stored(file_id: str) -> DatasetFile:
+            return DatasetFile(self.store.file_blob(file_id), self.store.file_label(file_id))
+
+        valid = stored(spec.validation_file) if spec.validation_file is not None else None
+        prepared = prepare(spec, resolve_base(spec.model, self.home), stored(spec.training_file), valid)
+        return spec.hyperparameters.plan(len(prepared.train.examples))
 
     def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
-        """Store a queued job and start the worker. Where the fit check predicted the training time, the job's
-        ``estimated_finish`` starts from it; the trainer replaces it with one from measured steps."""
+        """Store a queued job and start the worker. Where ``check_spec`` admitted the spec, the job starts with its
+        ``total_steps`` and, where the fit check predicted the training time, its ``estimated_finish``; the trainer
+        replaces the latter with one from measured steps."""
         job, created = self.store.create_job(spec, idempotency_key=idempotency_key)
-        predicted = self._estimates.pop(spec.model_dump_json(), None)
+        admitted = self._admitted.pop(spec.model_dump_json(), None)
         if created:
             self.store.add_event(job.id, f"job created: {spec.method.type} fine-tuning of {spec.model}")
-            seconds = _training_seconds(predicted, spec) if predicted is not None else None
-            if seconds is not None:  # attempt 0: a worker that already claimed the job keeps its own value
-                self.store.update_progress(job.id, 0, estimated_finish=job.created_at + math.ceil(seconds))
+            if admitted is not None:  # attempt 0: a worker that already claimed the job keeps its own values
+                self.store.update_progress(job.id, 0, **admitted.progress(job.created_at))
                 job = self.store.get_job(job.id)
         ensure_worker(self.home)
         return job
@@ -331,12 +349,20 @@ class LocalBackend:
         self._pool = None
 
 
-def _training_seconds(predicted: Estimate, spec: JobSpec) -> float | None:
-    """Predicted seconds of training: every epoch's steps, or ``max_steps`` where fewer."""
-    if predicted.seconds_per_epoch is None or not predicted.steps_per_epoch:
-        return None
-    hp = spec.hyperparameters
-    steps = hp.epochs * predicted.steps_per_epoch
-    if hp.max_steps is not None:
-        steps = min(steps, hp.max_steps)
-    return predicted.seconds_per_epoch * steps / predicted.steps_per_epoch
+@dataclass(frozen=True)
+class _Admission:
+    """What ``check_spec`` found of a job it admitted: its training plan and, where the fit check ran, its
+    estimate."""
+
+    plan: TrainingPlan
+    estimate: Estimate | None
+
+    def progress(self, created_at: int) -> dict[str, int]:
+        """The job's first progress fields: its steps and, where predicted, when it should finish (the predicted
+        time of a micro-batch times the plan's micro-batches)."""
+        fields = {"total_steps": self.plan.total_steps}
+        predicted = self.estimate
+        if predicted is not None and predicted.seconds_per_epoch is not None and predicted.examples:
+            per_micro_batch = predicted.seconds_per_epoch / math.ceil(predicted.examples / self.plan.batch_size)
+            fields["estimated_finish"] = created_at + math.ceil(per_micro_batch * self.plan.micro_batches)
+        return fields

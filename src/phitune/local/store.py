@@ -158,6 +158,10 @@ class Store:
         """The stored content of a file."""
         return Path(self._file_row(file_id)["blob"])
 
+    def file_label(self, file_id: str) -> str:
+        """How messages name a stored file: its id and original filename, never its place in the store."""
+        return f"{file_id} ({self._file_row(file_id)['filename']})"
+
     def list_files(self) -> list[FileObject]:
         with self._tx() as db:
             rows = db.execute("SELECT * FROM files ORDER BY created_at DESC, rowid DESC").fetchall()

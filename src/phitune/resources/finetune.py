@@ -3,18 +3,23 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime
+import difflib
 import os
 import sys
 import time
+import typing
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pydantic
+from pydantic import BaseModel
+from pydantic_core import ErrorDetails
 
 from .. import estimate as _estimate
-from ..errors import PhituneError, SpecError, WaitTimeoutError
+from ..backends.base import PausingBackend
+from ..errors import PhituneError, SpecError, UnsupportedOptionError, WaitTimeoutError
 from ..types import (
     AzureCompute,
     Checkpoint,
@@ -31,18 +36,48 @@ from ._base import Resource
 
 
 def build_spec(**fields: Any) -> JobSpec:
-    """A :class:`JobSpec` from keyword arguments; any invalid or unknown option raises SpecError naming it."""
+    """A :class:`JobSpec` from keyword arguments; any invalid or unknown option raises SpecError naming it (an
+    unknown one with the closest known name, where one is close)."""
     try:
         return JobSpec.model_validate({k: v for k, v in fields.items() if v is not None})
     except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-")) or "spec"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: "
-            f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
-            for e in exc.errors()
-        )
-        raise SpecError(field, problems) from None
+        problems = [(_dotted(error["loc"]), _problem(error)) for error in exc.errors()]
+        (field, first), rest = problems[0], problems[1:]
+        raise SpecError(field, "; ".join([first, *(f"{name}: {message}" for name, message in rest)])) from None
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the dotted name of the option (validator frames left out)."""
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-")) or "spec"
+
+
+def _problem(error: ErrorDetails) -> str:
+    """What is wrong, without the field's name; for an unknown field, the known name it is closest to."""
+    if error["type"] != "extra_forbidden":
+        return error["msg"].removeprefix("Value error, ")
+    *parents, name = error["loc"]
+    close = difflib.get_close_matches(str(name), _field_names(JobSpec, parents), n=1)
+    return f"unknown field; did you mean {close[0]!r}?" if close else "unknown field"
+
+
+def _field_names(model: type[BaseModel], loc: Sequence[int | str]) -> builtins.list[str]:
+    """The field names of the model at ``loc`` inside ``model`` (a discriminated union's member by its tag)."""
+    candidates = [model]
+    for part in loc:
+        for candidate in candidates:
+            if str(part) in candidate.model_fields:
+                candidates = _models_in(candidate.model_fields[str(part)].annotation)
+                break
+        else:  # a tag of a discriminated union, e.g. ("method", "lora", ...)
+            candidates = [c for c in candidates if getattr(c.model_fields.get("type"), "default", None) == part]
+    return sorted({name for candidate in candidates for name in candidate.model_fields})
+
+
+def _models_in(annotation: Any) -> builtins.list[type[BaseModel]]:
+    """The pydantic models an annotation names (through Optional, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for argument in typing.get_args(annotation) for model in _models_in(argument)]
 
 
 class FineTuning(Resource):
@@ -67,7 +102,9 @@ class FineTuning(Resource):
 
         Every option is checked before the job is created: invalid values and options the backend cannot honour
         raise :class:`~phitune.errors.SpecError` naming the field, a local job that cannot fit the machine
-        :class:`~phitune.errors.WontFitError`; files this call uploaded are then deleted again. A retried call with
+        :class:`~phitune.errors.WontFitError`, a local job whose base cannot be loaded a ``SpecError`` on ``model``
+        and one whose examples cannot train :class:`~phitune.errors.DatasetError` with the lines and the fixes;
+        files this call uploaded are then deleted again. A retried call with
         the same ``idempotency_key`` returns the first job instead of starting a second one. ``integrations``
         (``[phitune.MLflow(...), phitune.TensorBoard(...)]``) log the job to experiment trackers where it trains.
         """
@@ -149,6 +186,15 @@ class FineTuning(Resource):
         """Stop a job; what it produced (events, checkpoints, logs) is kept."""
         return self._backend.cancel_job(job_id)
 
+    def pause(self, job_id: str) -> FineTuneJob:
+        """Stop a queued or running job after it saves a checkpoint; :meth:`resume` continues it from there. Raises
+        :class:`~phitune.errors.UnsupportedOptionError` on a backend that cannot pause jobs (Azure)."""
+        return self._pausing("pause").pause_job(job_id)
+
+    def resume(self, job_id: str) -> FineTuneJob:
+        """Continue a paused job from its last checkpoint."""
+        return self._pausing("resume").resume_job(job_id)
+
     def events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> builtins.list[JobEvent]:
         """Events oldest first; metrics events carry step, train_loss, learning_rate, tokens_per_second."""
         return self._backend.list_events(job_id, after=after, limit=limit)
@@ -182,6 +228,12 @@ class FineTuning(Resource):
                 if deadline is not None and time.monotonic() > deadline:
                     raise WaitTimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
                 time.sleep(poll_interval)
+
+    def _pausing(self, operation: str) -> PausingBackend:
+        backend = self._backend
+        if not isinstance(backend, PausingBackend):
+            raise UnsupportedOptionError(operation, backend.name, "this backend cannot pause and resume jobs")
+        return backend
 
     def _file_id(self, value: str | os.PathLike[str] | None, model: str, uploaded: builtins.list[str]) -> str | None:
         """A file id as is; an existing local path is validated and uploaded first (its id added to ``uploaded``)."""

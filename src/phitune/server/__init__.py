@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._third_party import quiet_libraries
 from ..errors import SpecError
 
 __all__ = ["API_KEY_ENV", "StripQueryStrings", "check_bind", "cli", "is_loopback", "serve"]
@@ -89,12 +90,18 @@ def cli(argv: Sequence[str] | None = None, *, home: str | None = None) -> int:
         prog="phitune serve", description="OpenAI-compatible fine-tuning and inference over the local backend."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--home", default=home, help="local state folder (default $PHITUNE_HOME or ~/.phitune)")
     parser.add_argument("--api-key", default=None, help=f"require this key (default ${API_KEY_ENV}, if set)")
     parser.add_argument("--max-upload-mb", type=int, default=None, help="largest dataset upload (default 1024)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's log (default info); debug also shows what the libraries underneath print",
+    )
     args = parser.parse_args(argv)
+    quiet_libraries(verbose=args.log_level == "debug")
     try:
         return serve(
             host=args.host,

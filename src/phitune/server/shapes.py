@@ -6,7 +6,8 @@ an OpenAI ``fine_tuning.job``; the OpenAI backend turns a ``JobSpec`` into a req
 The mapping (OpenAI name → phitune name):
 
 ==================================================  =======================================================
-``method.supervised.hyperparameters.n_epochs``      ``hyperparameters.epochs``
+``method.supervised.hyperparameters.n_epochs``      ``hyperparameters.epochs``; a job whose length
+                                                    ``hyperparameters.max_steps`` sets shows ``"auto"``
 ``method.supervised.hyperparameters.batch_size``    ``hyperparameters.batch_size``
 ``...learning_rate_multiplier``                     ``hyperparameters.learning_rate`` = multiplier * the method's
                                                     base learning rate (:data:`BASE_LEARNING_RATE`: 2e-4 for LoRA,
@@ -167,10 +168,11 @@ def request_param(field: str, origin: dict[str, str]) -> str:
 
 
 def openai_hyperparameters(spec: JobSpec) -> dict[str, Any]:
-    """A spec's hyperparameters in OpenAI's names."""
+    """A spec's hyperparameters in OpenAI's names. ``n_epochs`` is ``"auto"`` where ``max_steps`` overrides the
+    epochs: the steps decide how many passes over the data there are."""
     hp = spec.hyperparameters
     return {
-        "n_epochs": hp.epochs,
+        "n_epochs": hp.epochs if hp.max_steps is None else "auto",
         "batch_size": hp.batch_size,
         "learning_rate_multiplier": hp.learning_rate / base_learning_rate(spec.method.type),
     }

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ..errors import DatasetError, PhituneError, SpecError
-from ..types import DatasetIssue
+from ..types import DatasetIssue, JobSpec
+from .model import open_base
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,10 +50,17 @@ class Example:
 
 
 class ExampleError(PhituneError, ValueError):
-    """One example cannot be trained on. ``category`` is the matching ``DatasetIssue`` category."""
+    """One example cannot be trained on. ``category`` is the matching ``DatasetIssue`` category; for ``too_long``,
+    ``needed_length`` is the shortest ``max_seq_length`` that keeps a token with loss."""
 
-    def __init__(self, category: Literal["too_long", "no_assistant", "turn_order"], message: str) -> None:
+    def __init__(
+        self,
+        category: Literal["too_long", "no_assistant", "turn_order"],
+        message: str,
+        needed_length: int | None = None,
+    ) -> None:
         self.category = category
+        self.needed_length = needed_length
         super().__init__(message)
 
 
@@ -126,26 +134,136 @@ def encode_completion(
     )
 
 
-def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> list[Example]:
+@dataclass(frozen=True)
+class DatasetFile:
+    """A dataset file, and how messages name it: a stored file by its id and original filename (never the store's
+    path), a file of the user's by its path (the default)."""
+
+    path: Path
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.path)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The examples of a dataset file that train, and the lines of those left out as untrainable."""
+
+    file: DatasetFile
+    examples: list[Example]
+    dropped_lines: list[int]
+
+
+@dataclass(frozen=True)
+class JobData:
+    """A job's tokenizer and datasets, as training sees them."""
+
+    tokenizer: Any
+    train: Dataset
+    valid: Dataset | None
+
+
+def prepare(spec: JobSpec, base_path: str, train: DatasetFile, valid: DatasetFile | None) -> JobData:
+    """Open the job's base (config and tokenizer: :func:`~phitune.trainer.model.open_base`) and encode its datasets
+    with :func:`read_dataset` under its ``max_seq_length``, the model's context length and
+    ``drop_untrainable_examples``. What the trainer runs first, and what the local backend checks at ``create``."""
+    base = open_base(spec.model, base_path)
+    hp = spec.hyperparameters
+
+    def read(file: DatasetFile) -> Dataset:
+        return read_dataset(
+            file,
+            base.tokenizer,
+            max_seq_length=hp.max_seq_length,
+            context_length=base.context_length,
+            drop_untrainable=hp.drop_untrainable_examples,
+        )
+
+    return JobData(base.tokenizer, read(train), read(valid) if valid is not None else None)
+
+
+def read_dataset(
+    file: DatasetFile,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_seq_length: int,
+    context_length: int | None = None,
+    drop_untrainable: bool = False,
+) -> Dataset:
     """Encode a JSONL dataset whose lines are chat (``messages``), ``prompt``/``completion`` or
-    ``text``/``ground_truth`` records. Every unusable line is collected into one :class:`DatasetError`."""
+    ``text``/``ground_truth`` records. Every unusable line is collected into one :class:`DatasetError` naming the file
+    and saying what would fix it: lines that do not encode, examples longer than ``context_length`` even truncated,
+    and examples with no token with loss within ``max_seq_length`` (``too_long``) unless ``drop_untrainable`` leaves
+    them out. A file with no example left is a ``DatasetError`` too."""
     examples: list[Example] = []
     issues: list[DatasetIssue] = []
-    with open(path, encoding="utf-8") as lines:
+    dropped: list[int] = []
+    needed = 0  # the max_seq_length under which every untrainable example would keep a token with loss
+    overlong = False
+    with open(file.path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                examples.append(_encode_record(json.loads(line), tokenizer, max_seq_length))
+                example = _encode_record(json.loads(line), tokenizer, max_seq_length)
             except json.JSONDecodeError as error:
                 issues.append(DatasetIssue(line=number, category="invalid_json", message=str(error)))
             except ExampleError as error:
-                issues.append(DatasetIssue(line=number, category=error.category, message=error.message))
+                needed = max(needed, error.needed_length or 0)
+                if error.needed_length is not None and drop_untrainable:
+                    dropped.append(number)
+                else:
+                    issues.append(DatasetIssue(line=number, category=error.category, message=error.message))
             except _UnknownFormat as error:
                 issues.append(DatasetIssue(line=number, category="unknown_format", message=str(error)))
+            else:
+                if context_length is not None and len(example.input_ids) > context_length:
+                    overlong = True
+                    message = (
+                        f"{len(example.input_ids)} tokens within max_seq_length={max_seq_length}: longer than the "
+                        f"model's {context_length}-token context"
+                    )
+                    issues.append(DatasetIssue(line=number, category="too_long", message=message))
+                else:
+                    examples.append(example)
+    if not issues and not examples:
+        why = f"no example keeps a token with loss within max_seq_length={max_seq_length}" if dropped else "no example"
+        issues.append(DatasetIssue(line=0, category="too_long" if dropped else "empty_file", message=why))
     if issues:
-        raise DatasetError(str(path), issues)
-    return examples
+        fixes = _fixes(max_seq_length, context_length, needed, overlong=overlong, dropping=drop_untrainable)
+        raise DatasetError(file.label, issues, fixes=fixes)
+    return Dataset(file, examples, dropped)
+
+
+def _fixes(
+    max_seq_length: int, context_length: int | None, needed: int, *, overlong: bool, dropping: bool
+) -> list[str]:
+    """What would make a dataset's examples train: ``needed`` is the ``max_seq_length`` under which each untrainable
+    example would keep a token with loss (0 where none is untrainable); ``overlong`` examples exceed the model's
+    context even truncated; ``dropping`` is whether ``drop_untrainable_examples`` is set already."""
+    fixes: list[str] = []
+    if overlong:
+        fixes.append(f"lower hyperparameters.max_seq_length to the model's context of {context_length} tokens or less")
+    if needed and (context_length is None or needed <= context_length):
+        fixes.append(
+            f"raise hyperparameters.max_seq_length (now {max_seq_length}) to at least {needed}, so that every "
+            "example keeps a token with loss"
+        )
+    elif needed:
+        fixes.append(
+            f"shorten the prompts that come before the first token with loss: one needs {needed} tokens to reach it, "
+            f"more than the model's {context_length}-token context"
+        )
+    if needed and not dropping:
+        fixes.append("or set hyperparameters.drop_untrainable_examples=True to train without these examples")
+    return fixes
+
+
+def load_examples(path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int) -> list[Example]:
+    """The examples of a JSONL dataset (:func:`read_dataset`), named by its path in errors."""
+    return read_dataset(DatasetFile(Path(path)), tokenizer, max_seq_length=max_seq_length).examples
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -208,6 +326,7 @@ def _truncated(input_ids: list[int], labels: list[int], max_seq_length: int, why
                 "too_long",
                 f"no token with loss within max_seq_length={max_seq_length}: the example has {len(input_ids)} "
                 f"tokens and its first trainable token is at position {first}",
+                needed_length=first + 1,
             )
         raise ExampleError("no_assistant", why_empty)
     return example

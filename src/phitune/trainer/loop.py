@@ -4,8 +4,10 @@ One optimizer step consumes ``gradient_accumulation_steps`` micro-batches of ``b
 batch. Under torchrun every rank walks the same micro-batches and trains on its share of each (see
 :mod:`phitune.trainer.distributed`). The loss is token-normalised over the whole step (sum of token losses on all
 ranks / trainable tokens in the step), so neither accumulation nor the number of processes changes the objective.
-Data order is a pure function of (seed, epoch), so a run resumed from a checkpoint (weights, optimizer, scheduler,
-every rank's RNG, step) continues exactly where the uninterrupted run would be.
+A run lasts ``epochs`` passes over the data or, where set, exactly ``max_steps`` optimizer steps, as many passes as
+those take (:meth:`~phitune.types.Hyperparameters.plan`). Data order is a pure function of (seed, epoch), so a run
+resumed from a checkpoint (weights, optimizer, scheduler, every rank's RNG, step) continues exactly where the
+uninterrupted run would be, across epoch boundaries too.
 
 Where the work goes: each rank's examples of a micro-batch are packed into one row with no padding, every example
 attending only to itself (:mod:`phitune.trainer.packing`); the LM head runs only at positions that carry loss, in
@@ -39,7 +41,7 @@ from . import allocator, data, distributed, packing
 from .distributed import Engine, Ranks
 from .loading import load_for_training
 from .loss import linear_cross_entropy
-from .model import apply_method, bf16_supported, count_parameters, load_tokenizer, quantized_footprint
+from .model import apply_method, bf16_supported, count_parameters, quantized_footprint
 
 StopReason = Literal["cancelled", "paused", "superseded"]
 
@@ -69,6 +71,13 @@ class TrainRun:
     output_dir: Path
     checkpoint_dir: Path
     resume_from: Path | None = None
+    train_name: str | None = None
+    """How messages name the training file (a stored file's id and filename); None: its path."""
+    valid_name: str | None = None
+    """How messages name the validation file, likewise."""
+    attempt: int = 1
+    """1 for a job's first run, 2 for the run after its first restart, ...: every metrics event carries it, so the
+    steps a resumed run repeats can be told from those they supersede."""
 
 
 @dataclass
@@ -91,11 +100,18 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     use_bf16 = hp.precision == "bf16" or (hp.precision == "auto" and bf16_supported())
 
     # -- model and data
-    tokenizer = load_tokenizer(run.base_path)
-    train_set = data.load_examples(run.train_path, tokenizer, max_seq_length=hp.max_seq_length)
-    valid_set = (
-        data.load_examples(run.valid_path, tokenizer, max_seq_length=hp.max_seq_length) if run.valid_path else []
+    job_data = data.prepare(
+        run.spec,
+        run.base_path,
+        data.DatasetFile(run.train_path, run.train_name),
+        data.DatasetFile(run.valid_path, run.valid_name) if run.valid_path else None,
     )
+    tokenizer = job_data.tokenizer
+    train_set = job_data.train.examples
+    valid_set = job_data.valid.examples if job_data.valid else []
+    for dataset in (job_data.train, job_data.valid):
+        if dataset is not None and dataset.dropped_lines:
+            _report_dropped(control, dataset, hp.max_seq_length)
     kept = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
     model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
     control.message(load_report.message, data=load_report.data())
@@ -110,17 +126,21 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     )
     trainable, total = count_parameters(model)
     batch_of = _batching(model, tokenizer.pad_token_id)
-    batches_per_epoch = math.ceil(len(train_set) / hp.batch_size)
-    total_micro = hp.epochs * batches_per_epoch
-    total_steps = math.ceil(total_micro / hp.gradient_accumulation_steps)
-    if hp.max_steps is not None:
-        total_steps = min(total_steps, hp.max_steps)
+    plan = hp.plan(len(train_set))
+    total_steps = plan.total_steps
     layout = run.spec.distributed
     control.message(
-        f"training {run.spec.method.type} on {len(train_set)} examples: {total_steps} steps, "
+        f"training {run.spec.method.type} on {len(train_set)} examples: {plan.describe()}; "
         f"{trainable:,} of {total:,} parameters trainable, {device}{' bf16' if use_bf16 else ' fp32'}"
         + (f", {layout.strategy} on {ranks.world} processes" if layout.strategy != "none" else ""),
-        data={"trainable_parameters": trainable, "total_parameters": total, "total_steps": total_steps},
+        data={
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "total_steps": total_steps,
+            "epochs": round(plan.epochs(), 4),
+            "examples": plan.examples,
+            "examples_seen": plan.examples_seen(),
+        },
     )
 
     # -- engine (one process, DDP, FSDP or DeepSpeed), schedule, resume
@@ -134,7 +154,10 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][ranks.rank])
         step, trained_tokens, best_valid = int(state["step"]), int(state["trained_tokens"]), float(state["best_valid"])
-        control.message(f"resumed from checkpoint at step {step}", data={"step": step})
+        control.message(
+            f"resumed from checkpoint at step {step} (attempt {run.attempt})",
+            data={"step": step, "attempt": run.attempt},
+        )
     saved_step = step  # the newest checkpoint on disk (none at step 0)
 
     def save_checkpoint(metrics: dict[str, float]) -> Path:
@@ -156,9 +179,9 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
             return TrainResult(reason, step, total_steps, trained_tokens, last_loss, valid_loss)
         started = time.perf_counter()
         micro = [
-            _micro_batch(train_set, m, batches_per_epoch, hp.batch_size, hp.seed)
+            _micro_batch(train_set, m, plan.batches_per_epoch, hp.batch_size, hp.seed)
             for m in range(step * hp.gradient_accumulation_steps, (step + 1) * hp.gradient_accumulation_steps)
-            if m < total_micro
+            if m < plan.micro_batches
         ]
         step_tokens = sum(ex.trainable_tokens for batch in micro for ex in batch)  # global: every rank sees all
         loss_here = 0.0
@@ -181,11 +204,12 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         last_loss = ranks.sum(loss_here) / step_tokens
         metrics: dict[str, Any] = {
             "step": step,
+            "attempt": run.attempt,
             "train_loss": last_loss,
             "learning_rate": lr,
             "tokens_per_second": step_tokens / elapsed,
             "trainable_tokens": step_tokens,
-            "epoch": round(min(step * hp.gradient_accumulation_steps, total_micro) / batches_per_epoch, 4),
+            "epoch": round(plan.epochs(step), 4),
             "peak_memory_mb": _peak_memory_mb(device),
         }
         if grad_norm is not None:
@@ -212,7 +236,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     if valid_set:
         if valid_step != step:
             valid_loss = evaluate(engine, ranks, valid_set, hp.batch_size, batch_of, use_bf16)
-        control.metrics({"step": step, "full_valid_loss": valid_loss})
+        control.metrics({"step": step, "attempt": run.attempt, "full_valid_loss": valid_loss})
     weights = engine.weights()
     if ranks.main:
         save_output(engine.model, weights, tokenizer, run)
@@ -361,6 +385,17 @@ def _plan_checkpointing(
             data={"kept_matmul_layers": kept.layers, "kept_down_projections": kept.down_projections, "layers": layers},
         )
     return kept
+
+
+def _report_dropped(control: Control, dataset: data.Dataset, max_seq_length: int) -> None:
+    lines = dataset.dropped_lines
+    shown = ", ".join(map(str, lines[:20])) + (f" and {len(lines) - 20} more" if len(lines) > 20 else "")
+    control.message(
+        f"left out {len(lines)} of {len(lines) + len(dataset.examples)} examples of {dataset.file.label} "
+        f"(drop_untrainable_examples): no token with loss within max_seq_length={max_seq_length}; lines {shown}",
+        level="warn",
+        data={"file": dataset.file.label, "dropped_examples": len(lines), "dropped_lines": lines},
+    )
 
 
 def _report_quantized_base(control: Control, model: Any, method: QLoRA) -> None:

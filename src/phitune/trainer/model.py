@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,63 @@ def resolve_base(model: str, home: Path) -> str:
             raise SpecError("model", f"{folder} is a folder without config.json (not a transformers model folder)")
         return str(folder.resolve())
     return model
+
+
+@dataclass(frozen=True)
+class Base:
+    """What preparing a job's data needs of its base model; its weights stay unloaded."""
+
+    tokenizer: Any
+    context_length: int | None
+
+
+def open_base(model: str, path: str) -> Base:
+    """The tokenizer and context length of the base ``model`` found at ``path`` (:func:`resolve_base`), read from its
+    config and tokenizer files. A base that cannot be loaded is a :class:`SpecError` on ``model`` that names it as the
+    job does: a missing folder, a Hugging Face id neither in this machine's cache nor downloadable, an architecture
+    transformers has no causal language model for, or no tokenizer."""
+    from transformers import AutoConfig, PretrainedConfig, __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not Path(path).is_dir():
+        _check_reachable(model, path)
+    try:
+        model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
+        config = AutoConfig.from_pretrained(path) if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+    except (OSError, ValueError) as exc:
+        raise SpecError("model", f"{model!r} cannot be loaded: {_first_line(exc)}") from None
+    if config is None:
+        raise SpecError(
+            "model",
+            f"{model!r} is a {model_type or 'untyped'} model (config.json model_type), for which transformers "
+            f"{__version__} has no causal language model",
+        )
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SpecError("model", f"{model!r} has no tokenizer transformers can load: {_first_line(exc)}") from None
+    return Base(tokenizer, getattr(config, "max_position_embeddings", None))
+
+
+def _check_reachable(model: str, hub_id: str) -> None:
+    """Refuse at once what can only fail: a path to a folder that does not exist, or a Hugging Face id that is not in
+    the cache while the hub is offline (``HF_HUB_OFFLINE``)."""
+    if hub_id.startswith((".", "~", "/")):
+        raise SpecError("model", f"no model folder {model} on this machine")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline and not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        what = (
+            f"{model!r} is not a catalog model, a model folder on this machine or a Hugging Face id in its cache"
+            if model == hub_id
+            else f"{model!r} (Hugging Face id {hub_id}) is not in this machine's Hugging Face cache"
+        )
+        raise SpecError("model", f"{what}, and HF_HUB_OFFLINE forbids downloading it")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def bf16_supported() -> bool:

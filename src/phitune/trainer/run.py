@@ -118,6 +118,9 @@ def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, c
             output_dir=output_dir,
             checkpoint_dir=job_dir / "checkpoints",
             resume_from=checkpoints[-1] if checkpoints else None,
+            train_name=store.file_label(spec.training_file),
+            valid_name=store.file_label(spec.validation_file) if spec.validation_file else None,
+            attempt=attempt,
         )
         if ranks.broadcast(control.should_stop()) is not None:
             return 0
@@ -155,7 +158,11 @@ def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, c
                 data={"step": result.step, "train_loss": result.train_loss, "valid_loss": result.valid_loss},
             )
     elif result.status in ("cancelled", "paused"):
-        control.message(f"job {result.status} at step {result.step}; checkpoints kept", data={"step": result.step})
+        kept = sorted(checkpoint.step_number for checkpoint in store.list_checkpoints(job_id))
+        saved = f"checkpoints kept: {', '.join(map(str, kept))}" if kept else "no checkpoint yet"
+        control.message(
+            f"job {result.status} at step {result.step}; {saved}", data={"step": result.step, "checkpoints": kept}
+        )
     return 0
 
 
