@@ -123,6 +123,12 @@ def _points(page: Any, chart: str) -> int:
     return len((line.get_attribute("points") or "").split()) if line.count() else 0
 
 
+def _reads_well(page: Any) -> None:
+    """No value shows as a JavaScript placeholder."""
+    text = page.locator("main").inner_text()
+    assert not re.search(r"\b(null|undefined|NaN)\b", text), text
+
+
 @pytest.mark.browser
 def test_a_whole_job_in_the_dashboard(
     browser: Any, base_url: str, server_home: Path, bad_dataset: Path, tmp_path: Path
@@ -154,6 +160,7 @@ def test_a_whole_job_in_the_dashboard(
     expect(problems.locator("tbody tr")).to_have_count(2)
     expect(problems.locator("tbody tr").first).to_contain_text("2invalid_json")
     expect(page.get_by_text("Invalid: 2 problem(s). Nothing was uploaded.")).to_be_visible()
+    _reads_well(page)
     page.screenshot(path=ARTIFACTS / "dashboard-files.png", full_page=True)
     page.get_by_label("Dataset (JSONL)").set_input_files(write_chat(tmp_path / "train.jsonl"))
     page.get_by_role("button", name="Check and upload").click()
@@ -177,6 +184,7 @@ def test_a_whole_job_in_the_dashboard(
     assert _points(page, "learning-rate") == 6 and _points(page, "tokens-per-second") == 6
     expect(page.get_by_role("table", name="Checkpoints, newest first")).to_contain_text(":ckpt-step-3")
     expect(page.get_by_role("table", name="Events, newest first")).to_contain_text("job succeeded")
+    _reads_well(page)
     page.screenshot(path=ARTIFACTS / "dashboard-job.png", full_page=True)
     assert str(server_home) not in page.content()
 
@@ -203,6 +211,7 @@ def test_a_whole_job_in_the_dashboard(
         temperature=0,
     )  # fmt: skip
     assert answer.locator("p").inner_text() == reply.choices[0].message.content
+    _reads_well(page)
     assert model == reply.model
 
     # a long job: the curve grows, pauses, resumes from its checkpoint and is cancelled

@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         jobs_sub.add_parser(name, help=summary).add_argument("job_id", help="the job's id (phitune jobs list)")
     plot = jobs_sub.add_parser("plot", help="training and validation loss curves, in the terminal or as a PNG")
-    plot.add_argument("job_id")
+    plot.add_argument("job_id", help="the job's id (phitune jobs list)")
     plot.add_argument("--png", metavar="FILE", help="write a PNG image instead (matplotlib: the plot extra)")
     plot.add_argument("--width", type=int, help="chart width in columns (default: the terminal's)")
     plot.add_argument("--height", type=int, help="chart height in rows (default: the terminal's)")

@@ -598,7 +598,7 @@ function report(section, result) {
       ? table(caption, ["Line", "Category", "Message"], h("tbody", {}, items.map((i) => h("tr", {}, h("td", {}, i.line ? String(i.line) : "file"), h("td", {}, i.category), h("td", {}, i.message)))))
       : null;
   const more = result.error_count - result.errors.length;
-  section.replaceChildren(
+  const parts = [
     h("h2", {}, "Validation of ", h("span", { class: "mono" }, result.path)),
     h("p", { class: result.ok ? "ok" : "error" }, result.ok ? "Valid: ready to upload." : `Invalid: ${result.error_count} problem(s). Nothing was uploaded.`),
     h(
@@ -614,7 +614,8 @@ function report(section, result) {
     issues("Problems", result.errors),
     more > 0 ? h("p", {}, `… and ${more} more problem(s).`) : null,
     issues("Warnings", result.warnings),
-  );
+  ];
+  section.replaceChildren(...parts.filter(Boolean));
   section.hidden = false;
 }
 
