@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import shutil
 import socket
 import threading
 import time
@@ -60,16 +59,6 @@ def running(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def server_home(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PHITUNE_WORKER_IDLE_TIMEOUT", "4")
-        env.setenv("HF_HUB_OFFLINE", "1")
-        folder = tmp_path_factory.mktemp("serve") / "home"
-        shutil.copytree(tiny_model_dir, folder / "models" / "base" / "tiny-phi3")
-        yield folder
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ from ..errors import (
 from ..types import FileObject, JobEvent
 from . import shapes
 from ._upload import MalformedUpload, UploadTooLarge, receive_upload
+from .dashboard import add_dashboard
 
 if TYPE_CHECKING:
     from ..trainer.infer import Generation
@@ -324,6 +325,15 @@ def create_app(
             logger.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc.message)
         return error.response()
 
+    @app.exception_handler(UploadTooLarge)
+    async def _upload_too_large(_: Request, exc: UploadTooLarge) -> JSONResponse:
+        message = f"The upload is larger than this server's limit of {max_upload_bytes} bytes."
+        return HTTPError(413, message, param="file", code="file_too_large").response()
+
+    @app.exception_handler(MalformedUpload)
+    async def _malformed_upload(_: Request, exc: MalformedUpload) -> JSONResponse:
+        return HTTPError(400, str(exc), param="file", code="invalid_file").response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_error(exc).response()
@@ -362,13 +372,7 @@ def create_app(
     @app.post("/v1/files")
     async def create_file(request: Request) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(dir=uploads) as folder:
-            try:
-                upload = await receive_upload(request, Path(folder), file_field="file", max_bytes=max_upload_bytes)
-            except UploadTooLarge:
-                message = f"The upload is larger than this server's limit of {max_upload_bytes} bytes."
-                raise HTTPError(413, message, param="file", code="file_too_large") from None
-            except MalformedUpload as exc:
-                raise HTTPError(400, str(exc), param="file", code="invalid_file") from None
+            upload = await receive_upload(request, Path(folder), file_field="file", max_bytes=max_upload_bytes)
             purpose = upload.fields.get("purpose", "fine-tune")
             if purpose != "fine-tune":
                 raise SpecError("purpose", f"{purpose!r}: this server stores 'fine-tune' files only")
@@ -602,4 +606,5 @@ def create_app(
                 logger.error("generation failed: %s", type(exc).__name__, exc_info=exc)
             yield _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
 
+    add_dashboard(app, backend, uploads=uploads, max_upload_bytes=max_upload_bytes)
     return app
