@@ -8,7 +8,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._retry import RetryPolicy
 from .backends.base import Backend
 from .resources.deployments import Deployments
 from .resources.files import Files
@@ -19,6 +18,8 @@ if TYPE_CHECKING:
     import openai
     from azure.ai.ml import MLClient
     from azure.core.credentials import TokenCredential
+
+    from ._retry import RetryPolicy
 
 
 def default_home() -> Path:
