@@ -26,7 +26,8 @@ PhituneError
 Warnings: :class:`OfferLifecycleWarning` (``warnings.warn``) when a job or deployment uses a legacy or deprecated
 cloud offer.
 
-Messages never carry secrets: anything that looks like a key or token is redacted by :func:`redact`.
+Messages never carry secrets: anything that looks like a key or token is redacted by :func:`redact`. What a process
+reports beyond itself (job errors and events, server answers) carries no file system path: :func:`scrub_paths`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
     for pattern in _SHAPED_SECRETS:
         text = pattern.sub("***", text)
     return text
+
+
+_PATH = re.compile(r"(?<![\w.~:/\\-])(?:~|/)[^\s'\"`:,;()<>\[\]{}|]*/([^\s'\"`:,;()<>\[\]{}|/]*)")
+"""An absolute (or home-relative) path of at least two components; group 1 is its last component."""
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute path shortened to ``…/<last component>``: what a process reports beyond itself
+    names no folder of its file system (homes, site-packages, caches)."""
+    return _PATH.sub(lambda match: f"…/{match.group(1)}", text)
 
 
 class PhituneError(Exception):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from .._process import die_with_parent
 from ..errors import PhituneError
 from ..trainer import allocator
 from ..types import Distributed, JobError
@@ -30,7 +29,6 @@ from .store import Store
 
 HEARTBEAT_SECONDS = 1.0
 CANCEL_GRACE_SECONDS = 15.0
-_PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager
@@ -69,15 +67,6 @@ def ensure_worker(home: Path) -> None:
             start_new_session=True,
             close_fds=True,
         )
-
-
-def die_with_parent() -> None:
-    """In a child process: receive SIGKILL when the parent dies, so no orphaned trainer keeps running."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
 
 
 def trainer_command(job_id: str, attempt: int, home: Path, layout: Distributed) -> list[str]:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..estimate import KeptOutputs, memory_limit, plan_kept_outputs
 from ..types import JobSpec, QLoRA
-from . import allocator, data, distributed, packing
+from . import allocator, data, distributed, fused, packing
 from .distributed import Engine, Ranks
 from .loading import load_for_training
 from .loss import linear_cross_entropy
@@ -115,6 +115,13 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     kept = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
     model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
     control.message(load_report.message, data=load_report.data())
+    if use_bf16 and device == "cpu":  # now, not in the first step, which would wait for a build in silence
+        kernels = fused.status()
+        control.message(
+            kernels.message,
+            level="info" if kernels.available else "warn",
+            data={"fused_kernels": {"available": kernels.available, "detail": kernels.detail}},
+        )
     if isinstance(run.spec.method, QLoRA):
         _report_quantized_base(control, model, run.spec.method)
     model = apply_method(
