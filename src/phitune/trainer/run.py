@@ -13,8 +13,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .._process import die_with_parent
 from ..local.store import Store, fine_tuned_model_id
-from ..local.worker import die_with_parent
 from ..types import JobError, JobSpec, ModelObject
 from . import distributed
 from .distributed import Ranks
