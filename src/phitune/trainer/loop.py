@@ -231,12 +231,12 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         control.progress(step, total_steps, trained_tokens, sum(recent) / len(recent) * (total_steps - step))
 
         if improved or (hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < total_steps):
-            path = save_checkpoint({k: metrics[k] for k in ("train_loss", "valid_loss") if k in metrics})
+            save_checkpoint({k: metrics[k] for k in ("train_loss", "valid_loss") if k in metrics})
             saved_step = step
             if improved:
                 control.message(
                     f"best validation loss so far at step {step}: {best_valid:.4f} (checkpoint step-{step:06d})",
-                    data={"best_step": step, "valid_loss": best_valid, "location": str(path)},
+                    data={"best_step": step, "valid_loss": best_valid},
                 )
 
     # -- final evaluation and output

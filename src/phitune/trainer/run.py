@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._process import die_with_parent
+from ..errors import scrub_paths
 from ..local.store import Store, fine_tuned_model_id
 from ..types import JobError, JobSpec, ModelObject
 from . import distributed
@@ -39,7 +40,7 @@ class StoreControl:
 
     def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
         self.store.add_checkpoint(self.job_id, step, metrics, path)
-        self.message(f"checkpoint saved at step {step}", data={"step": step, "location": str(path)})
+        self.message(f"checkpoint saved at step {step}", data={"step": step})
 
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         finish = int(time.time() + eta_seconds) if eta_seconds is not None else None
@@ -123,7 +124,7 @@ def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, c
         traceback.print_exc()
         if not ranks.main:  # torchrun stops the other ranks; the worker records the exit code and the log
             return 1
-        message = f"{type(exc).__name__}: {exc}"
+        message = scrub_paths(f"{type(exc).__name__}: {exc}")  # the job's error names no path of this machine
         if store.transition(
             job_id, "failed", when=("running",), error=JobError(code="training_failed", message=message)
         ):
