@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -546,6 +547,29 @@ def test_special_files_are_refused_before_anything_is_read(tmp_path: Path, kind:
         [sys.executable, "-c", _VALIDATE, str(path)], capture_output=True, text=True, timeout=600, env=_child_env()
     )
     assert done.returncode == 1 and "DatasetError" in done.stderr and "[not_a_file]" in done.stderr, done.stderr
+
+
+def test_a_killed_validation_takes_its_processes_along(tmp_path: Path) -> None:
+    """A file over 32 MiB is checked by forked processes; when the process that asked is killed (an upload client
+    gone), they die with it rather than wait forever."""
+    psutil = pytest.importorskip("psutil")
+    path = tmp_path / "large.jsonl"
+    line = json.dumps(chat({"role": "system", "content": "Be brief. " * 40}, USER, {**ASSISTANT, "content": "x" * 600}))
+    with open(path, "w") as fh:
+        fh.writelines(line + "\n" for _ in range((40 << 20) // len(line)))
+    code = "import sys; from phitune.datasets import validate; validate(sys.argv[1], workers=2)"
+    asking = subprocess.Popen([sys.executable, "-c", code, str(path)], env=_child_env())
+    parent = psutil.Process(asking.pid)
+    deadline = time.monotonic() + 600
+    while not (helpers := parent.children()) and asking.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert helpers, "the validation ended before its processes could be seen"
+    asking.kill()
+    asking.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=120)
+    for process in alive:
+        process.kill()
+    assert alive == [], "validation processes outlived the process that started them"
 
 
 def _child_env() -> dict[str, str]:
