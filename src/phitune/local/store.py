@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConflictError, MissingContentError, NotFoundError, StoreError
+from ..errors import ConflictError, MissingContentError, NotFoundError, SpecError, StoreError
 from ..types import Checkpoint, Deployment, FileObject, FineTuneJob, JobError, JobEvent, JobSpec, ModelObject
 
 _SCHEMA = """
@@ -490,7 +490,7 @@ class Store:
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
         """Oldest first. Event ids are ``ftevent-<seq>``; ``after`` continues from one."""
         self._job_row(job_id)
-        start = int(after.rsplit("-", 1)[-1]) if after else 0
+        start = _event_seq(after) if after else 0
         with self._tx() as db:
             rows = db.execute(
                 "SELECT * FROM events WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?", (job_id, start, limit)
@@ -590,6 +590,14 @@ class Store:
     def worker_heartbeat(self, pid: int) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO worker VALUES (1, ?, ?)", (pid, time.time()))
+
+
+def _event_seq(event_id: str) -> int:
+    """The sequence number of an event id (``ftevent-<seq>``), at most SQLite's largest integer."""
+    number = event_id.rsplit("-", 1)[-1]
+    if not (number.isascii() and number.isdigit()):
+        raise SpecError("after", f"{event_id!r} is not an event id (ftevent-<number>)")
+    return min(int(number), 2**63 - 1)
 
 
 def _blob_name(sha256: str) -> str:

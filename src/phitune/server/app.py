@@ -371,8 +371,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code in (404, 405) else ""
-        return HTTPError(exc.status_code, message or str(exc.detail), code="unknown_url").response()
+        if exc.status_code in (404, 405):
+            message = f"Unknown request URL: {request.method} {request.url.path}"
+            return HTTPError(exc.status_code, message, code="unknown_url").response()
+        return HTTPError(exc.status_code, str(exc.detail), code="invalid_request").response()  # e.g. a body not JSON
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
