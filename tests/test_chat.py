@@ -40,7 +40,7 @@ def test_a_short_generation_is_not_held_up_by_a_long_one(
     pool: ModelPool, served: ServedModel, never_stops: None
 ) -> None:
     """While a 400-token generation runs, a 3-token one asked later finishes first: the pool is shared a token at
-    a time, in the order asked (a generation once held it from its first token to its last)."""
+    a time, in the order asked."""
     long: Iterator[str | Generation] = pool.stream(served, QUESTION, max_tokens=400, **GREEDY)
     made = [next(long)]
     done = threading.Event()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from conftest import child_env
 from phitune import datasets
 from phitune.datasets import ApproximateCounter, TokenizerCounter, counter_for, validate
 from phitune.errors import DatasetError, SpecError
@@ -490,8 +491,9 @@ DISPUTED_LINES = {
 def test_the_validator_and_the_trainer_agree_on_every_line(
     tmp_path: Path, tiny_model_dir: Path, case: str, first: bool
 ) -> None:
-    """Lines the validator once accepted and the trainer then refused (or crashed on): both now read a line through
-    one parse, so both accept it or both refuse it, wherever it stands in the file."""
+    """Lines that are easy to read two ways (a bare carriage return, markup in a text, numbers beyond double range,
+    deep nesting): the validator and the trainer read a line through one parse, so both accept it or both refuse
+    it, wherever it stands in the file."""
     pytest.importorskip("transformers")
     from phitune.trainer.data import load_examples
     from phitune.trainer.model import load_tokenizer
@@ -516,7 +518,7 @@ def test_deep_nesting_is_an_invalid_line_not_a_crash(tmp_path: Path) -> None:
 
 def test_a_line_over_the_limit_is_refused_in_bounded_memory(tmp_path: Path) -> None:
     """A line of 48 MiB (three times the most a line may hold) is refused without being held whole: the validator's
-    memory stays within two lines' limit, where it once grew with the line."""
+    memory stays within two lines' limit, whatever the line's length."""
     path = tmp_path / "one-long-line.jsonl"
     with open(path, "wb") as fh:
         fh.write(json.dumps(GOOD).encode() + b"\n")
@@ -537,14 +539,14 @@ _VALIDATE = "import sys; from phitune.datasets import validate; validate(sys.arg
 
 @pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
 def test_special_files_are_refused_before_anything_is_read(tmp_path: Path, kind: str) -> None:
-    """A FIFO without a writer once held ``validate`` forever, and ``/dev/zero`` grew it to a MemoryError: anything but
-    a regular file is a DatasetError (not_a_file). The check runs in a child process, so that a regression hangs
+    """Anything but a regular file is a DatasetError (not_a_file) before a byte is read: a FIFO without a writer
+    would block a read forever, ``/dev/zero`` never ends. The check runs in a child process, so that a hang would hang
     only the child, which the test then stops."""
     path = {"fifo": tmp_path / "fifo", "device": Path("/dev/zero"), "folder": tmp_path}[kind]
     if kind == "fifo":
         os.mkfifo(path)
     done = subprocess.run(
-        [sys.executable, "-c", _VALIDATE, str(path)], capture_output=True, text=True, timeout=600, env=_child_env()
+        [sys.executable, "-c", _VALIDATE, str(path)], capture_output=True, text=True, timeout=600, env=child_env()
     )
     assert done.returncode == 1 and "DatasetError" in done.stderr and "[not_a_file]" in done.stderr, done.stderr
 
@@ -558,7 +560,7 @@ def test_a_killed_validation_takes_its_processes_along(tmp_path: Path) -> None:
     with open(path, "w") as fh:
         fh.writelines(line + "\n" for _ in range((40 << 20) // len(line)))
     code = "import sys; from phitune.datasets import validate; validate(sys.argv[1], workers=2)"
-    asking = subprocess.Popen([sys.executable, "-c", code, str(path)], env=_child_env())
+    asking = subprocess.Popen([sys.executable, "-c", code, str(path)], env=child_env())
     parent = psutil.Process(asking.pid)
     deadline = time.monotonic() + 600
     while not (helpers := parent.children()) and asking.poll() is None and time.monotonic() < deadline:
@@ -570,11 +572,6 @@ def test_a_killed_validation_takes_its_processes_along(tmp_path: Path) -> None:
     for process in alive:
         process.kill()
     assert alive == [], "validation processes outlived the process that started them"
-
-
-def _child_env() -> dict[str, str]:
-    source = str(Path(datasets.__file__).parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
 
 
 def test_import_is_light() -> None:

@@ -260,7 +260,7 @@ assert kernels is not None and kernels.swiglu_forward(torch.ones(2, 4, dtype=tor
 
 def test_each_source_builds_once_and_a_stale_lock_never_blocks_a_build(tmp_path: Path) -> None:
     """Two installs of different versions on one machine keep a build each; a ``lock`` left in the extensions folder
-    by a builder that was killed (torch's own baton, under any name a build has had) holds nothing up."""
+    by a builder that was killed (torch's own baton, in any build folder) holds nothing up."""
     root = tmp_path / "extensions"
     build = fused.this_build()
     for name in (build.name, f"phitune_fused_{build.capability.lower()}"):

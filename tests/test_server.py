@@ -7,7 +7,6 @@ import concurrent.futures
 import contextlib
 import logging
 import shutil
-import socket
 import sqlite3
 import threading
 import time
@@ -20,11 +19,10 @@ import httpx
 import openai
 import psutil
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 import phitune
-from conftest import write_chat, write_chat_with_long_prompts
+from conftest import running, write_chat, write_chat_with_long_prompts
 from phitune.errors import DatasetError, NotFoundError, RemoteNotFoundError, SpecError
 from phitune.server import StripQueryStrings, check_bind, cli, is_loopback, serve
 from phitune.server.app import create_app
@@ -45,23 +43,6 @@ def _wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met in {timeout} s; state: {state()}")
-
-
-@contextlib.contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a background thread; yields the /v1 base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    _wait_for(lambda: server.started, timeout=30)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -563,7 +544,7 @@ def test_without_a_key_only_requests_naming_this_machine_are_served(server_home:
 
 def test_chat_is_bounded_by_the_models_context(oai: openai.OpenAI) -> None:
     """A prompt longer than tiny-phi3's 2048-token context, or a max_tokens past what it leaves, is a 400 naming the
-    limit (such a request once generated for minutes while every other chat waited)."""
+    limit."""
     question = [{"role": "user", "content": "What do bees make?"}]
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(model="tiny-phi3", messages=question, max_tokens=10**9)  # type: ignore[arg-type]

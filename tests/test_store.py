@@ -18,18 +18,22 @@ from pathlib import Path
 import pytest
 
 import phitune
+from conftest import child_env
 from phitune.errors import MissingContentError, StoreError
 from phitune.local.store import Store
 
 FAST = {"batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
-SOURCE = str(Path(phitune.__file__).parents[1])
 
 
 def _child(code: str, *args: str, preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh Python with this checkout's phitune; its output and exit status."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SOURCE, os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600, preexec_fn=preexec_fn
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=600,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -117,15 +121,14 @@ print(lost)
 
 def test_uploads_and_deletes_of_one_content_never_lose_it(home: Path, chat_file: Path) -> None:
     """Processes upload the same content, check it and delete it, all at once: an upload's content is there when
-    it returns (a delete once removed the blob that a racing upload had just registered)."""
+    it returns, whatever the interleaving of the racing uploads and deletes."""
     phitune.Client(home=home)  # the database exists before the processes start
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SOURCE, os.environ.get("PYTHONPATH", "")])}
     racers = [
         subprocess.Popen(
             [sys.executable, "-c", _UPLOAD_CHECK_DELETE, str(home), str(chat_file), "40"],
             stdout=subprocess.PIPE,
             text=True,
-            env=env,
+            env=child_env(),
         )
         for _ in range(3)
     ]

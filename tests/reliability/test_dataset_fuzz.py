@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import Row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import Row
 from phitune.datasets import parse, validate
 from phitune.errors import DatasetError
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import psutil
 import pytest
-from faults import Row
 
 import phitune
+from conftest import Row
 
 pytestmark = pytest.mark.reliability
 

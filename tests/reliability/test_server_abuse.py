@@ -5,24 +5,20 @@ well-formed error below 500, names no path of the server, comes within its timeo
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-import uvicorn
-from faults import Row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import phitune
+from conftest import Row, running
 from phitune.server.app import create_app
 
 pytestmark = pytest.mark.reliability
@@ -78,26 +74,6 @@ IDS = st.sampled_from(["../../phitune.db", "..%2F..%2Fphitune.db", "%00", "file-
 """Object ids, as sent in a path (quoted, but for ``/``, ``.``, ``%`` and ``~``: traversals go as they are)."""
 
 
-@contextlib.contextmanager
-def _serving(home: Path) -> Iterator[str]:
-    """``phitune serve`` without an API key on a free loopback port, in a thread; yields its /v1 URL."""
-    app = create_app(home, max_upload_bytes=1 << 20, max_pending_chats=4, generation_seconds=30)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-
-
 class _Judge:
     """Sends requests and enters how each was answered in a ledger row."""
 
@@ -138,7 +114,8 @@ def test_hostile_requests_get_proper_answers(home: Path, chat_file: Path, ledger
     hyperparameters = {"max_steps": 2, "checkpoint_every": 1, "batch_size": 4, "max_seq_length": 128}
     trained = client.finetune.create(model="tiny-phi3", training_file=uploaded.id, hyperparameters=hyperparameters)
     assert client.finetune.wait(trained.id, timeout=1800, progress=False).status == "succeeded"
-    with _serving(home) as url:
+    app = create_app(home, max_upload_bytes=1 << 20, max_pending_chats=4, generation_seconds=30)
+    with running(app, log_level="critical") as url:
         json_headers = {"Content-Type": "application/json"}
 
         @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))

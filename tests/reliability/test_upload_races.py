@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faults import Row, child_env
 
 import phitune
+from conftest import Row, child_env
 
 pytestmark = pytest.mark.reliability
 
