@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= local,qlora,distributed,server,azure,kaito,onnx,dev
+EXTRAS ?= local,qlora,distributed,server,azure,kaito,onnx,mlflow,tensorboard,plot,dev
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

@@ -56,7 +56,7 @@ def rename_at_once(
 ) -> tuple[list[Any], list[BaseException]]:
     """Run ``task`` in ``threads`` threads, every ``os.replace`` waiting until each thread has reached its own: the
     worst interleaving of their renames. Returns the tasks' results and errors."""
-    everyone = threading.Barrier(threads, timeout=60)
+    everyone = threading.Barrier(threads, timeout=1800)  # a slow machine's tasks may take minutes
     rename = os.replace
 
     def rename_together(source: Any, target: Any) -> None:
@@ -89,14 +89,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_tiny_phi3(tmp_path_factory.mktemp("tiny-cache"))
 
 
+def tiny_home(folder: Path, tiny_model: Path, env: pytest.MonkeyPatch) -> Path:
+    """Make ``folder`` a phitune home holding tiny-phi3, whose workers exit soon after going idle (set in ``env``)."""
+    env.setenv("PHITUNE_WORKER_IDLE_TIMEOUT", "4")
+    env.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(tiny_model, folder / "models" / "base" / "tiny-phi3")
+    return folder
+
+
 @pytest.fixture
-def home(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def home(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh phitune home with tiny-phi3 already built; workers started from it exit soon after going idle."""
-    monkeypatch.setenv("PHITUNE_WORKER_IDLE_TIMEOUT", "4")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = tmp_path / "home"
-    shutil.copytree(tiny_model_dir, folder / "models" / "base" / "tiny-phi3")
-    yield folder
+    return tiny_home(tmp_path / "home", tiny_model_dir, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def server_home(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Path]:
+    """Like ``home``, shared by the tests of one module (a server's)."""
+    with pytest.MonkeyPatch.context() as env:
+        yield tiny_home(tmp_path_factory.mktemp("serve") / "home", tiny_model_dir, env)
 
 
 @pytest.fixture

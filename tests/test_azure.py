@@ -460,6 +460,7 @@ def test_list_jobs_pages(backend: AzureBackend, tmp_path: Path) -> None:
         ({"method": LoRA(r=8)}, "method.r"),
         ({"method": LoRA(dropout=0.2)}, "method.dropout"),
         ({"distributed": {"strategy": "ddp", "nproc": 2}}, "distributed"),
+        ({"integrations": [phitune.MLflow(experiment="x")]}, "integrations"),
         ({"hyperparameters": Hyperparameters(gradient_checkpointing=True)}, "hyperparameters.gradient_checkpointing"),
         ({"hyperparameters": Hyperparameters(precision="bf16")}, "hyperparameters.precision"),
         ({"hyperparameters": Hyperparameters(max_seq_length=2048)}, "hyperparameters.max_seq_length"),

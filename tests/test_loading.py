@@ -67,7 +67,7 @@ def test_peak_rss_measures_a_block() -> None:
 
 def test_qlora_streams_without_a_bf16_copy(sharded: Path) -> None:
     before = rss_bytes()
-    model, report = load_for_training(str(sharded), QLoRA(), device="cpu")
+    model, report = load_for_training(str(sharded), QLoRA(), device="cpu", precision="bf16")
     bf16 = checkpoint_bytes(sharded)
     assert report.loader == "streamed" and report.quantized and report.dtype == "bf16"
     assert report.peak_scope == "load"

@@ -46,16 +46,6 @@ def _wait_for(
 
 
 @pytest.fixture(scope="module")
-def server_home(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PHITUNE_WORKER_IDLE_TIMEOUT", "4")
-        env.setenv("HF_HUB_OFFLINE", "1")
-        folder = tmp_path_factory.mktemp("serve") / "home"
-        shutil.copytree(tiny_model_dir, folder / "models" / "base" / "tiny-phi3")
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def app(server_home: Path) -> FastAPI:
     return create_app(server_home, api_key=KEY, max_upload_bytes=MAX_UPLOAD)
 

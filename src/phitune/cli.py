@@ -186,6 +186,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print(f"{stamp} {event.level:5} {event.message}")
     elif command == "checkpoints":
         _print(args, client.finetune.checkpoints(args.job_id), ("step_number", "metrics", "location"))
+    elif command == "plot":
+        from .plot import job_curves, terminal_chart, write_png
+
+        curves = job_curves(client, args.job_id)
+        if args.png:
+            print(write_png(curves, args.png))
+        else:
+            print(terminal_chart(curves, width=args.width, height=args.height, color=sys.stdout.isatty()))
     return 0
 
 
@@ -390,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("checkpoints", "a job's resumable checkpoints"),
     ):
         jobs_sub.add_parser(name, help=summary).add_argument("job_id", help="the job's id (phitune jobs list)")
+    plot = jobs_sub.add_parser("plot", help="training and validation loss curves, in the terminal or as a PNG")
+    plot.add_argument("job_id", help="the job's id (phitune jobs list)")
+    plot.add_argument("--png", metavar="FILE", help="write a PNG image instead (matplotlib: the plot extra)")
+    plot.add_argument("--width", type=int, help="chart width in columns (default: the terminal's)")
+    plot.add_argument("--height", type=int, help="chart height in rows (default: the terminal's)")
     jobs.set_defaults(func=cmd_jobs)
 
     deploy = sub.add_parser("deploy", help="deploy a model for chat")

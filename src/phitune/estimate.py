@@ -261,10 +261,13 @@ def probe_machine(
         fresh = time.time() - probe.measured_at < PROBE_TTL_SECONDS
         if fresh and (probe.dequant_per_second is not None or not quantized):
             return probe
+    from .trainer.model import bf16_supported
+
     probe = MachineProbe(
         device=device,
         threads=torch.get_num_threads(),
-        bf16_flops=_gemm_flops(torch.bfloat16, device),
+        # where bf16 is emulated (a CPU without AVX512-BF16) one full-size GEMM takes tens of seconds: time fewer rows
+        bf16_flops=_gemm_flops(torch.bfloat16, device, rows=512 if bf16_supported() else 4),
         fp32_flops=_gemm_flops(torch.float32, device),
         dequant_per_second=_dequant_rate(device) if quantized else None,
         measured_at=time.time(),
@@ -292,12 +295,12 @@ def _timed(fn: Any, seconds: float) -> float:
     return best
 
 
-def _gemm_flops(dtype: Any, device: str) -> float:
-    """A Phi-3-mini-sized projection (512 tokens x 3072 -> 3072): the best of a second of repeats, which sees the
+def _gemm_flops(dtype: Any, device: str, rows: int = 512) -> float:
+    """A Phi-3-mini-sized projection (``rows`` tokens x 3072 -> 3072): the best of a second of repeats, which sees the
     machine's speed between other processes' time slices."""
     import torch
 
-    a = torch.randn(512, 3072, dtype=dtype, device=device)
+    a = torch.randn(rows, 3072, dtype=dtype, device=device)
     b = torch.randn(3072, 3072, dtype=dtype, device=device)
 
     def matmul() -> None:
@@ -305,7 +308,7 @@ def _gemm_flops(dtype: Any, device: str) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    return 2 * 512 * 3072 * 3072 / _timed(matmul, 1.0)
+    return 2 * rows * 3072 * 3072 / _timed(matmul, 1.0)
 
 
 def _dequant_rate(device: str) -> float | None:

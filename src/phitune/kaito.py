@@ -187,6 +187,10 @@ def _check_spec(spec: JobSpec) -> tuple[str, LoRA | QLoRA]:
         raise UnsupportedOptionError(
             "compute", _BACKEND, "spec.compute selects Azure managed compute; on Kaito give instance_type instead"
         )
+    if spec.integrations:
+        raise UnsupportedOptionError(
+            "integrations", _BACKEND, "Kaito's tuning image runs its own trainer, which phitune's trackers cannot join"
+        )
     kaito_preset = preset(spec.model)
     if not isinstance(spec.method, (LoRA, QLoRA)):
         raise UnsupportedOptionError(

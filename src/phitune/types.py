@@ -224,6 +224,47 @@ class AzureCompute(_Request):
         return self
 
 
+# ------------------------------------------------------------------------------------------------ integrations
+_URI_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?#]*@")
+
+
+class MLflow(_Request):
+    """Log a job to MLflow where it trains: the spec as parameters, every metric at its step, checkpoints (on
+    request) and the final model as artefacts. Credentials come from the trainer's environment
+    (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``), never from the URI."""
+
+    type: Literal["mlflow"] = "mlflow"
+    tracking_uri: str | None = Field(
+        None, description="None: an SQLite store under the phitune home (mlflow/mlflow.db), artefacts beside it."
+    )
+    experiment: str = Field("phitune", min_length=1, description="Created where it does not exist.")
+    artifact_location: str | None = Field(None, description="Where a new experiment keeps its artefacts.")
+    run_name: str | None = Field(None, description="None: the job id.")
+    log_checkpoints: bool = Field(False, description="Upload every checkpoint folder as an artefact.")
+    log_model: bool = Field(True, description="Upload the fine-tuned model folder as an artefact.")
+
+    @field_validator("tracking_uri", "artifact_location")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and _URI_CREDENTIALS.match(value):
+            raise ValueError(
+                "put no credentials in the URI; set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD"
+            )
+        return value
+
+
+class TensorBoard(_Request):
+    """Write TensorBoard event files where the job trains: every metric as a scalar at its step, in
+    ``log_dir/<job id>`` (a resumed job's repeated steps replace the ones they supersede)."""
+
+    type: Literal["tensorboard"] = "tensorboard"
+    log_dir: str | None = Field(None, description="None: tensorboard/ under the phitune home.")
+
+
+Integration = Annotated[MLflow | TensorBoard, Field(discriminator="type")]
+"""An experiment tracker a job logs to (``JobSpec.integrations``)."""
+
+
 # ----------------------------------------------------------------------------------------------------- job spec
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
@@ -240,6 +281,9 @@ class JobSpec(_Request):
     suffix: str | None = None
     task: Task | None = Field(None, description="chat_completion or text_completion; inferred from the data if None.")
     compute: AzureCompute | None = Field(None, description="Azure managed compute; None means serverless (MaaS).")
+    integrations: tuple[Integration, ...] = Field(
+        (), description="Experiment trackers the job logs to where it trains (phitune.MLflow, phitune.TensorBoard)."
+    )
 
     @field_validator("method", mode="before")
     @classmethod

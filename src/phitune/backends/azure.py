@@ -338,6 +338,13 @@ class AzureBackend:
             _refuse_retired(offer, model_name, entry)
         if spec.distributed.strategy != "none":
             raise UnsupportedOptionError("distributed", BACKEND, "Azure chooses the devices of a fine-tuning job")
+        if spec.integrations:
+            raise UnsupportedOptionError(
+                "integrations",
+                BACKEND,
+                "Azure ML records a fine-tuning job's metrics in its own workspace; phitune does not forward them "
+                "to other trackers",
+            )
         if not isinstance(spec.method, LoRA):
             raise UnsupportedOptionError(
                 "method", BACKEND, f"{where} trains LoRA adapters only, not {spec.method.type!r}"

@@ -108,6 +108,10 @@ class LocalBackend:
             from ..trainer.model import peft_config
 
             peft_config(spec.method)
+        if spec.integrations:
+            from ..integrations.tracking import check_installed
+
+            check_installed(spec.integrations)
         if spec.distributed.strategy != "none":
             from ..trainer import distributed
 

@@ -162,6 +162,13 @@ class OpenAIBackend:
         """Refuse, by name, every option the service cannot honour (see the module docstring)."""
         if spec.compute is not None:
             raise UnsupportedOptionError("compute", self.name, "AzureCompute applies to the Azure backend only")
+        if spec.integrations:
+            raise UnsupportedOptionError(
+                "integrations",
+                self.name,
+                f"{spec.integrations[0].type} logs where the job trains, on the service's machines; read the metrics "
+                "back with finetune.events() instead",
+            )
         entry = catalog.find(spec.model)
         if entry is not None and "openai" not in entry.backends:
             raise UnsupportedOptionError("model", self.name, entry.note or f"{entry.name} is not offered there")

@@ -27,6 +27,7 @@ from ..types import (
     Distributed,
     FineTuneJob,
     Hyperparameters,
+    Integration,
     JobEvent,
     JobSpec,
     Method,
@@ -104,6 +105,7 @@ class FineTuning(Resource):
         suffix: str | None = None,
         task: Task | None = None,
         compute: AzureCompute | Mapping[str, Any] | None = None,
+        integrations: Sequence[Integration | Mapping[str, Any]] | None = None,
         idempotency_key: str | None = None,
     ) -> FineTuneJob:
         """Submit a job and return it at once (``queued``). Files may be ids or local paths (uploaded first).
@@ -113,7 +115,8 @@ class FineTuning(Resource):
         :class:`~phitune.errors.WontFitError`, a local job whose base cannot be loaded a ``SpecError`` on ``model``
         and one whose examples cannot train :class:`~phitune.errors.DatasetError` with the lines and the fixes;
         files this call uploaded are then deleted again. A retried call with
-        the same ``idempotency_key`` returns the first job instead of starting a second one.
+        the same ``idempotency_key`` returns the first job instead of starting a second one. ``integrations``
+        (``[phitune.MLflow(...), phitune.TensorBoard(...)]``) log the job to experiment trackers where it trains.
         """
         uploaded: builtins.list[str] = []
         try:
@@ -127,6 +130,7 @@ class FineTuning(Resource):
                 suffix=suffix,
                 task=task,
                 compute=compute,
+                integrations=integrations,
             )
             self._backend.check_spec(spec)
         except PhituneError:

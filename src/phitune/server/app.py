@@ -49,6 +49,7 @@ from ..errors import (
 from ..types import FileObject, JobEvent
 from . import is_loopback, shapes
 from ._upload import MalformedUpload, UploadTooLarge, receive_upload
+from .dashboard import add_dashboard
 
 if TYPE_CHECKING:
     from ..trainer.infer import Generation
@@ -365,6 +366,15 @@ def create_app(
             logger.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc.message)
         return error.response()
 
+    @app.exception_handler(UploadTooLarge)
+    async def _upload_too_large(_: Request, exc: UploadTooLarge) -> JSONResponse:
+        message = f"The upload is larger than this server's limit of {max_upload_bytes} bytes."
+        return HTTPError(413, message, param="file", code="file_too_large").response()
+
+    @app.exception_handler(MalformedUpload)
+    async def _malformed_upload(_: Request, exc: MalformedUpload) -> JSONResponse:
+        return HTTPError(400, str(exc), param="file", code="invalid_file").response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_error(exc).response()
@@ -405,13 +415,7 @@ def create_app(
     @app.post("/v1/files")
     async def create_file(request: Request) -> dict[str, Any]:
         with backend.staging() as folder:
-            try:
-                upload = await receive_upload(request, folder, file_field="file", max_bytes=max_upload_bytes)
-            except UploadTooLarge:
-                message = f"The upload is larger than this server's limit of {max_upload_bytes} bytes."
-                raise HTTPError(413, message, param="file", code="file_too_large") from None
-            except MalformedUpload as exc:
-                raise HTTPError(400, str(exc), param="file", code="invalid_file") from None
+            upload = await receive_upload(request, folder, file_field="file", max_bytes=max_upload_bytes)
             purpose = upload.fields.get("purpose", "fine-tune")
             if purpose != "fine-tune":
                 raise SpecError("purpose", f"{purpose!r}: this server stores 'fine-tune' files only")
@@ -657,4 +661,7 @@ def create_app(
                 logger.error("generation failed: %s", type(exc).__name__, exc_info=exc)
             yield _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
 
+    uploads = backend.home / "tmp"  # the dashboard's temporary folders
+    uploads.mkdir(exist_ok=True)
+    add_dashboard(app, backend, uploads=uploads, max_upload_bytes=max_upload_bytes)
     return app

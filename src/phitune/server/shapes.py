@@ -193,8 +193,24 @@ def job_to_openai(job: FineTuneJob) -> dict[str, Any]:
     return data
 
 
+_SERVER_PATH_KEYS = frozenset({"location", "path"})
+
+
 def event_to_openai(event: JobEvent) -> dict[str, Any]:
-    return event.model_dump(mode="json")
+    """An event without the server-side folders some name in their data (``location`` of a checkpoint,
+    ``load.path`` of a base model), at any depth."""
+    data = event.model_dump(mode="json")
+    if data["data"]:
+        data["data"] = _without_paths(data["data"])
+    return data
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k not in _SERVER_PATH_KEYS}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value
 
 
 def checkpoint_to_openai(checkpoint: Checkpoint) -> dict[str, Any]:

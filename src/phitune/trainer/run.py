@@ -15,6 +15,7 @@ from typing import Any
 
 from .._process import die_with_parent
 from ..errors import scrub_paths
+from ..integrations.tracking import TrackedControl
 from ..local.store import Store, fine_tuned_model_id
 from ..types import JobError, JobSpec, ModelObject
 from . import distributed
@@ -89,8 +90,14 @@ def run_attempt(store: Store, job_id: str, attempt: int) -> int:
     spec = job.spec
     ranks = distributed.setup(spec.distributed.strategy)
     try:
-        control = StoreControl(store, job_id, attempt) if ranks.main else QuietControl()
-        return _run(store, job_id, attempt, spec, ranks, control)
+        control: Control = StoreControl(store, job_id, attempt) if ranks.main else QuietControl()
+        if ranks.main and spec.integrations:
+            control = TrackedControl(control, spec, job_id=job_id, home=store.home)
+        try:
+            return _run(store, job_id, attempt, spec, ranks, control)
+        finally:
+            if isinstance(control, TrackedControl):
+                control.close(store.job_attempt(job_id)[0])
     finally:
         distributed.teardown()
 
@@ -142,6 +149,8 @@ def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, c
                 path=str(output_dir),
             )
         )
+        if isinstance(control, TrackedControl):
+            control.succeeded(output_dir)  # before the job reads succeeded: its runs are complete by then
         if store.transition(
             job_id, "succeeded", when=("running",), fine_tuned_model=model_id, trained_tokens=result.trained_tokens
         ):
