@@ -1,14 +1,23 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+import phitune
+
+SOURCE = str(Path(phitune.__file__).parents[1])
+"""The folder this checkout's phitune is imported from, for the child processes tests start."""
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -104,3 +113,83 @@ def server_home(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
 @pytest.fixture
 def chat_file(tmp_path: Path) -> Path:
     return write_chat(tmp_path / "train.jsonl")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this checkout's phitune first on its path, plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([SOURCE, os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+@contextlib.contextmanager
+def running(app: Any, **options: Any) -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn on a free loopback port in a background thread (``options`` go to
+    ``uvicorn.Config``); yields the /v1 base URL."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning", **options}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# ---------------------------------------------------------------------- the fault and abuse suite's ledger
+@dataclass
+class Row:
+    """One line of the reliability ledger (tests/reliability): of ``tried`` attempts at breaking something, how many
+    it ``survived``, and how many ``lost`` data or answered wrong, left something ``stuck`` (a job that never ends, a
+    hung call) or ``leaked`` (a path in an answer, a file or process left behind)."""
+
+    area: str
+    tried: int = 0
+    survived: int = 0
+    lost: int = 0
+    stuck: int = 0
+    leaked: int = 0
+
+    def check(self) -> None:
+        assert self.tried > 0, f"{self.area}: nothing was tried"
+        assert (self.lost, self.stuck, self.leaked) == (0, 0, 0), self
+        assert self.survived == self.tried, self
+
+
+_LEDGER: list[Row] = []
+
+
+@pytest.fixture
+def ledger() -> Iterator[Callable[[str], Row]]:
+    """Open rows of the ledger (``row = ledger("area")``); every row is checked when the test ends, and all of them
+    are printed at the end of the session."""
+    opened: list[Row] = []
+
+    def open_row(area: str) -> Row:
+        row = Row(area)
+        opened.append(row)
+        _LEDGER.append(row)
+        return row
+
+    yield open_row
+    for row in opened:
+        row.check()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _LEDGER:
+        return
+    terminalreporter.section("reliability: tried / survived / lost / stuck / leaked")
+    width = max(len(row.area) for row in _LEDGER)
+    for row in _LEDGER:
+        terminalreporter.write_line(
+            f"{row.area:<{width}}  {row.tried:>6} tried  {row.survived:>6} survived  {row.lost:>3} lost  "
+            f"{row.stuck:>3} stuck  {row.leaked:>3} leaked"
+        )

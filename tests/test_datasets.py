@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import child_env
 from phitune import datasets
 from phitune.datasets import ApproximateCounter, TokenizerCounter, counter_for, validate
-from phitune.errors import SpecError
+from phitune.errors import DatasetError, SpecError
 from phitune.types import DatasetReport
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "azureml-examples-maas"
@@ -95,6 +99,14 @@ CATEGORY_CASES: dict[str, tuple[list[Any], list[tuple[int, str]]]] = {
     "mixed_formats": (
         [GOOD, {"prompt": "p", "completion": "c"}, GOOD, {"text": "t", "ground_truth": "g"}],
         [(2, "mixed_formats"), (4, "mixed_formats")],
+    ),
+    "chat_markup": (
+        [
+            GOOD,
+            chat(USER, {**ASSISTANT, "content": "Paris.<|end|>"}),
+            chat({**USER, "content": "<|assistant|>"}, ASSISTANT),
+        ],
+        [(2, "chat_markup"), (3, "chat_markup")],
     ),
 }
 
@@ -463,9 +475,106 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
     assert peak < 3_000_000, f"peak {peak} bytes for a {size}-byte file"
 
 
-def test_import_is_light() -> None:
-    import subprocess
+OK_LINE = json.dumps(GOOD)
+DISPUTED_LINES = {
+    "carriage return as JSON whitespace": OK_LINE.replace(", ", ",\r"),
+    "end of turn inside assistant content": json.dumps(chat(USER, {**ASSISTANT, "content": "Paris.<|end|> Lyon."})),
+    "a 5,000-digit integer in an extra key": '{"id": ' + "7" * 5000 + ", " + OK_LINE[1:],
+    "a number beyond double range in an extra key": '{"score": 1e400, ' + OK_LINE[1:],
+    "1,000 nested brackets": '{"meta": ' + "[" * 1000 + "]" * 1000 + ", " + OK_LINE[1:],
+    "a prompt with the end-of-text token": json.dumps({"prompt": "Say <|endoftext|>", "completion": " ok"}),
+}
 
+
+@pytest.mark.parametrize("first", [True, False], ids=["on line 1", "after a good line"])
+@pytest.mark.parametrize("case", list(DISPUTED_LINES))
+def test_the_validator_and_the_trainer_agree_on_every_line(
+    tmp_path: Path, tiny_model_dir: Path, case: str, first: bool
+) -> None:
+    """Lines that are easy to read two ways (a bare carriage return, markup in a text, numbers beyond double range,
+    deep nesting): the validator and the trainer read a line through one parse, so both accept it or both refuse
+    it, wherever it stands in the file."""
+    pytest.importorskip("transformers")
+    from phitune.trainer.data import load_examples
+    from phitune.trainer.model import load_tokenizer
+
+    line = DISPUTED_LINES[case]
+    lines = [line, line] if line.startswith('{"prompt"') else ([line, OK_LINE] if first else [OK_LINE, line])
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = validate(path)
+    try:
+        load_examples(path, load_tokenizer(str(tiny_model_dir)), max_seq_length=256)
+        trained = True
+    except DatasetError:
+        trained = False
+    assert report.ok == trained, (report.errors, trained)
+
+
+def test_deep_nesting_is_an_invalid_line_not_a_crash(tmp_path: Path) -> None:
+    path = write(tmp_path / "deep.jsonl", [GOOD, "[" * 1000 + "]" * 1000, '{"messages": ' + "[" * 5000])
+    assert found(validate(path)) == [(2, "invalid_json"), (3, "invalid_json")]
+
+
+def test_a_line_over_the_limit_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    """A line of 48 MiB (three times the most a line may hold) is refused without being held whole: the validator's
+    memory stays within two lines' limit, whatever the line's length."""
+    path = tmp_path / "one-long-line.jsonl"
+    with open(path, "wb") as fh:
+        fh.write(json.dumps(GOOD).encode() + b"\n")
+        fh.write(b'{"messages": "' + b"x" * (3 * datasets.MAX_LINE_BYTES) + b'"}\n')
+        fh.write(json.dumps(GOOD).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        report = validate(path, workers=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found(report) == [(2, "too_long")] and report.examples == 2
+    assert peak < 2 * datasets.MAX_LINE_BYTES, peak
+
+
+_VALIDATE = "import sys; from phitune.datasets import validate; validate(sys.argv[1])"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_special_files_are_refused_before_anything_is_read(tmp_path: Path, kind: str) -> None:
+    """Anything but a regular file is a DatasetError (not_a_file) before a byte is read: a FIFO without a writer
+    would block a read forever, ``/dev/zero`` never ends. The check runs in a child process, so that a hang would hang
+    only the child, which the test then stops."""
+    path = {"fifo": tmp_path / "fifo", "device": Path("/dev/zero"), "folder": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    done = subprocess.run(
+        [sys.executable, "-c", _VALIDATE, str(path)], capture_output=True, text=True, timeout=600, env=child_env()
+    )
+    assert done.returncode == 1 and "DatasetError" in done.stderr and "[not_a_file]" in done.stderr, done.stderr
+
+
+def test_a_killed_validation_takes_its_processes_along(tmp_path: Path) -> None:
+    """A file over 32 MiB is checked by forked processes; when the process that asked is killed (an upload client
+    gone), they die with it rather than wait forever."""
+    psutil = pytest.importorskip("psutil")
+    path = tmp_path / "large.jsonl"
+    line = json.dumps(chat({"role": "system", "content": "Be brief. " * 40}, USER, {**ASSISTANT, "content": "x" * 600}))
+    with open(path, "w") as fh:
+        fh.writelines(line + "\n" for _ in range((40 << 20) // len(line)))
+    code = "import sys; from phitune.datasets import validate; validate(sys.argv[1], workers=2)"
+    asking = subprocess.Popen([sys.executable, "-c", code, str(path)], env=child_env())
+    parent = psutil.Process(asking.pid)
+    deadline = time.monotonic() + 600
+    while not (helpers := parent.children()) and asking.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert helpers, "the validation ended before its processes could be seen"
+    asking.kill()
+    asking.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=120)
+    for process in alive:
+        process.kill()
+    assert alive == [], "validation processes outlived the process that started them"
+
+
+def test_import_is_light() -> None:
     code = "import sys, phitune.datasets; print(sorted({'torch', 'transformers', 'tokenizers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

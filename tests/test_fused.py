@@ -4,8 +4,11 @@ them (disabled, or a failed build) the trainer runs torch's ops."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +194,9 @@ def test_a_bf16_model_trains_through_the_kernels_with_transformers_loss_and_grad
 
 def test_without_the_kernels_the_modules_run_transformers_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PHITUNE_FUSED_KERNELS", "0")
-    monkeypatch.setattr(fused, "operators", fused.operators.__wrapped__)  # uncached: reads the variable
+    monkeypatch.setattr(fused, "status", fused.status.__wrapped__)  # uncached: reads the variable
     assert fused.operators() is None
+    assert fused.status().detail == "turned off by PHITUNE_FUSED_KERNELS=0"
     _, reference, ours = _tiny_models()
     use_fused_decoder(ours)
     ids = torch.randint(1, 97, (1, 17), generator=torch.Generator().manual_seed(3))
@@ -211,16 +215,78 @@ def test_a_failed_build_is_logged_and_leaves_torch_ops(
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(fused, "SOURCE", broken)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    monkeypatch.setattr(fused, "operators", fused.operators.__wrapped__)
+    monkeypatch.setattr(fused, "status", fused.status.__wrapped__)
     with caplog.at_level("WARNING", logger=fused.__name__):
         assert fused.operators() is None
     assert "fused CPU kernels unavailable" in caplog.text
+    status = fused.status()
+    assert not status.available and "the build failed" in status.detail
+    assert str(tmp_path) not in status.message  # it becomes a job event: no path of this machine
+    assert not list((tmp_path / "extensions").glob("*/build-*"))  # the failed build's folder is gone
 
 
-def test_the_build_finds_the_ninja_wheel_off_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_build_past_its_time_limit_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setenv(fused.BUILD_TIMEOUT_ENV, "0.01")  # not even the compiler's process starts in that time
+    monkeypatch.setattr(fused, "status", fused.status.__wrapped__)
+    status = fused.status()
+    assert not status.available and "the build took more than" in status.detail
+    assert fused.BUILD_TIMEOUT_ENV in status.message
+    assert not fused.this_build().library.exists()
+
+
+def test_builds_are_named_by_their_source_and_flags(tmp_path: Path) -> None:
+    build = fused.this_build()
+    assert fused.this_build().name == build.name
+    edited = tmp_path / "fused.cpp"
+    edited.write_text(build.source.read_text() + "// another version\n")
+    assert dataclasses.replace(build, source=edited).name != build.name
+    assert dataclasses.replace(build, cflags=(*build.cflags, "-DOTHER")).name != build.name
+    assert dataclasses.replace(build, ldflags=()).name != build.name
+    assert build.name.startswith(f"phitune_fused_{build.capability.lower()}_")
+
+
+_BUILD_AND_USE = """
+import sys
+from pathlib import Path
+import torch
+from phitune.trainer import fused
+fused.SOURCE = Path(sys.argv[1])
+kernels = fused.operators_for(torch.ones(2, 4, dtype=torch.bfloat16))
+print(fused.status().message)
+assert kernels is not None and kernels.swiglu_forward(torch.ones(2, 4, dtype=torch.bfloat16)).shape == (2, 2)
+"""
+
+
+def test_each_source_builds_once_and_a_stale_lock_never_blocks_a_build(tmp_path: Path) -> None:
+    """Two installs of different versions on one machine keep a build each; a ``lock`` left in the extensions folder
+    by a builder that was killed (torch's own baton, in any build folder) holds nothing up."""
+    root = tmp_path / "extensions"
+    build = fused.this_build()
+    for name in (build.name, f"phitune_fused_{build.capability.lower()}"):
+        (root / name).mkdir(parents=True)
+        (root / name / "lock").touch()
+    other = tmp_path / "other" / "fused.cpp"
+    other.parent.mkdir()
+    other.write_text(build.source.read_text() + "// another version\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root), "PHITUNE_FUSED_KERNELS": "1"}
+
+    def use(source: Path) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _BUILD_AND_USE, str(source)], env=env, capture_output=True, text=True, timeout=1800
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.strip()
+
+    assert use(build.source).startswith("fused CPU kernels built in")
+    assert use(other).startswith("fused CPU kernels built in")
+    assert use(build.source).startswith("fused CPU kernels loaded in")  # the other version's build left it alone
+    assert use(other).startswith("fused CPU kernels loaded in")
+
+
+def test_the_build_finds_the_ninja_wheel_off_path() -> None:
     """A virtual environment's Python run without activating it: its ``bin`` (the ninja wheel's) is not on $PATH."""
     ninja = pytest.importorskip("ninja")
-    monkeypatch.setenv("PATH", "/nonexistent")
-    fused._put_ninja_on_path()
-    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
-    assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")
+    path = fused._path_with_ninja("/nonexistent")
+    assert path.split(os.pathsep)[0] == ninja.BIN_DIR
+    assert shutil.which("ninja", path=path) == str(Path(ninja.BIN_DIR) / "ninja")

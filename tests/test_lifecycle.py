@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -12,10 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import phitune
-from conftest import rename_at_once
 from phitune.errors import ConflictError, DatasetError, NotFoundError, SpecError
 from phitune.trainer import allocator
 
@@ -160,6 +162,79 @@ def test_worker_killed_mid_job_resumes_from_checkpoint_with_the_same_losses(home
     assert [step for attempt, step in steps if attempt == 2] == list(range(last_checkpoint + 1, 15))
 
 
+def _trainer_pid(home: Path, attempt: int) -> int | None:
+    """The pid of the trainer process running ``attempt`` of the home's job, once it runs."""
+    worker = psutil.Process(_worker_pid(home))
+    for child in worker.children():
+        with contextlib.suppress(psutil.Error):
+            command = child.cmdline()
+            if "phitune.trainer.run" in command and command[command.index("--attempt") + 1] == str(attempt):
+                return child.pid
+    return None
+
+
+def test_a_trainer_killed_alone_resumes_from_its_checkpoint(home: Path, chat_file: Path) -> None:
+    """The trainer dies (killed, out of memory, a native crash) while its worker lives: the worker restarts the job
+    from its last checkpoint, as a new worker does after a worker's death, and says so in the job's events."""
+    client = phitune.Client(home=home)
+    job = client.finetune.create(
+        model="tiny-phi3", training_file=chat_file, hyperparameters={**FAST, "max_steps": 10, "checkpoint_every": 3}
+    )
+    _wait_for(lambda: client.finetune.checkpoints(job.id))
+    os.kill(_wait_for(lambda: _trainer_pid(home, 1)), signal.SIGKILL)
+    job = client.finetune.wait(job.id, timeout=1800, progress=False)
+    assert job.status == "succeeded", job.error
+    restarted = _event(client, job.id, "the trainer was killed by SIGKILL")
+    assert restarted is not None and restarted.level == "warn" and restarted.data is not None
+    step = restarted.data["step"]
+    assert restarted.message == (
+        f"the trainer was killed by SIGKILL; it resumes from its checkpoint at step {step} (restart 1 of at most 3)"
+    )
+    assert _event(client, job.id, f"resumed from checkpoint at step {step} (attempt 2)") is not None
+
+
+def test_restarts_are_bounded_and_the_failure_says_why_without_paths(
+    home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PHITUNE_MAX_RESTARTS", "1")  # the worker this client starts reads it
+    client = phitune.Client(home=home)
+    job = client.finetune.create(
+        model="tiny-phi3", training_file=chat_file, hyperparameters={**FAST, "max_steps": 5000}
+    )
+    for attempt in (1, 2):
+        _wait_for(lambda: client.finetune.get(job.id).status == "running" and _trainer_pid(home, attempt))  # noqa: B023
+        os.kill(_wait_for(lambda: _trainer_pid(home, attempt)), signal.SIGKILL)  # noqa: B023
+    job = _wait_for(lambda: (j := client.finetune.get(job.id)).done and j)
+    assert job.status == "failed" and job.error is not None and job.error.code == "trainer_crashed"
+    assert job.error.message.startswith("the trainer was killed by SIGKILL, after 1 restart: the job stops here")
+    assert _event(client, job.id, "(restart 1 of at most 1)") is not None
+    texts = [job.error.message] + [e.message + json.dumps(e.data) for e in client.finetune.events(job.id)]
+    for text in texts:
+        assert str(home) not in text and "site-packages" not in text, text
+
+
+def test_a_dead_workers_job_shows_queued_at_once(home: Path, chat_file: Path) -> None:
+    """Listing jobs finds a dead worker as getting one does: its job shows queued (to resume), never running."""
+    client = phitune.Client(home=home)
+    job = client.finetune.create(
+        model="tiny-phi3", training_file=chat_file, hyperparameters={**FAST, "max_steps": 5000}
+    )
+    _wait_for(lambda: client.finetune.get(job.id).step >= 1)
+    os.kill(_worker_pid(home), signal.SIGKILL)
+    _wait_for(lambda: _trainer_pid_gone(home))
+    listed = {j.id: j.status for j in client.finetune.list()}
+    assert listed[job.id] == "queued"
+    client.finetune.cancel(job.id)
+
+
+def _trainer_pid_gone(home: Path) -> bool:
+    """Whether no trainer of the home runs (a trainer dies with its worker)."""
+    return not any(
+        "phitune.trainer.run" in " ".join(p.info["cmdline"] or []) and str(home) in " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["cmdline"])
+    )
+
+
 def test_cancel_stops_a_running_job_and_keeps_its_checkpoints(home: Path, chat_file: Path) -> None:
     client = phitune.Client(home=home)
     job = client.finetune.create(
@@ -193,16 +268,23 @@ def test_cancel_before_the_first_checkpoint_says_none_is_kept(home: Path, chat_f
     assert client.finetune.checkpoints(job.id) == []
 
 
-def test_concurrent_uploads_of_one_content(home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Threads uploading the same file at once share one blob; every rename into the blob store waits for the
-    others', the worst interleaving."""
+def test_concurrent_uploads_of_one_content(home: Path, chat_file: Path) -> None:
+    """Threads uploading the same file at once share one blob; no staging copy stays behind."""
     client = phitune.Client(home=home)  # the home's database exists before the threads start
-    uploaded, errors = rename_at_once(monkeypatch, 4, lambda: client.files.upload(chat_file))
-    assert not errors and len({f.id for f in uploaded}) == 4
+    start = threading.Barrier(4, timeout=60)
+
+    def upload(_: int) -> phitune.FileObject:
+        start.wait()
+        return client.files.upload(chat_file)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        uploaded = list(pool.map(upload, range(4)))
+    assert len({f.id for f in uploaded}) == 4
     (sha,) = {f.sha256 for f in uploaded}
     blobs = list((home / "files" / sha[:2]).iterdir())
     assert [b.name for b in blobs] == [f"{sha}.jsonl"]  # no temporary copy left behind
     assert blobs[0].read_bytes() == chat_file.read_bytes()
+    assert list((home / "tmp").iterdir()) == []
 
 
 def test_concurrent_clients_share_one_home(home: Path, tmp_path: Path, chat_file: Path) -> None:

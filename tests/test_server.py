@@ -6,7 +6,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import socket
+import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -16,12 +17,12 @@ from typing import Any, TypeVar
 
 import httpx
 import openai
+import psutil
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 import phitune
-from conftest import write_chat, write_chat_with_long_prompts
+from conftest import running, write_chat, write_chat_with_long_prompts
 from phitune.errors import DatasetError, NotFoundError, RemoteNotFoundError, SpecError
 from phitune.server import StripQueryStrings, check_bind, cli, is_loopback, serve
 from phitune.server.app import create_app
@@ -42,23 +43,6 @@ def _wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met in {timeout} s; state: {state()}")
-
-
-@contextlib.contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a background thread; yields the /v1 base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    _wait_for(lambda: server.started, timeout=30)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -490,3 +474,146 @@ def test_client_openai_without_a_key_on_an_open_server(server_home: Path, tmp_pa
         assert "tiny-phi3" in {m.id for m in client.models.list()}
         bad = write_chat(tmp_path / "one.jsonl", [("q", "a")])
         assert client.files.upload(bad).filename == "one.jsonl"
+
+
+# ------------------------------------------------------------------------------------------- faults and abuse
+def test_no_answer_carries_a_path_of_the_server(oai: openai.OpenAI, trained: Any, server_home: Path) -> None:
+    """Events (checkpoints, the base model's load), jobs, checkpoints and models name steps and ids, never a folder."""
+    answers = [
+        oai.fine_tuning.jobs.list_events(trained.id, limit=1000).model_dump_json(),
+        oai.fine_tuning.jobs.retrieve(trained.id).model_dump_json(),
+        oai.fine_tuning.jobs.checkpoints.list(trained.id).model_dump_json(),
+        oai.models.list().model_dump_json(),
+    ]
+    assert "checkpoint saved at step 2" in answers[0]
+    for answer in answers:
+        assert str(server_home) not in answer and "site-packages" not in answer and "/tmp/" not in answer, answer
+
+
+def _multipart(filename: str, content: bytes, *, closed: bool = True) -> bytes:
+    head = f'--b\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n\r\n'.encode()
+    return head + content + (b"\r\n--b--\r\n" if closed else b"\r\n")
+
+
+def test_hostile_uploads_are_refused_or_stored_safely(base_url: str, server_home: Path) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=b"}
+    line = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
+
+    def upload(body: bytes) -> httpx.Response:
+        return httpx.post(f"{base_url}/files", content=body, headers=headers, timeout=600)
+
+    deep = upload(_multipart("deep.jsonl", line + b"[" * 1000 + b"]" * 1000 + b"\n"))
+    assert deep.status_code == 400 and "deep.jsonl:2: [invalid_json]" in deep.json()["error"]["message"]
+
+    long_name = "é" * 150 + ".jsonl"  # 306 bytes of UTF-8: more than a file system takes in one name
+    stored = upload(_multipart(long_name, line))
+    assert stored.status_code == 200, stored.text
+    kept = stored.json()["filename"]
+    assert long_name.startswith(kept) and len(kept.encode()) <= 200
+
+    before = len(httpx.get(f"{base_url}/files", headers=headers).json()["data"])
+    cut = upload(_multipart("cut.jsonl", line, closed=False))
+    assert cut.status_code == 400 and "closing boundary" in cut.json()["error"]["message"]
+    assert len(httpx.get(f"{base_url}/files", headers=headers).json()["data"]) == before
+    assert list((server_home / "tmp").glob("upload-*")) == []
+
+
+def test_without_a_key_only_requests_naming_this_machine_are_served(server_home: Path) -> None:
+    """A web page of another origin whose name rebinds to 127.0.0.1 (DNS rebinding) sends its own Host and Origin."""
+    with running(create_app(server_home)) as url:
+        port = url.split(":")[2].split("/")[0]
+        assert httpx.get(f"{url}/models").status_code == 200
+        assert httpx.get(f"{url}/models", headers={"Host": f"localhost:{port}"}).status_code == 200
+        for headers in ({"Host": f"evil.example:{port}"}, {"Origin": "http://evil.example"}):
+            refused = httpx.get(f"{url}/models", headers=headers)
+            assert refused.status_code == 403 and refused.json()["error"]["code"] == "invalid_host", headers
+    with running(create_app(server_home, api_key=KEY)) as url:  # a key is the guard: any name may carry it
+        answer = httpx.get(f"{url}/models", headers={"Host": "phitune.example", "Authorization": f"Bearer {KEY}"})
+        assert answer.status_code == 200
+
+
+def test_chat_is_bounded_by_the_models_context(oai: openai.OpenAI) -> None:
+    """A prompt longer than tiny-phi3's 2048-token context, or a max_tokens past what it leaves, is a 400 naming the
+    limit."""
+    question = [{"role": "user", "content": "What do bees make?"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="tiny-phi3", messages=question, max_tokens=10**9)  # type: ignore[arg-type]
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "max_tokens" and "2048-token context" in body["message"]
+    long = [{"role": "user", "content": "bees " * 9000}]
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="tiny-phi3", messages=long, max_tokens=10)  # type: ignore[arg-type]
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "messages" and "2048 tokens" in body["message"]
+
+
+def test_a_generation_stops_when_its_client_goes_away(server_home: Path) -> None:
+    """A non-streamed request whose client disconnects stops generating and gives its slot back."""
+    app = create_app(server_home, max_pending_chats=1)
+    closed = threading.Event()
+    options: list[dict[str, Any]] = []
+
+    def endless(name: str, messages: Any, **given: Any) -> Iterator[str]:
+        options.append(given)
+        try:
+            while True:
+                time.sleep(0.01)
+                yield "bee "
+        finally:
+            closed.set()
+
+    app.state.backend.stream_chat = endless
+    with running(app) as url:
+        request = {"model": "tiny-phi3", "messages": [{"role": "user", "content": "hi"}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/chat/completions", json=request, timeout=2)
+        assert closed.wait(600), "the generation kept running after its client left"
+        assert options[0]["max_tokens"] is None and options[0]["deadline"] > 0
+        app.state.backend.stream_chat = lambda *args, **kwargs: iter(["hi", _generation()])
+        answer = httpx.post(f"{url}/chat/completions", json=request, timeout=600)  # the slot is free again
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "hi"
+
+
+def _generation() -> Any:
+    from phitune.trainer.infer import Generation
+
+    return Generation("hi", 3, 1, "stop")
+
+
+def test_no_child_process_gets_the_api_key(home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``phitune serve`` reads its key from $PHITUNE_API_KEY: the worker and trainer it starts never see it."""
+    monkeypatch.setenv("PHITUNE_API_KEY", KEY)
+    client = phitune.Client(home=home)
+    job = client.finetune.create(model="tiny-phi3", training_file=chat_file, hyperparameters={"max_steps": 5000})
+    _wait_for(lambda: client.finetune.get(job.id).step >= 1)
+    worker = psutil.Process(_wait_for(lambda: _worker_pid(home)))
+    processes = [worker, *worker.children(recursive=True)]
+    assert any("phitune.trainer.run" in process.cmdline() for process in processes)
+    for process in processes:
+        assert "PHITUNE_API_KEY" not in process.environ()
+    client.finetune.cancel(job.id)
+
+
+def _worker_pid(home: Path) -> int | None:
+    with contextlib.closing(sqlite3.connect(home / "phitune.db")) as db:
+        row = db.execute("SELECT pid FROM worker").fetchone()
+    return int(row[0]) if row else None
+
+
+def test_a_relative_model_name_is_never_a_folder_of_the_working_directory(
+    home: Path, tiny_model_dir: Path, chat_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name like ``acme/phi`` is a Hugging Face id wherever the worker and trainer run; where the working
+    directory holds a folder of that name, the name is refused rather than read as that folder. A local client
+    gives a relative folder to the job as an absolute path."""
+    from phitune.trainer.model import resolve_base
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "acme" / "phi")
+    with pytest.raises(SpecError, match="working directory holds a file or folder of that name"):
+        resolve_base("acme/phi", home)
+    assert resolve_base("acme/other", home) == "acme/other"
+    job = phitune.Client(home=home).finetune.create(
+        model="acme/phi", training_file=chat_file, hyperparameters={"max_steps": 1}
+    )
+    assert job.spec is not None and job.spec.model == str(tmp_path / "acme" / "phi")

@@ -287,19 +287,21 @@ def test_completion_mask(tokenizer: Any) -> None:
 
 
 def test_load_examples_reads_every_format(tmp_path: Path, tokenizer: Any) -> None:
-    path = tmp_path / "train.jsonl"
-    records = [
-        {"messages": CHAT},
-        {"prompt": "Two plus two is", "completion": " four."},
-        {"text": "Say hi:", "ground_truth": " hi"},
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
-    examples = data.load_examples(path, tokenizer, max_seq_length=256)
-    assert examples == [
-        data.encode_chat(tokenizer, CHAT, max_seq_length=256),
-        data.encode_completion(tokenizer, "Two plus two is", " four.", max_seq_length=256),
-        data.encode_completion(tokenizer, "Say hi:", " hi", max_seq_length=256),
-    ]
+    records = {
+        "chat": ({"messages": CHAT}, data.encode_chat(tokenizer, CHAT, max_seq_length=256)),
+        "prompt_completion": (
+            {"prompt": "Two plus two is", "completion": " four."},
+            data.encode_completion(tokenizer, "Two plus two is", " four.", max_seq_length=256),
+        ),
+        "text_ground_truth": (
+            {"text": "Say hi:", "ground_truth": " hi"},
+            data.encode_completion(tokenizer, "Say hi:", " hi", max_seq_length=256),
+        ),
+    }
+    for name, (record, expected) in records.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(record) + "\n\n" + json.dumps(record) + "\n", encoding="utf-8")
+        assert data.load_examples(path, tokenizer, max_seq_length=256) == [expected, expected], name
 
 
 def test_load_examples_reports_every_bad_line(tmp_path: Path, tokenizer: Any) -> None:
@@ -311,7 +313,7 @@ def test_load_examples_reports_every_bad_line(tmp_path: Path, tokenizer: Any) ->
     assert [(i.line, i.category) for i in caught.value.issues] == [
         (1, "too_long"),
         (2, "invalid_json"),
-        (3, "unknown_format"),
+        (3, "missing_messages"),  # the validator's verdict: the file's format is its first line's
         (4, "too_long"),
     ]
 

@@ -19,11 +19,18 @@ stays bounded whatever the file size. Every problem is collected, each with its 
 ``no_assistant``        no assistant message, or every assistant message has ``weight`` 0
 ``non_string_content``  ``content`` (or ``prompt``, ``completion``, ``text``, ``ground_truth``) not a string
 ``empty_content``       an empty or whitespace-only message content or completion
-``too_long``            more tokens than the model's context (error); than ``max_seq_length`` (warning)
+``chat_markup``         a text holds a token of the chat markup (``<|end|>``, ``<|user|>``, ...), which the
+                        tokenizer reads as markup, not text: a turn would end or begin there
+``too_long``            more tokens than the model's context (error); than ``max_seq_length`` (warning); a
+                        line longer than :data:`MAX_LINE_BYTES` (error, the line is skipped unread)
+``not_a_file``          the path is not a regular file (a FIFO, a device, a folder): raised as a
+                        :class:`~phitune.errors.DatasetError`, nothing is read
 ======================  ===================================================================================
 
 Formats: ``chat`` (``{"messages": [{"role", "content"}, ...]}``, extra keys allowed, assistant messages may carry
 OpenAI's ``weight`` 0 or 1), ``prompt_completion`` and Azure's ``text_ground_truth`` columns. Blank lines are skipped.
+Lines end at ``\n`` only (``\r`` is JSON whitespace), and :func:`parse` gives the trainer the examples of exactly
+the lines the validator accepts: the two cannot disagree.
 
 Each line is parsed with msgspec straight into typed structs (the message classes check roles and types in C); a
 line that does not parse as one of the file's format is parsed again, generically, to name each of its problems.
@@ -34,9 +41,12 @@ ranges of whole lines of one file, and their tallies add up, in file order, to t
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import multiprocessing
 import os
+import re
+import stat
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -47,8 +57,9 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 import msgspec
 
+from ._process import die_with_parent
 from .catalog import find
-from .errors import MissingDependencyError, SpecError
+from .errors import DatasetError, MissingDependencyError, SpecError
 from .types import DatasetFormat, DatasetIssue, DatasetIssueCategory, DatasetReport, TokenStats
 
 __all__ = [
@@ -65,6 +76,8 @@ __all__ = [
     "ToolMessage",
     "UserMessage",
     "counter_for",
+    "open_dataset",
+    "parse",
     "validate",
 ]
 
@@ -80,6 +93,13 @@ DEFAULT_WORKERS = 4
 _PARALLEL_MIN_BYTES = 1 << 25
 """Smaller files are checked in one process whatever ``workers`` says: starting processes costs about 30 ms of CPU,
 what one process takes to check 15 MB."""
+
+MAX_LINE_BYTES = 1 << 24
+"""The longest line read (16 MiB, far beyond any model's context): a longer one is a ``too_long`` error, skipped
+without being held in memory, so memory stays bounded whatever a file holds."""
+
+_MARKUP = re.compile(r"<\|/?[A-Za-z0-9_]+\|>")
+"""A token of the Phi chat markup (``<|user|>``, ``<|end|>``, ``<|endoftext|>``, ``<|placeholder1|>``, ...)."""
 
 _ROLE_CACHE_SIZE = 4096
 """Distinct role sequences whose verdict is remembered (a dataset has few; the bound keeps memory fixed)."""
@@ -146,6 +166,20 @@ _chat_decoder = msgspec.json.Decoder(ChatExample)
 _completion_decoder = msgspec.json.Decoder(CompletionExample)
 _text_decoder = msgspec.json.Decoder(_TextGroundTruth)
 _any_decoder = msgspec.json.Decoder()
+
+
+def _decode_any(line: bytearray) -> Any:
+    """The line's JSON value, to name its problems. A number beyond msgspec's range (an integer of thousands of
+    digits, ``1e400``) is valid JSON all the same, read here as a float: the typed decoders skip such a value in a key
+    they ignore, and this reading must not refuse what they accept."""
+    try:
+        return _any_decoder.decode(line)
+    except msgspec.ValidationError:
+        return json.loads(line, parse_int=float, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise msgspec.DecodeError(f"{name} is not JSON")
 
 
 def _decode_text_ground_truth(line: bytearray) -> CompletionExample:
@@ -375,7 +409,8 @@ def validate(
     A file of more than 32 MiB is checked in ``workers`` processes (default: one per CPU, at most
     ``DEFAULT_WORKERS``; forked where the platform allows, else ``counter`` must pickle), each reading its own ranges
     of whole lines; the report is the same as with one. ``workers=1`` keeps it in this process.
-    Raises ``OSError`` when the file cannot be read and :class:`~phitune.errors.SpecError` for invalid arguments.
+    Raises ``OSError`` when the file cannot be read, :class:`~phitune.errors.DatasetError` (``not_a_file``) when it
+    is not a regular file, and :class:`~phitune.errors.SpecError` for invalid arguments.
     """
     if epochs < 1:
         raise SpecError("epochs", f"must be at least 1, got {epochs}")
@@ -395,25 +430,74 @@ def validate(
         max_errors,
     )
     scan = _Scan(settings)
-    with open(path, "rb", buffering=0) as file:
+    with open_dataset(path) as file:
         size = os.fstat(file.fileno()).st_size
         if workers > 1 and size > _PARALLEL_MIN_BYTES:
             _scan_in_parallel(scan, file, os.fspath(path), size, workers)
         else:
-            for data, end in _chunks(file):
-                scan.feed(data, end)
-            size = file.tell()
+            size = _scan_all(scan, file)
     return scan.report(os.fspath(path), size, epochs)
 
 
-def _chunks(file: FileIO, size: int | None = None) -> Iterator[tuple[bytearray, int]]:
+@dataclass(frozen=True)
+class ParsedDataset:
+    """The well-formed examples of a dataset file, each with its 1-based line, and the report of the pass that
+    found them (its ``errors`` name every line left out)."""
+
+    examples: list[tuple[int, Example]]
+    report: DatasetReport
+
+
+def parse(path: str | os.PathLike[str], *, max_errors: int = 1000) -> ParsedDataset:
+    """Read a dataset as :func:`validate` does, in this process and with no length limit, keeping its examples: what
+    the trainer encodes, so that it takes exactly the lines the validator accepts."""
+    scan = _Scan(_Settings(ApproximateCounter(), None, None, max_errors), keep=[])
+    with open_dataset(path) as file:
+        size = _scan_all(scan, file)
+    assert scan.keep is not None
+    return ParsedDataset(scan.keep, scan.report(os.fspath(path), size, 1))
+
+
+def open_dataset(path: str | os.PathLike[str]) -> FileIO:
+    """Open a dataset file for reading. Anything but a regular file (a FIFO, which would wait for a writer forever; a
+    device such as ``/dev/zero``, which never ends; a folder) is a :class:`~phitune.errors.DatasetError`
+    (``not_a_file``), raised before anything is read."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without waiting
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            message = f"{_file_kind(mode)}, not a regular file: datasets are read from regular files"
+            raise DatasetError(os.fspath(path), [DatasetIssue(line=0, category="not_a_file", message=message)])
+        os.set_blocking(descriptor, True)
+        return FileIO(descriptor, "rb", closefd=True)
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    kinds |= {stat.S_ISDIR: "a folder", stat.S_ISSOCK: "a socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
+
+
+def _scan_all(scan: _Scan, file: FileIO) -> int:
+    """Feed the rest of ``file`` to ``scan``; returns where the file ended."""
+    for data, end in _chunks(file):
+        scan.feed(data, end)
+    return file.tell()
+
+
+def _chunks(file: FileIO, size: int | None = None) -> Iterator[tuple[bytearray | None, int]]:
     """The file's next ``size`` bytes (to its end if None), a read's worth of whole lines at a time.
 
     Each is ``(buffer, end)``: the lines are ``buffer[:end]``, until the next one comes (the buffer is reused). A
-    line longer than a read comes whole; so does the last, with or without its newline.
+    line longer than a read comes whole; so does the last, with or without its newline. A line longer than
+    :data:`MAX_LINE_BYTES` comes as ``(None, n)``: its ``n`` bytes (newline included) were skipped unread.
     """
     buffer = bytearray(_CHUNK_BYTES)
     kept = 0  # the bytes of a line begun but not ended, at the start of the buffer
+    skipped = 0  # the bytes of an overlong line passed over so far; while skipping, nothing is kept
     left = size
     while left is None or left > 0:
         room = len(buffer) - kept if left is None else min(len(buffer) - kept, left)
@@ -423,16 +507,31 @@ def _chunks(file: FileIO, size: int | None = None) -> Iterator[tuple[bytearray, 
         end = kept + read
         if left is not None:
             left -= read
+        if skipped:
+            newline = buffer.find(b"\n", 0, end)
+            if newline < 0:
+                skipped += end
+                continue
+            yield None, skipped + newline + 1
+            skipped = 0
+            buffer[: end - newline - 1] = buffer[newline + 1 : end]
+            kept = end - newline - 1
+            continue
         cut = end if left == 0 else buffer.rfind(b"\n", kept, end) + 1
         if cut:
             yield buffer, cut
             buffer[: end - cut] = buffer[cut:end]
             kept = end - cut
-        else:
+        elif end < len(buffer):
             kept = end
-            if kept == len(buffer):
-                buffer.extend(bytes(len(buffer)))
-    if kept:
+        elif len(buffer) < MAX_LINE_BYTES:
+            kept = end
+            buffer.extend(bytes(len(buffer)))
+        else:
+            skipped, kept = end, 0
+    if skipped:
+        yield None, skipped
+    elif kept:
         yield buffer, kept
 
 
@@ -448,8 +547,10 @@ class _Settings(NamedTuple):
 class _Scan:
     """The running state of one validation pass over consecutive lines."""
 
-    def __init__(self, settings: _Settings) -> None:
+    def __init__(self, settings: _Settings, keep: list[tuple[int, Example]] | None = None) -> None:
         self.settings = settings
+        self.keep = keep
+        """Where the well-formed examples go, with their lines (:func:`parse`: no length limit drops any)."""
         self.counter, self.context, self.max_seq_length, self.max_errors = settings
         self.format: DatasetFormat | None = None
         self.format_line = 0
@@ -462,9 +563,16 @@ class _Scan:
         self.format, self.format_line, self.decode = fmt, line, _DECODERS[fmt]
 
     # -------------------------------------------------------------------------------------------------- per chunk
-    def feed(self, data: bytearray, size: int) -> None:
-        """Validate the next lines of the file, ``data[:size]`` (the last line's newline optional), and tally them."""
+    def feed(self, data: bytearray | None, size: int) -> None:
+        """Validate the next lines of the file, ``data[:size]`` (the last line's newline optional), and tally them;
+        ``data`` None stands for one line of ``size`` bytes too long to read."""
         tally = self.tally
+        if data is None:
+            tally.lines_read += 1
+            tally.lines += 1
+            text = f"the line is {size} bytes, more than the {MAX_LINE_BYTES >> 20} MiB a line may hold"
+            self._add_errors([(tally.lines_read, "too_long", text)])
+            return
         issues: list[_Issue] = []
         examples: list[Example] = []
         numbers: list[int] = []
@@ -480,7 +588,7 @@ class _Scan:
                 try:
                     example = self.decode(line)
                     tally.lines += 1
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):
                     pass
             if example is None:
                 example = self._line(number, line, issues)
@@ -505,7 +613,7 @@ class _Scan:
                 if good:
                     for m in messages:
                         text = m.content
-                        if not text or m.weight == 0 or text.isspace():
+                        if not text or m.weight == 0 or text.isspace() or "<|" in text:
                             good = False
                             break
                 if not good:
@@ -521,14 +629,28 @@ class _Scan:
                 if not example.completion or example.completion.isspace():
                     issues.append((number, "empty_content", f"{self._keys()[1]!r} is empty"))
                     continue
+                markup: list[_Issue] = [
+                    (number, "chat_markup", _markup_problem(repr(key), text))
+                    for key, text in zip(self._keys(), (example.prompt, example.completion), strict=True)
+                    if _MARKUP.search(text)
+                ]
+                if markup:
+                    issues.extend(markup)
+                    continue
                 valid.append(example)
                 counted.append(number)
         if valid:
+            if self.keep is not None:
+                self.keep.extend(zip(counted, valid, strict=True))
             self._count(valid, counted, issues)
         if issues:
             issues.sort(key=lambda issue: issue[0])
-            tally.error_count += len(issues)
-            tally.errors += issues[: self.max_errors - len(tally.errors)]
+            self._add_errors(issues)
+
+    def _add_errors(self, issues: list[_Issue]) -> None:
+        tally = self.tally
+        tally.error_count += len(issues)
+        tally.errors += issues[: self.max_errors - len(tally.errors)]
 
     def _count(self, valid: list[Example], numbers: list[int], issues: list[_Issue]) -> None:
         counts = self.counter.count(valid)
@@ -588,16 +710,18 @@ class _Scan:
             return None
         try:  # a well-formed line: the file's first, or a case the diagnosis does not name
             return self.decode(line)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             issues.append((number, "invalid_message" if self.format == "chat" else "unknown_format", str(exc)))
             return None
 
     def _diagnose(self, number: int, line: bytearray) -> list[tuple[DatasetIssueCategory, str]]:
         """Why a line is not a well-formed example of the file's format; the first well-formed line sets the format."""
         try:
-            value = _any_decoder.decode(line)
-        except msgspec.DecodeError as exc:
+            value = _decode_any(line)
+        except (msgspec.DecodeError, json.JSONDecodeError) as exc:
             return [("invalid_json", f"not valid JSON: {exc}")]
+        except RecursionError:
+            return [("invalid_json", "not valid JSON here: nested too deep to read")]
         if type(value) is not dict:
             return [("not_an_object", f"each line must be a JSON object, got {_json_type(value)}")]
         fmt = _detect(value, self.format)
@@ -712,6 +836,7 @@ _worker_settings: _Settings | None = None
 
 def _start_worker(settings: _Settings) -> None:
     global _worker_settings
+    die_with_parent()  # a killed validation takes its processes along
     _worker_settings = settings
 
 
@@ -817,6 +942,8 @@ def _chat_issues(messages: Sequence[Message | None]) -> list[tuple[DatasetIssueC
     for k, m in enumerate(messages):
         if m is not None and (not m.content or m.content.isspace()):
             problems.append(("empty_content", f"messages[{k}].content is empty"))
+        elif m is not None and _MARKUP.search(m.content):
+            problems.append(("chat_markup", _markup_problem(f"messages[{k}].content", m.content)))
     if len(known) == len(messages):
         order = _order_problem(tuple(m.role for m in known))
         if order is not None:
@@ -827,6 +954,15 @@ def _chat_issues(messages: Sequence[Message | None]) -> list[tuple[DatasetIssueC
         elif all(w == 0 for w in weights):
             problems.append(("no_assistant", "every assistant message has weight 0: nothing to train on"))
     return problems
+
+
+def _markup_problem(where: str, text: str) -> str:
+    token = _MARKUP.search(text)
+    assert token is not None
+    return (
+        f"{where} holds {token.group()!r}, a token of the chat markup: the tokenizer reads it as markup, not text "
+        "(write it differently, e.g. with a space after '<')"
+    )
 
 
 _FOLLOWS: dict[str, tuple[str | None, ...]] = {

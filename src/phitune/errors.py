@@ -7,10 +7,12 @@ PhituneError
 │       └── OfferRetiredError  the cloud retired that offer of the model; names the date and what is still open
 ├── DatasetError               a dataset is invalid; ``path`` and ``issues`` (each with its 1-based line)
 ├── NotFoundError              no such file / job / model / deployment
+│   └── MissingContentError    the object is recorded, but its content (stored dataset, weights) is gone
 ├── ConflictError              the object is in a state that forbids the request
 ├── WontFitError               a job cannot fit the machine; carries the estimate and what would make it fit
 ├── MissingDependencyError     an optional extra is not installed
 ├── WaitTimeoutError           ``wait`` gave up before the job finished
+├── StoreError                 the local home cannot be read or written (read-only, damaged, disk full, lost database)
 └── APIError                   a remote service answered with an error
     ├── APIConnectionError     no answer (connection refused, reset, timed out)
     └── APIStatusError         an HTTP error status; ``status_code``
@@ -26,7 +28,8 @@ PhituneError
 Warnings: :class:`OfferLifecycleWarning` (``warnings.warn``) when a job or deployment uses a legacy or deprecated
 cloud offer.
 
-Messages never carry secrets: anything that looks like a key or token is redacted by :func:`redact`.
+Messages never carry secrets: anything that looks like a key or token is redacted by :func:`redact`. What a process
+reports beyond itself (job errors and events, server answers) carries no file system path: :func:`scrub_paths`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,16 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
     for pattern in _SHAPED_SECRETS:
         text = pattern.sub("***", text)
     return text
+
+
+_PATH = re.compile(r"(?<![\w.~:/\\-])(?:~|/)[^\s'\"`:,;()<>\[\]{}|]*/([^\s'\"`:,;()<>\[\]{}|/]*)")
+"""An absolute (or home-relative) path of at least two components; group 1 is its last component."""
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute path shortened to ``…/<last component>``: what a process reports beyond itself
+    names no folder of its file system (homes, site-packages, caches)."""
+    return _PATH.sub(lambda match: f"…/{match.group(1)}", text)
 
 
 class PhituneError(Exception):
@@ -145,6 +158,16 @@ class NotFoundError(PhituneError, LookupError):
         super().__init__(f"no {kind} with id {ident!r}")
 
 
+class MissingContentError(NotFoundError):
+    """An object of the local home is recorded, but its content is gone from the disk (a dataset's stored copy, a
+    fine-tuned model's weights). ``fix`` says what brings it back."""
+
+    def __init__(self, kind: str, ident: str, what: str, fix: str) -> None:
+        self.kind = kind
+        self.ident = ident
+        PhituneError.__init__(self, f"{what} of {kind} {ident} is missing from this home: {fix}")
+
+
 class ConflictError(PhituneError):
     """The object's current state forbids the request (e.g. cancelling a finished job)."""
 
@@ -170,6 +193,11 @@ class MissingDependencyError(PhituneError, ImportError):
 
 class WaitTimeoutError(PhituneError, TimeoutError):
     """``wait`` reached its timeout; the job keeps running."""
+
+
+class StoreError(PhituneError):
+    """The local home's database cannot be used: the home is read-only, the database is damaged or missing beside
+    the home's data, the disk is full, or another process holds it locked too long. The message says what to do."""
 
 
 class APIError(PhituneError):

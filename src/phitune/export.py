@@ -107,7 +107,7 @@ def source_of(model: ModelObject, home: Path) -> ExportSource:
     if model.path is not None and peft_config.exists():
         base = json.loads(peft_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
         return ExportSource(model.id, base, resolve_base(base, home), str(peft_config.parent))
-    return ExportSource(model.id, model.id, resolve_base(model.id, home))
+    return ExportSource(model.id, model.id, model.path or resolve_base(model.id, home))
 
 
 def adapter_filename(model_id: str) -> str:

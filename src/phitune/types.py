@@ -325,6 +325,8 @@ DatasetIssueCategory = Literal[
     "too_long",
     "empty_file",
     "mixed_formats",
+    "chat_markup",
+    "not_a_file",
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..types import (
@@ -89,3 +91,11 @@ class PausingBackend(Protocol):
     def pause_job(self, job_id: str) -> FineTuneJob: ...
 
     def resume_job(self, job_id: str) -> FineTuneJob: ...
+
+
+@runtime_checkable
+class StagingBackend(Protocol):
+    """A backend with a private place for uploads on their way in (local): ``files.upload`` copies a dataset there,
+    then validates and stores that one copy."""
+
+    def staging(self) -> AbstractContextManager[Path]: ...

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import catalog
 from ..errors import (
     ConflictError,
+    MissingContentError,
     MissingDependencyError,
     NotFoundError,
     PhituneError,
@@ -64,11 +66,17 @@ class LocalBackend:
 
     def __init__(self, home: str | Path) -> None:
         self.store = Store(home)
+        self.store.sweep()  # what uploads killed midway left
         self.home = self.store.home
         self._pool: ModelPool | None = None
         self._admitted: dict[str, _Admission] = {}  # by spec: what check_spec found, for create_job
 
     # ---------------------------------------------------------------------------------------------------- files
+    def staging(self) -> AbstractContextManager[Path]:
+        """A private folder in the home for an upload on its way in: ``files.upload`` copies a dataset there once,
+        then validates and stores that copy, which is moved into the store, not copied again."""
+        return self.store.staging()
+
     def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
         return self.store.add_file(
             Path(path), filename=Path(path).name, fmt=report.format, examples=report.examples, purpose="fine-tune"
@@ -108,9 +116,9 @@ class LocalBackend:
             from ..trainer import distributed
 
             distributed.check(spec, self.name)
-        self.store.get_file(spec.training_file)
+        self.store.file_blob(spec.training_file)  # recorded, and its stored copy still there
         if spec.validation_file is not None:
-            self.store.get_file(spec.validation_file)
+            self.store.file_blob(spec.validation_file)
         allocator.for_trainers()  # a malformed or unmet $PHITUNE_ALLOCATOR is refused here
         for package in ("torch", "transformers"):
             if importlib.util.find_spec(package) is None:
@@ -164,16 +172,17 @@ class LocalBackend:
             if admitted is not None:  # attempt 0: a worker that already claimed the job keeps its own values
                 self.store.update_progress(job.id, 0, **admitted.progress(job.created_at))
                 job = self.store.get_job(job.id)
-        ensure_worker(self.home)
+        ensure_worker(self.store)
         return job
 
     def get_job(self, job_id: str) -> FineTuneJob:
-        job = self.store.get_job(job_id)
-        if job.status in ("queued", "running"):
-            ensure_worker(self.home)  # restarts a dead worker: its job resumes from the last checkpoint
-        return job
+        if self.store.get_job(job_id).status in ("queued", "running"):
+            ensure_worker(self.store)  # restarts a dead worker: its job resumes from the last checkpoint
+        return self.store.get_job(job_id)
 
     def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuneJob]:
+        if self.store.has_active_jobs():
+            ensure_worker(self.store)  # a job whose worker died shows queued, not running
         return self.store.list_jobs(limit=limit, after=after)
 
     def cancel_job(self, job_id: str) -> FineTuneJob:
@@ -194,7 +203,7 @@ class LocalBackend:
         if not self.store.transition(job_id, "queued", when=("paused",)):
             raise ConflictError(f"job {job_id} is {self.store.get_job(job_id).status}, not paused")
         self.store.add_event(job_id, "resumed: the job continues from its last checkpoint")
-        ensure_worker(self.home)
+        ensure_worker(self.store)
         return self.store.get_job(job_id)
 
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
@@ -235,6 +244,7 @@ class LocalBackend:
         if not _DEPLOYMENT_NAME.match(name):
             raise SpecError("name", "1-64 letters, digits, '.', '-' or '_', starting with a letter or digit")
         found = self.get_model(model)
+        _check_weights(found)
         if engine == "onnx":
             if any(d.name == name for d in self.store.list_deployments()):
                 raise ConflictError(f"a deployment named {name!r} already exists")
@@ -260,6 +270,7 @@ class LocalBackend:
         except NotFoundError:
             model_id, engine = name, "torch"
         model = self.get_model(model_id)
+        _check_weights(model)
         if engine == "onnx":
             from ..export import onnx_for_deployment
 
@@ -273,7 +284,7 @@ class LocalBackend:
         if model.kind == "full":
             assert model.path is not None
             return ServedModel(model.id, model.path)
-        return ServedModel(model.id, resolve_base(model.id, self.home))
+        return ServedModel(model.id, model.path or resolve_base(model.id, self.home))
 
     def _model_pool(self) -> ModelPool:
         if self._pool is None:
@@ -289,16 +300,25 @@ class LocalBackend:
         name: str,
         messages: list[dict[str, str]],
         *,
-        max_tokens: int,
+        max_tokens: int | None,
         temperature: float,
         top_p: float,
         seed: int | None,
+        deadline: float | None = None,
     ) -> Iterator[str | Generation]:
-        """Text pieces as they are generated, then the final Generation (token counts, finish reason)."""
+        """Text pieces as they are generated, then the final Generation (token counts, finish reason). ``max_tokens``
+        None asks for the default within the model's context; at ``deadline`` (``time.monotonic()``) generation
+        stops (:meth:`phitune.trainer.infer.ModelPool.stream`)."""
         from ..trainer.onnx_engine import OnnxServed, shared_pool
 
         served = self.served_model(name)
-        options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        options: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "deadline": deadline,
+        }
         if isinstance(served, OnnxServed):
             return shared_pool().stream(served, messages, **options)
         return self._model_pool().stream(served, messages, **options)
@@ -327,26 +347,43 @@ class LocalBackend:
             result = shared_pool().generate(served, messages, **options)
         else:
             result = self._model_pool().generate(served, messages, **options)
-        return ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            created=int(time.time()),
-            model=served.model_id,
-            choices=[
-                ChatChoice(
-                    index=0,
-                    message=ChatMessage(role="assistant", content=result.text),
-                    finish_reason=result.finish_reason,
-                )
-            ],
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
-        )
+        return chat_completion(served.model_id, result)
 
     def close(self) -> None:
         self._pool = None
+
+
+def chat_completion(model_id: str, result: Generation) -> ChatCompletion:
+    """A finished generation as an OpenAI-shaped chat completion."""
+    return ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        created=int(time.time()),
+        model=model_id,
+        choices=[
+            ChatChoice(
+                index=0,
+                message=ChatMessage(role="assistant", content=result.text),
+                finish_reason=result.finish_reason,
+            )
+        ],
+        usage=Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        ),
+    )
+
+
+_WEIGHTS = {"adapter": "adapter_config.json", "full": "config.json"}
+"""The file a fine-tuned model's folder cannot be without, by kind."""
+
+
+def _check_weights(model: ModelObject) -> None:
+    """A fine-tuned model whose folder is gone from the home is a :class:`~phitune.errors.MissingContentError`."""
+    marker = _WEIGHTS.get(model.kind)
+    if marker is not None and model.path is not None and not (Path(model.path) / marker).is_file():
+        fix = f"train it again (its job is {model.job_id}), or restore its folder from a backup"
+        raise MissingContentError("model", model.id, "the weights", fix)
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,31 @@
 
 Every write is a short transaction, so several processes (clients, the worker, the trainer, ``phitune serve``)
 can share one home. State transitions are conditional updates: a job that was cancelled is never marked succeeded.
+Paths in the database are relative to the home (rows of older homes are converted when the store opens), so a home
+copied or moved elsewhere keeps working on its own files. A stored dataset enters the blob store by a rename in the
+same write transaction as its row, and leaves it in the transaction that deletes its last row, so an upload and a
+delete of one content never leave a row without its blob. Errors of the database itself are
+:class:`~phitune.errors.StoreError` with what to do, and a database that is missing or empty beside the home's data
+is never replaced by an empty one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import sqlite3
-import threading
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConflictError, NotFoundError
+from ..errors import ConflictError, MissingContentError, NotFoundError, SpecError, StoreError
 from ..types import Checkpoint, Deployment, FileObject, FineTuneJob, JobError, JobEvent, JobSpec, ModelObject
 
 _SCHEMA = """
@@ -31,7 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, status TEXT NOT NULL, spec TEXT NOT NULL,
     idempotency_key TEXT UNIQUE, fine_tuned_model TEXT, error TEXT, started_at INTEGER, finished_at INTEGER,
     trained_tokens INTEGER, step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER, attempt INTEGER NOT NULL DEFAULT 0,
-    heartbeat_at REAL, estimated_finish INTEGER
+    heartbeat_at REAL, estimated_finish INTEGER, restarts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, level TEXT NOT NULL,
@@ -53,6 +60,15 @@ CREATE TABLE IF NOT EXISTS worker (id INTEGER PRIMARY KEY CHECK (id = 1), pid IN
 
 ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
 
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of a current database: 1 keeps paths relative to the home and counts job restarts."""
+
+BUSY_SECONDS = 60
+"""How long a transaction waits for another process's write before the store gives up."""
+
+_DATA_FOLDERS = ("files", "jobs", "models/fine-tuned")
+"""What the database lists: a home with files in these folders has had a database."""
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
@@ -63,32 +79,113 @@ class Store:
 
     def __init__(self, home: str | os.PathLike[str]) -> None:
         self.home = Path(home).expanduser().resolve()
-        self.home.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / "phitune.db"
-        db = sqlite3.connect(self.db_path, timeout=60)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-        finally:
-            db.close()
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"the phitune home {self.home} cannot be created: {exc.strerror or exc}") from exc
+        self._refuse_a_lost_database()
+        try:
+            with contextlib.closing(sqlite3.connect(self.db_path, timeout=BUSY_SECONDS)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                current = db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION
+        except sqlite3.Error as exc:
+            raise self._store_error(exc) from exc
+        if not current:
+            with self._tx(immediate=True) as db:
+                if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:  # not migrated meanwhile
+                    self._migrate(db)
+
+    def _refuse_a_lost_database(self) -> None:
+        """A missing or empty database beside data it listed is an error, never a fresh, empty home."""
+        size = self.db_path.stat().st_size if self.db_path.exists() else None
+        if size:
+            return
+        holding = [name for name in _DATA_FOLDERS if any(p.is_file() for p in (self.home / name).rglob("*"))]
+        if holding:
+            state = "missing" if size is None else "empty (0 bytes)"
+            raise StoreError(
+                f"{self.db_path} is {state}, but the home holds {', '.join(f'{name}/' for name in holding)}: the "
+                "jobs, datasets and models they hold would vanish from view. Restore phitune.db from a backup; to "
+                f"start this home afresh instead, first move {' and '.join(holding)} out of it"
+            )
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring a database of any earlier version to :data:`SCHEMA_VERSION`, within the caller's transaction."""
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        if "restarts" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
+            db.execute("ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0")
+        for row in db.execute("SELECT id, sha256, blob FROM files").fetchall():
+            db.execute("UPDATE files SET blob=? WHERE id=?", (_blob_name(row["sha256"]), row["id"]))
+        for row in db.execute("SELECT job_id, step, path FROM checkpoints").fetchall():
+            relative = _from_marker(row["path"], f"jobs/{row['job_id']}/")
+            db.execute(
+                "UPDATE checkpoints SET path=? WHERE job_id=? AND step=?", (relative, row["job_id"], row["step"])
+            )
+        for row in db.execute("SELECT id, path FROM models WHERE path IS NOT NULL").fetchall():
+            db.execute(
+                "UPDATE models SET path=? WHERE id=?", (_from_marker(row["path"], "models/fine-tuned/"), row["id"])
+            )
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # ------------------------------------------------------------------------------------------------ plumbing
     @contextlib.contextmanager
     def _tx(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        try:
+            db = sqlite3.connect(self.db_path, timeout=BUSY_SECONDS, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._store_error(exc) from exc
         try:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=60000")
+            db.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
             db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise self._store_error(exc) from exc
         finally:
             db.close()
+
+    def _store_error(self, exc: sqlite3.Error) -> StoreError:
+        """What a failure of the database means for the user, and what to do about it."""
+        detail = str(exc)
+        reason = detail.lower()
+        if any(word in reason for word in ("readonly", "read-only", "unable to open", "permission")):
+            return StoreError(
+                f"{self.db_path} cannot be written ({detail}): make the home writable by this user, or use another "
+                "home (Client(home=...), $PHITUNE_HOME)"
+            )
+        if any(word in reason for word in ("not a database", "malformed", "corrupt")):
+            return StoreError(
+                f"{self.db_path} is damaged ({detail}): restore it from a backup. The home's datasets, jobs and "
+                "models stay on disk (files/, jobs/, models/), unlisted until the database is restored"
+            )
+        if "disk i/o" in reason or "full" in reason:
+            return StoreError(f"{self.db_path} could not be written ({detail}): is the disk full? Free space, retry")
+        if "locked" in reason or "busy" in reason:
+            return StoreError(
+                f"{self.db_path} stayed locked by another process for {BUSY_SECONDS} s ({detail}); retry later"
+            )
+        return StoreError(f"{self.db_path}: {detail}")
+
+    def _stored(self, path: Path) -> str:
+        """How the database keeps a path: relative to the home where it lies in the home."""
+        absolute = path.expanduser().resolve()
+        return str(absolute.relative_to(self.home)) if absolute.is_relative_to(self.home) else str(absolute)
+
+    def _resolved(self, stored: str) -> Path:
+        """A path as the database keeps it, on this machine (an absolute one stays as it is)."""
+        return self.home / stored
 
     def path(self, *parts: str) -> Path:
         """A path under the home folder (folders created)."""
@@ -102,33 +199,84 @@ class Store:
         return folder
 
     # --------------------------------------------------------------------------------------------------- files
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private folder under the home's ``tmp/`` for one upload on its way in, removed when done; one left by a
+        process that died is removed by :meth:`sweep` (its ``.lock``, held while in use, is free then)."""
+        tmp = self.home / "tmp"
+        tmp.mkdir(exist_ok=True)
+        fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=tmp))
+        lock = open(fresh / ".lock", "w")  # noqa: SIM115 - held until the folder is removed
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            folder = fresh.with_name("upload-" + fresh.name.removeprefix(".new-"))
+            os.rename(fresh, folder)  # visible to sweep() only once locked
+        except BaseException:
+            lock.close()
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.close()
+
+    def is_staged(self, path: Path) -> bool:
+        """Whether ``path`` lies in a staging folder of this home (a private copy the store may move)."""
+        folder = path.resolve().parent
+        return folder.parent == self.home / "tmp" and folder.name.startswith("upload-")
+
+    def sweep(self) -> None:
+        """Remove what uploads that died midway left: staging folders no live process holds, and blobs no file
+        refers to (a blob enters the store in the write transaction that records it, so under the write lock an
+        unrecorded blob is a leftover)."""
+        for folder in (self.home / "tmp").glob("upload-*"):
+            try:
+                lock = open(folder / ".lock")  # noqa: SIM115 - closed below
+            except OSError:
+                continue
+            with lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use
+                shutil.rmtree(folder, ignore_errors=True)
+        with self._tx(immediate=True) as db:
+            known = {_blob_name(row["sha256"]) for row in db.execute("SELECT sha256 FROM files")}
+            for blob in (self.home / "files").glob("*/*"):
+                if str(blob.relative_to(self.home)) not in known:
+                    blob.unlink(missing_ok=True)
+
     def add_file(self, source: Path, *, filename: str, fmt: str | None, examples: int, purpose: str) -> FileObject:
-        """Copy a validated dataset into the content-addressed blob store and record it."""
-        digest = hashlib.sha256()
-        with open(source, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        sha = digest.hexdigest()
-        blob = self.path("files", sha[:2], f"{sha}.jsonl")
-        if not blob.exists():  # a copy of this thread's own, then an atomic rename: uploads of one content may race
-            tmp = blob.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, blob)
-        obj = FileObject(
-            id=new_id("file"),
-            bytes=blob.stat().st_size,
-            created_at=int(time.time()),
-            filename=filename,
-            purpose=purpose,
-            format=fmt,
-            examples=examples,
-            sha256=sha,
-        )
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO files VALUES (?,?,?,?,?,?,?,?,?)",
-                (obj.id, obj.filename, obj.bytes, obj.created_at, sha, str(blob), fmt, examples, purpose),
-            )
+        """Store a validated dataset in the content-addressed blob store and record it. A staged copy
+        (:meth:`staging`) is moved in; any other file is copied once, hashed on the way."""
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.is_staged(source):
+                    staged, sha = source, _sha256(source)
+                else:
+                    staged = stack.enter_context(self.staging()) / "blob"
+                    sha = _sha256(source, copy_to=staged)
+                obj = FileObject(
+                    id=new_id("file"),
+                    bytes=staged.stat().st_size,
+                    created_at=int(time.time()),
+                    filename=filename,
+                    purpose=purpose,
+                    format=fmt,
+                    examples=examples,
+                    sha256=sha,
+                )
+                blob = self.home / _blob_name(sha)
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                with self._tx(immediate=True) as db:
+                    os.replace(staged, blob)
+                    db.execute(
+                        "INSERT INTO files VALUES (?,?,?,?,?,?,?,?,?)",
+                        (obj.id, filename, obj.bytes, obj.created_at, sha, _blob_name(sha), fmt, examples, purpose),
+                    )
+        except OSError as exc:
+            raise StoreError(f"{filename} could not be stored in {self.home}: {exc.strerror or exc}") from exc
         return obj
 
     @staticmethod
@@ -155,8 +303,13 @@ class Store:
         return row  # type: ignore[no-any-return]
 
     def file_blob(self, file_id: str) -> Path:
-        """The stored content of a file."""
-        return Path(self._file_row(file_id)["blob"])
+        """The stored content of a file; :class:`~phitune.errors.MissingContentError` where it is gone."""
+        row = self._file_row(file_id)
+        blob = self._resolved(row["blob"])
+        if not blob.is_file():
+            fix = "upload the dataset again and use its new file id"
+            raise MissingContentError("file", f"{file_id} ({row['filename']})", "the stored copy", fix)
+        return blob
 
     def file_label(self, file_id: str) -> str:
         """How messages name a stored file: its id and original filename, never its place in the store."""
@@ -180,9 +333,8 @@ class Store:
                 if file_id in (spec.get("training_file"), spec.get("validation_file")):
                     raise ConflictError(f"file {file_id} is used by active job {job['id']}")
             db.execute("DELETE FROM files WHERE id=?", (file_id,))
-            shared = db.execute("SELECT 1 FROM files WHERE sha256=?", (row["sha256"],)).fetchone()
-        if shared is None:
-            Path(row["blob"]).unlink(missing_ok=True)
+            if db.execute("SELECT 1 FROM files WHERE sha256=?", (row["sha256"],)).fetchone() is None:
+                self._resolved(row["blob"]).unlink(missing_ok=True)  # in the transaction: no upload adds it now
 
     # ---------------------------------------------------------------------------------------------------- jobs
     def create_job(self, spec: JobSpec, *, idempotency_key: str) -> tuple[FineTuneJob, bool]:
@@ -295,12 +447,29 @@ class Store:
             attempt = db.execute("SELECT attempt FROM jobs WHERE id=?", (row["id"],)).fetchone()["attempt"]
         return self.get_job(row["id"]), int(attempt)
 
-    def requeue_orphans(self) -> list[str]:
-        """Put jobs left 'running' by a dead worker back in the queue (they resume from their last checkpoint)."""
+    def running_jobs(self) -> list[str]:
+        """The jobs marked running: under the worker lock, those a dead worker left."""
+        with self._tx() as db:
+            return [str(row["id"]) for row in db.execute("SELECT id FROM jobs WHERE status='running'").fetchall()]
+
+    def restart_crashed(self, job_id: str, attempt: int | None, *, max_restarts: int, failure: JobError) -> int | None:
+        """Put a running job whose trainer died back in the queue (it resumes from its last checkpoint), counting the
+        restart; the restart past ``max_restarts`` fails it with ``failure`` instead. ``attempt`` None: whatever
+        attempt ran. Returns the job's restarts so far (more than ``max_restarts``: it failed), or None where the job
+        was no longer running that attempt."""
         with self._tx(immediate=True) as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status='running'").fetchall()]
-            db.execute("UPDATE jobs SET status='queued' WHERE status='running'")
-        return ids
+            row = db.execute("SELECT status, attempt, restarts FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["status"] != "running" or attempt not in (None, row["attempt"]):
+                return None
+            restarts = int(row["restarts"]) + 1
+            if restarts > max_restarts:
+                db.execute(
+                    "UPDATE jobs SET status='failed', restarts=?, error=?, finished_at=? WHERE id=?",
+                    (restarts, failure.model_dump_json(), int(time.time()), job_id),
+                )
+            else:
+                db.execute("UPDATE jobs SET status='queued', restarts=? WHERE id=?", (restarts, job_id))
+        return restarts
 
     # -------------------------------------------------------------------------------------------------- events
     def add_event(
@@ -321,7 +490,7 @@ class Store:
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
         """Oldest first. Event ids are ``ftevent-<seq>``; ``after`` continues from one."""
         self._job_row(job_id)
-        start = int(after.rsplit("-", 1)[-1]) if after else 0
+        start = _event_seq(after) if after else 0
         with self._tx() as db:
             rows = db.execute(
                 "SELECT * FROM events WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?", (job_id, start, limit)
@@ -343,7 +512,7 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?)",
-                (job_id, step, int(time.time()), json.dumps(metrics), str(path)),
+                (job_id, step, int(time.time()), json.dumps(metrics), self._stored(path)),
             )
 
     def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
@@ -359,7 +528,7 @@ class Store:
                 fine_tuning_job_id=job_id,
                 step_number=r["step"],
                 metrics=json.loads(r["metrics"]),
-                location=r["path"],
+                location=str(self._resolved(r["path"])),
                 fine_tuned_model_checkpoint=f"{fine_tuned_model_id(spec, job_id)}:ckpt-step-{r['step']}",
             )
             for r in rows
@@ -370,18 +539,27 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?)",
-                (model.id, model.created, model.kind, model.base_model, model.job_id, model.path),
+                (model.id, model.created, model.kind, model.base_model, model.job_id, self._stored_model_path(model)),
             )
 
     def find_model(self, model_id: str) -> ModelObject | None:
         with self._tx() as db:
             row = db.execute("SELECT * FROM models WHERE id=?", (model_id,)).fetchone()
-        return None if row is None else ModelObject(**dict(row))
+        return None if row is None else self._model(row)
 
     def list_models(self) -> list[ModelObject]:
         with self._tx() as db:
             rows = db.execute("SELECT * FROM models ORDER BY created").fetchall()
-        return [ModelObject(**dict(r)) for r in rows]
+        return [self._model(r) for r in rows]
+
+    def _stored_model_path(self, model: ModelObject) -> str | None:
+        return None if model.path is None else self._stored(Path(model.path))
+
+    def _model(self, row: sqlite3.Row) -> ModelObject:
+        stored = dict(row)
+        if stored["path"] is not None:
+            stored["path"] = str(self._resolved(stored["path"]))
+        return ModelObject(**stored)
 
     # --------------------------------------------------------------------------------------------- deployments
     def add_deployment(self, name: str, model: str, engine: str) -> Deployment:
@@ -412,6 +590,37 @@ class Store:
     def worker_heartbeat(self, pid: int) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO worker VALUES (1, ?, ?)", (pid, time.time()))
+
+
+def _event_seq(event_id: str) -> int:
+    """The sequence number of an event id (``ftevent-<seq>``), at most SQLite's largest integer."""
+    number = event_id.rsplit("-", 1)[-1]
+    if not (number.isascii() and number.isdigit()):
+        raise SpecError("after", f"{event_id!r} is not an event id (ftevent-<number>)")
+    return min(int(number), 2**63 - 1)
+
+
+def _blob_name(sha256: str) -> str:
+    """Where the blob store keeps a content, relative to the home."""
+    return f"files/{sha256[:2]}/{sha256}.jsonl"
+
+
+def _from_marker(path: str, marker: str) -> str:
+    """A path as the home's own: an absolute one from its last ``/<marker>`` on (where a home copied or moved
+    elsewhere keeps its own copy); other paths as they are."""
+    index = path.rfind("/" + marker)
+    return path[index + 1 :] if os.path.isabs(path) and index >= 0 else path
+
+
+def _sha256(source: Path, copy_to: Path | None = None) -> str:
+    """The SHA-256 of ``source``'s content, read once, written to the new file ``copy_to`` on the way if given."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as reader, open(copy_to, "xb") if copy_to else contextlib.nullcontext() as writer:
+        while chunk := reader.read(1 << 20):
+            digest.update(chunk)
+            if writer is not None:
+                writer.write(chunk)
+    return digest.hexdigest()
 
 
 def fine_tuned_model_id(spec: JobSpec, job_id: str) -> str:

@@ -2,17 +2,21 @@
 
 Started on demand and detached by the client (``ensure_worker``), or by hand with ``phitune worker --home DIR``.
 An exclusive ``flock`` on ``worker.lock`` makes it a singleton; the kernel releases the lock when the process dies,
-even by ``kill -9``, so the next client call starts a new worker, which puts the orphaned job back in the queue: it
-resumes from its last checkpoint. The trainer subprocess dies with its worker (``PR_SET_PDEATHSIG``) and checks its
-attempt number every step, so a superseded trainer never writes over a newer one. A distributed job's trainer is
-torchrun, whose ranks set the same death signal on themselves: a dead worker takes the launcher and every rank along.
+even by ``kill -9``, so the next client call (``get``, ``list``, ``wait``, ``create``) finds the lock free, puts the
+orphaned job back in the queue and starts a new worker: the job resumes from its last checkpoint. A trainer that
+dies alone (killed, out of memory, a crash of native code) is restarted the same way by its worker; a trainer that
+fails with an error of its own records it and the job fails. Either restart counts, and the one past
+``$PHITUNE_MAX_RESTARTS`` (default 3) fails the job with the reason instead; the job's events say each restart.
+The trainer subprocess dies with its worker (``PR_SET_PDEATHSIG``) and checks its attempt number every step, so a
+superseded trainer never writes over a newer one. A distributed job's trainer is torchrun, whose ranks set the same
+death signal on themselves: a dead worker takes the launcher and every rank along. No child process gets the
+server's API key (:func:`phitune._process.child_environment`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import os
 import signal
@@ -23,14 +27,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from ..errors import PhituneError
+from .._process import child_environment, die_with_parent
+from ..errors import PhituneError, scrub_paths
 from ..trainer import allocator
 from ..types import Distributed, JobError
 from .store import Store
 
 HEARTBEAT_SECONDS = 1.0
 CANCEL_GRACE_SECONDS = 15.0
-_PR_SET_PDEATHSIG = 1
+MAX_RESTARTS_ENV = "PHITUNE_MAX_RESTARTS"
+DEFAULT_MAX_RESTARTS = 3
+WORKER_STOPPED = "worker restarted: the previous one stopped while running the job"
 
 
 @contextlib.contextmanager
@@ -48,36 +55,26 @@ def _worker_lock(home: Path) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def worker_alive(home: Path) -> bool:
-    """True if a worker process holds this home's lock."""
+def ensure_worker(store: Store) -> None:
+    """Start a detached worker for the store's home unless one is running; first, under the worker lock, the jobs a
+    dead worker left running go back in the queue, so that every listing shows them queued at once."""
+    home = store.home
     with _worker_lock(home) as acquired:
-        return not acquired
-
-
-def ensure_worker(home: Path) -> None:
-    """Start a detached worker for ``home`` unless one is running."""
-    if worker_alive(home):
-        return
+        if not acquired:
+            return
+        recover_orphans(store)
     log = home / "logs" / "worker.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         subprocess.Popen(
             [sys.executable, "-m", "phitune.local.worker", "--home", str(home)],
+            env=child_environment(),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
         )
-
-
-def die_with_parent() -> None:
-    """In a child process: receive SIGKILL when the parent dies, so no orphaned trainer keeps running."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
 
 
 def trainer_command(job_id: str, attempt: int, home: Path, layout: Distributed) -> list[str]:
@@ -94,13 +91,61 @@ def trainer_env(layout: Distributed) -> dict[str, str]:
     """The trainer's environment: the allocator of :mod:`phitune.trainer.allocator` preloaded, and the ranks of a
     distributed job sharing this machine's cores (torchrun would give each rank one thread) unless
     ``OMP_NUM_THREADS`` is set."""
-    env = allocator.preload(dict(os.environ))
+    env = allocator.preload(child_environment())
     if layout.strategy != "none" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // layout.nproc))
     return env
 
 
-def _log_tail(path: Path, lines: int = 25) -> str:
+def max_restarts() -> int:
+    """How many times a job's trainer may be restarted after dying: ``$PHITUNE_MAX_RESTARTS``, default 3."""
+    value = os.environ.get(MAX_RESTARTS_ENV, "")
+    return int(value) if value.isdigit() else DEFAULT_MAX_RESTARTS
+
+
+def recover_orphans(store: Store) -> None:
+    """Under the worker lock: the jobs marked running have lost their worker; each resumes from its last checkpoint
+    (a restart)."""
+    for job_id in store.running_jobs():
+        restart(store, job_id, None, WORKER_STOPPED)
+
+
+def restart(store: Store, job_id: str, attempt: int | None, reason: str, log_tail: str = "") -> None:
+    """Queue a job whose trainer died again, saying from which checkpoint it resumes; past :func:`max_restarts`,
+    fail it with ``reason`` and the scrubbed ``log_tail`` (the trainer's last words)."""
+    limit = max_restarts()
+    message = f"{reason}, after {limit} restart{'' if limit == 1 else 's'}: the job stops here"
+    if log_tail:
+        message += f"; the last lines of its log (train.log in the job's folder):\n{log_tail}"
+    restarts = store.restart_crashed(
+        job_id, attempt, max_restarts=limit, failure=JobError(code="trainer_crashed", message=message)
+    )
+    if restarts is None:  # the trainer recorded how it ended, or the job was cancelled or paused meanwhile
+        return
+    if restarts > limit:
+        store.add_event(job_id, f"job failed: {message}", level="error", data={"restarts": limit})
+        return
+    kept = [checkpoint.step_number for checkpoint in store.list_checkpoints(job_id)]
+    whence = f"it resumes from its checkpoint at step {max(kept)}" if kept else "no checkpoint yet: it starts over"
+    store.add_event(
+        job_id,
+        f"{reason}; {whence} (restart {restarts} of at most {limit})",
+        level="warn",
+        data={"restart": restarts, "max_restarts": limit, "step": max(kept, default=0)},
+    )
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log, without any path of this machine."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -108,11 +153,12 @@ def _log_tail(path: Path, lines: int = 25) -> str:
             text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return scrub_paths("\n".join(text.splitlines()[-lines:]))
 
 
 def run_job(store: Store, job_id: str, attempt: int) -> None:
-    """Run one attempt of a job in a trainer subprocess; record failure if it dies without finishing."""
+    """Run one attempt of a job in a trainer subprocess; restart the job if the trainer dies without recording how
+    it ended (:func:`restart`)."""
     log_path = store.job_dir(job_id) / "train.log"
     spec = store.get_job(job_id).spec
     assert spec is not None
@@ -141,12 +187,7 @@ def run_job(store: Store, job_id: str, attempt: int) -> None:
                 proc.kill()
             time.sleep(HEARTBEAT_SECONDS / 4)
     if proc.returncode != 0:
-        tail = _log_tail(log_path)
-        message = f"trainer exited with code {proc.returncode}; last lines of {log_path}:\n{tail}"
-        if store.transition(
-            job_id, "failed", when=("running",), error=JobError(code="trainer_error", message=message[-4000:])
-        ):
-            store.add_event(job_id, message[-4000:], level="error")
+        restart(store, job_id, attempt, f"the trainer {_exit_description(proc.returncode)}", _log_tail(log_path, 8))
 
 
 def run_worker(home: Path, *, idle_timeout: float) -> int:
@@ -155,8 +196,8 @@ def run_worker(home: Path, *, idle_timeout: float) -> int:
         if not acquired:
             return 0
         store = Store(home)
-        for job_id in store.requeue_orphans():
-            store.add_event(job_id, "worker restarted: the job resumes from its last checkpoint", level="warn")
+        store.sweep()
+        recover_orphans(store)
         idle_since = time.monotonic()
         while time.monotonic() - idle_since < idle_timeout:
             store.worker_heartbeat(os.getpid())

@@ -2,9 +2,14 @@ from __future__ import annotations
 
 import builtins
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from .. import catalog
+from ..backends.base import StagingBackend
 from ..errors import DatasetError
 from ..types import DatasetReport, FileObject
 from ._base import Resource
@@ -37,12 +42,21 @@ class Files(Resource):
         )
 
     def upload(self, path: str | os.PathLike[str], *, model: str | None = None) -> FileObject:
-        """Validate, then store the dataset. A file with any problem raises :class:`~phitune.errors.DatasetError`
-        and is not stored."""
-        report = self.validate(path, model=model)
-        if not report.ok:
-            raise DatasetError(str(path), report.errors, total=max(report.error_count, 1))
-        return self._backend.upload_file(str(path), report=report)
+        """Validate, then store the dataset. The file is read once, into a private copy (a regular file only: anything
+        else is a :class:`~phitune.errors.DatasetError`, ``not_a_file``), and that copy is both validated and stored,
+        so what is stored is what was validated. A file with any problem raises
+        :class:`~phitune.errors.DatasetError` and is not stored."""
+        with self._staging() as folder:
+            copy = _copy_dataset(path, folder)
+            report = self.validate(copy, model=model)
+            if not report.ok:
+                raise DatasetError(str(path), report.errors, total=max(report.error_count, 1))
+            return self._backend.upload_file(str(copy), report=report)
+
+    def _staging(self) -> AbstractContextManager[Path]:
+        """Where an upload's private copy lies: the backend's own place (the local home), else a temporary folder."""
+        backend = self._backend
+        return backend.staging() if isinstance(backend, StagingBackend) else _temporary_folder()
 
     def get(self, file_id: str) -> FileObject:
         return self._backend.get_file(file_id)
@@ -70,3 +84,19 @@ class Files(Resource):
             return None
         cached = try_to_load_from_cache(repo, "tokenizer.json")
         return Path(cached).parent if isinstance(cached, str) else None
+
+
+@contextmanager
+def _temporary_folder() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="phitune-upload-") as folder:
+        yield Path(folder)
+
+
+def _copy_dataset(path: str | os.PathLike[str], folder: Path) -> Path:
+    """Copy a dataset file into ``folder`` under its own name, in one read."""
+    from ..datasets import open_dataset
+
+    target = folder / Path(path).name
+    with open_dataset(path) as source, open(target, "xb") as copy:
+        shutil.copyfileobj(source, copy, 1 << 20)
+    return target

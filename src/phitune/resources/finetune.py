@@ -17,6 +17,7 @@ import pydantic
 from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
+from .. import catalog
 from .. import estimate as _estimate
 from ..backends.base import PausingBackend
 from ..errors import PhituneError, SpecError, UnsupportedOptionError, WaitTimeoutError
@@ -44,6 +45,15 @@ def build_spec(**fields: Any) -> JobSpec:
         problems = [(_dotted(error["loc"]), _problem(error)) for error in exc.errors()]
         (field, first), rest = problems[0], problems[1:]
         raise SpecError(field, "; ".join([first, *(f"{name}: {message}" for name, message in rest)])) from None
+
+
+def model_argument(model: str) -> str:
+    """A model folder given relative to the working directory, as an absolute path (the worker and trainer have
+    other working directories, and read a relative name as a Hugging Face id); anything else as it is."""
+    folder = Path(model).expanduser()
+    if catalog.find(model) is None and not folder.is_absolute() and folder.is_dir():
+        return str(folder.resolve())
+    return model
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:
@@ -111,7 +121,7 @@ class FineTuning(Resource):
         uploaded: builtins.list[str] = []
         try:
             spec = build_spec(
-                model=model,
+                model=model_argument(model),
                 training_file=self._file_id(training_file, model, uploaded),
                 validation_file=self._file_id(validation_file, model, uploaded),
                 method=method,
@@ -159,7 +169,7 @@ class FineTuning(Resource):
             if model is None or training_file is None:
                 raise SpecError("model", "give a JobSpec, or model= and training_file=")
             spec = build_spec(
-                model=model,
+                model=model_argument(model),
                 training_file=os.fspath(training_file),
                 validation_file=os.fspath(validation_file) if validation_file is not None else None,
                 method=method,

@@ -60,23 +60,26 @@ def serve(
     home: str | os.PathLike[str] | None = None,
     api_key: str | None = None,
     max_upload_bytes: int | None = None,
+    generation_seconds: float | None = None,
     log_level: str = "info",
 ) -> int:
     """Run the server in the foreground until interrupted; returns the exit status.
 
     Binds to loopback by default; any other address needs ``api_key``. ``home`` defaults to ``$PHITUNE_HOME`` or
-    ``~/.phitune``. ``max_upload_bytes`` caps a dataset upload (default 1 GiB).
+    ``~/.phitune``. ``max_upload_bytes`` caps a dataset upload (default 1 GiB), ``generation_seconds`` one chat
+    request's generation (default 120 s).
     """
     check_bind(host, api_key)
     import uvicorn
 
     from .._client import default_home
-    from .app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+    from .app import DEFAULT_GENERATION_SECONDS, DEFAULT_MAX_UPLOAD_BYTES, create_app
 
     app = create_app(
         Path(home) if home is not None else default_home(),
         api_key=api_key or None,
         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
+        generation_seconds=generation_seconds or DEFAULT_GENERATION_SECONDS,
     )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     logging.getLogger("uvicorn.access").addFilter(StripQueryStrings())
@@ -85,7 +88,8 @@ def serve(
 
 
 def cli(argv: Sequence[str] | None = None, *, home: str | None = None) -> int:
-    """``phitune serve [--host H] [--port P] [--api-key KEY] [--max-upload-mb N] [--log-level L]``."""
+    """``phitune serve [--host H] [--port P] [--api-key KEY] [--max-upload-mb N] [--generation-timeout S]
+    [--log-level L]``."""
     parser = argparse.ArgumentParser(
         prog="phitune serve", description="OpenAI-compatible fine-tuning and inference over the local backend."
     )
@@ -94,6 +98,12 @@ def cli(argv: Sequence[str] | None = None, *, home: str | None = None) -> int:
     parser.add_argument("--home", default=home, help="local state folder (default $PHITUNE_HOME or ~/.phitune)")
     parser.add_argument("--api-key", default=None, help=f"require this key (default ${API_KEY_ENV}, if set)")
     parser.add_argument("--max-upload-mb", type=int, default=None, help="largest dataset upload (default 1024)")
+    parser.add_argument(
+        "--generation-timeout",
+        type=float,
+        default=None,
+        help="seconds one chat request may generate before it ends with finish_reason length (default 120)",
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -109,6 +119,7 @@ def cli(argv: Sequence[str] | None = None, *, home: str | None = None) -> int:
             home=args.home,
             api_key=args.api_key or os.environ.get(API_KEY_ENV),
             max_upload_bytes=args.max_upload_mb * (1 << 20) if args.max_upload_mb else None,
+            generation_seconds=args.generation_timeout,
             log_level=args.log_level,
         )
     except SpecError as exc:

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 _MAX_FIELD_BYTES = 64 * 1024
+_MAX_FILENAME_BYTES = 200
+"""The longest filename kept, in UTF-8 bytes: file systems take 255 bytes per name."""
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
@@ -37,8 +39,10 @@ class Upload:
 
 
 def safe_filename(name: str) -> str:
-    """The last path component of a client-supplied name, without control characters or separators."""
-    base = _UNSAFE.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).strip()[:200]
+    """The last path component of a client-supplied name, without control characters or separators, cut to
+    :data:`_MAX_FILENAME_BYTES` bytes of UTF-8 (whole characters)."""
+    base = _UNSAFE.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).strip()
+    base = base.encode()[:_MAX_FILENAME_BYTES].decode("utf-8", "ignore")
     return base if base not in ("", ".", "..") else "upload.jsonl"
 
 
@@ -50,6 +54,8 @@ class _Receiver:
     file_field: str
     fields: dict[str, str] = field(default_factory=dict)
     upload: Upload | None = None
+    ended: bool = False
+    """Whether the body's closing boundary came."""
     _headers: dict[bytes, bytes] = field(default_factory=dict)
     _header: tuple[bytearray, bytearray] = field(default_factory=lambda: (bytearray(), bytearray()))
     _name: str = ""
@@ -65,7 +71,11 @@ class _Receiver:
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
+            "on_end": self._end,
         }
+
+    def _end(self) -> None:
+        self.ended = True
 
     def _part_begin(self) -> None:
         self._headers = {}
@@ -132,6 +142,8 @@ async def receive_upload(request: Request, folder: Path, *, file_field: str, max
         raise MalformedUpload(f"malformed multipart body: {exc}") from None
     finally:
         receiver.close()
+    if not receiver.ended:
+        raise MalformedUpload("the multipart body ends before its closing boundary: the upload was cut short")
     if receiver.upload is None:
         raise MalformedUpload(f"no file in the {file_field!r} field")
     return receiver.upload

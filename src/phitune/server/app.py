@@ -1,9 +1,10 @@
 """The ``phitune serve`` application: the local backend behind OpenAI's REST shapes.
 
 One :class:`~phitune.backends.local.LocalBackend`, and so one model pool, lives as long as the app: several adapters
-on one base model share a single loaded copy of the base. Blocking work (SQLite, dataset validation, generation) runs
-in worker threads; a streamed generation runs start to end in one dedicated thread, because the model pool's lock
-must be released by the thread that took it.
+on one base model share a single loaded copy of the base. Blocking work (SQLite, dataset validation) runs in worker
+threads; each generation runs start to end in a thread of its own, and stops within a token when its client goes
+away, at its deadline, or at the end of what the model's context leaves. No answer carries a path of the server's
+file system, and without an API key only requests that name this machine (``Host``, ``Origin``) are served.
 """
 
 from __future__ import annotations
@@ -14,25 +15,26 @@ import hmac
 import json
 import logging
 import re
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__, catalog
 from .._client import Client
-from ..backends.local import LocalBackend
+from ..backends.local import LocalBackend, chat_completion
 from ..errors import (
     ConflictError,
     DatasetError,
@@ -42,9 +44,10 @@ from ..errors import (
     SpecError,
     UnsupportedOptionError,
     WontFitError,
+    scrub_paths,
 )
 from ..types import FileObject, JobEvent
-from . import shapes
+from . import is_loopback, shapes
 from ._upload import MalformedUpload, UploadTooLarge, receive_upload
 from .dashboard import add_dashboard
 
@@ -55,7 +58,8 @@ logger = logging.getLogger("phitune.server")
 
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
 DEFAULT_MAX_PENDING_CHATS = 4
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_GENERATION_SECONDS = 120.0
+"""How long one chat request may generate before it ends with ``finish_reason`` ``"length"``."""
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _EVENT_ID = re.compile(r"^ftevent-\d+$")
@@ -90,21 +94,22 @@ class HTTPError(Exception):
 
 
 def _from_phitune(exc: PhituneError) -> HTTPError:
-    """The HTTP status and OpenAI error fields of a phitune error."""
+    """The HTTP status and OpenAI error fields of a phitune error, its message without the server's paths."""
+    message = scrub_paths(exc.message)
     if isinstance(exc, UnsupportedOptionError):
-        return HTTPError(400, exc.message, param=exc.field, code="unsupported_option")
+        return HTTPError(400, message, param=exc.field, code="unsupported_option")
     if isinstance(exc, SpecError):
-        return HTTPError(400, exc.message, param=exc.field, code="invalid_value")
+        return HTTPError(400, message, param=exc.field, code="invalid_value")
     if isinstance(exc, DatasetError):
-        return HTTPError(400, exc.message, param="file", code="invalid_file")
+        return HTTPError(400, message, param="file", code="invalid_file")
     if isinstance(exc, WontFitError):
-        return HTTPError(400, exc.message, code="wont_fit")
+        return HTTPError(400, message, code="wont_fit")
     if isinstance(exc, NotFoundError):
-        return HTTPError(404, exc.message, code="not_found")
+        return HTTPError(404, message, code="not_found")
     if isinstance(exc, ConflictError):
-        return HTTPError(409, exc.message, code="conflict")
+        return HTTPError(409, message, code="conflict")
     if isinstance(exc, MissingDependencyError):
-        return HTTPError(501, exc.message, type="server_error", code="missing_dependency")
+        return HTTPError(501, message, type="server_error", code="missing_dependency")
     return _internal_error()
 
 
@@ -269,6 +274,40 @@ class _ChatStream(StreamingResponse):
             self._on_close()
 
 
+async def _stop_when_gone(request: Request, stream: _TokenStream) -> None:
+    """Stop ``stream`` when the client of ``request`` disconnects (a task, cancelled once the answer is sent)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    stream.stop()
+
+
+class _LoopbackOnly:
+    """Without an API key, serve only requests that name this machine: a loopback ``Host`` and, where the browser
+    sends one, a loopback ``Origin``. A web page whose own name its DNS rebinds to 127.0.0.1 sends that name, and
+    is refused (403)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if not _names_this_machine(headers.get("host", "")) or (
+                origin not in (None, "null") and not _names_this_machine(urlsplit(origin).netloc)
+            ):
+                message = "This server has no API key and answers requests for a loopback host name only."
+                await HTTPError(403, message, code="invalid_host").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _names_this_machine(authority: str) -> bool:
+    """Whether a ``host[:port]`` (``[::1]:8000`` too) names this machine by loopback."""
+    host = urlsplit(f"//{authority}").hostname
+    return host is not None and is_loopback(host)
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -280,13 +319,13 @@ def create_app(
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pending_chats: int = DEFAULT_MAX_PENDING_CHATS,
+    generation_seconds: float = DEFAULT_GENERATION_SECONDS,
 ) -> FastAPI:
     """The ASGI app serving the phitune home ``home``. With ``api_key``, every request must carry it
-    (``Authorization: Bearer <key>`` or ``api-key: <key>``)."""
+    (``Authorization: Bearer <key>`` or ``api-key: <key>``); without one, only requests naming a loopback host are
+    served. A chat request generates for at most ``generation_seconds``."""
     backend = LocalBackend(home)
     client = Client(backend=backend)
-    uploads = backend.home / "tmp"
-    uploads.mkdir(parents=True, exist_ok=True)
     limiter = _ChatLimiter(max_pending_chats)
     expected = api_key.encode() if api_key else None
 
@@ -313,6 +352,8 @@ def create_app(
         openapi_url=None,
     )
     app.state.backend = backend
+    if expected is None:
+        app.add_middleware(_LoopbackOnly)
 
     @app.exception_handler(HTTPError)
     async def _http_error(_: Request, exc: HTTPError) -> JSONResponse:
@@ -340,8 +381,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code in (404, 405) else ""
-        return HTTPError(exc.status_code, message or str(exc.detail), code="unknown_url").response()
+        if exc.status_code in (404, 405):
+            message = f"Unknown request URL: {request.method} {request.url.path}"
+            return HTTPError(exc.status_code, message, code="unknown_url").response()
+        return HTTPError(exc.status_code, str(exc.detail), code="invalid_request").response()  # e.g. a body not JSON
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -371,8 +414,8 @@ def create_app(
     # --------------------------------------------------------------------------------------------- files
     @app.post("/v1/files")
     async def create_file(request: Request) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(dir=uploads) as folder:
-            upload = await receive_upload(request, Path(folder), file_field="file", max_bytes=max_upload_bytes)
+        with backend.staging() as folder:
+            upload = await receive_upload(request, folder, file_field="file", max_bytes=max_upload_bytes)
             purpose = upload.fields.get("purpose", "fine-tune")
             if purpose != "fine-tune":
                 raise SpecError("purpose", f"{purpose!r}: this server stores 'fine-tune' files only")
@@ -533,23 +576,23 @@ def create_app(
         return backend.served_model(name).model_id
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
+    async def chat_completions(body: ChatRequest, request: Request) -> dict[str, Any] | Response:
         messages = [m.as_dict() for m in body.messages]
         options: dict[str, Any] = {
-            "max_tokens": body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
+            "max_tokens": body.max_completion_tokens or body.max_tokens,  # None: the default, within the context
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "seed": body.seed,
+            "deadline": time.monotonic() + generation_seconds,
         }
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         limiter.acquire()
         streaming = False
         try:
             model_id = await run_in_threadpool(served_model_id, body.model)
-            if not body.stream:
-                completion = await run_in_threadpool(backend.chat, body.model, messages, **options)
-                return {**completion.model_dump(mode="json"), "system_fingerprint": None}
             stream = _TokenStream(lambda: backend.stream_chat(body.model, messages, **options))
+            if not body.stream:
+                return await _complete(stream, request, model_id)
             try:
                 first = await stream.next()  # model loading errors become an error response, not a broken stream
             except BaseException:
@@ -565,6 +608,18 @@ def create_app(
             limiter.release()
 
         return _ChatStream(_chunks(stream, first, model_id, include_usage), on_close=close)
+
+    async def _complete(stream: _TokenStream, request: Request, model_id: str) -> dict[str, Any] | JSONResponse:
+        """A non-streamed answer; its generation stops if the client disconnects before it is done."""
+        watcher = asyncio.create_task(_stop_when_gone(request, stream))
+        try:
+            while (piece := await stream.next()) is not None:
+                if not isinstance(piece, str):
+                    return {**chat_completion(model_id, piece).model_dump(mode="json"), "system_fingerprint": None}
+        finally:
+            stream.stop()
+            watcher.cancel()
+        return JSONResponse({}, status_code=499)  # the client went away: nobody reads this
 
     async def _chunks(
         stream: _TokenStream, first: str | Generation, model_id: str, include_usage: bool
@@ -606,5 +661,7 @@ def create_app(
                 logger.error("generation failed: %s", type(exc).__name__, exc_info=exc)
             yield _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
 
+    uploads = backend.home / "tmp"  # the dashboard's temporary folders
+    uploads.mkdir(exist_ok=True)
     add_dashboard(app, backend, uploads=uploads, max_upload_bytes=max_upload_bytes)
     return app

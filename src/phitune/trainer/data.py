@@ -9,7 +9,6 @@ silently all-masked or all-trained example.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .. import datasets
 from ..errors import DatasetError, PhituneError, SpecError
 from ..types import DatasetIssue, JobSpec
 from .model import open_base
@@ -193,47 +193,44 @@ def read_dataset(
     drop_untrainable: bool = False,
 ) -> Dataset:
     """Encode a JSONL dataset whose lines are chat (``messages``), ``prompt``/``completion`` or
-    ``text``/``ground_truth`` records. Every unusable line is collected into one :class:`DatasetError` naming the file
-    and saying what would fix it: lines that do not encode, examples longer than ``context_length`` even truncated,
-    and examples with no token with loss within ``max_seq_length`` (``too_long``) unless ``drop_untrainable`` leaves
-    them out. A file with no example left is a ``DatasetError`` too."""
+    ``text``/``ground_truth`` records, as :func:`phitune.datasets.parse` reads them (the validator's own reading).
+    Every unusable line is collected into one :class:`DatasetError` naming the file and saying what would fix it:
+    lines the validator refuses, examples longer than ``context_length`` even truncated, and examples with no token
+    with loss within ``max_seq_length`` (``too_long``) unless ``drop_untrainable`` leaves them out. A file with no
+    example left is a ``DatasetError`` too."""
+    parsed = datasets.parse(file.path)
     examples: list[Example] = []
-    issues: list[DatasetIssue] = []
+    issues = list(parsed.report.errors)
+    unlisted = parsed.report.error_count - len(issues)  # the validator keeps the first 1000 of its errors
     dropped: list[int] = []
     needed = 0  # the max_seq_length under which every untrainable example would keep a token with loss
     overlong = False
-    with open(file.path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = _encode_record(json.loads(line), tokenizer, max_seq_length)
-            except json.JSONDecodeError as error:
-                issues.append(DatasetIssue(line=number, category="invalid_json", message=str(error)))
-            except ExampleError as error:
-                needed = max(needed, error.needed_length or 0)
-                if error.needed_length is not None and drop_untrainable:
-                    dropped.append(number)
-                else:
-                    issues.append(DatasetIssue(line=number, category=error.category, message=error.message))
-            except _UnknownFormat as error:
-                issues.append(DatasetIssue(line=number, category="unknown_format", message=str(error)))
+    for number, record in parsed.examples:
+        try:
+            example = _encode_example(record, tokenizer, max_seq_length)
+        except ExampleError as error:
+            needed = max(needed, error.needed_length or 0)
+            if error.needed_length is not None and drop_untrainable:
+                dropped.append(number)
             else:
-                if context_length is not None and len(example.input_ids) > context_length:
-                    overlong = True
-                    message = (
-                        f"{len(example.input_ids)} tokens within max_seq_length={max_seq_length}: longer than the "
-                        f"model's {context_length}-token context"
-                    )
-                    issues.append(DatasetIssue(line=number, category="too_long", message=message))
-                else:
-                    examples.append(example)
+                issues.append(DatasetIssue(line=number, category=error.category, message=error.message))
+        else:
+            if context_length is not None and len(example.input_ids) > context_length:
+                overlong = True
+                message = (
+                    f"{len(example.input_ids)} tokens within max_seq_length={max_seq_length}: longer than the "
+                    f"model's {context_length}-token context"
+                )
+                issues.append(DatasetIssue(line=number, category="too_long", message=message))
+            else:
+                examples.append(example)
     if not issues and not examples:
         why = f"no example keeps a token with loss within max_seq_length={max_seq_length}" if dropped else "no example"
         issues.append(DatasetIssue(line=0, category="too_long" if dropped else "empty_file", message=why))
     if issues:
         fixes = _fixes(max_seq_length, context_length, needed, overlong=overlong, dropping=drop_untrainable)
-        raise DatasetError(file.label, issues, fixes=fixes)
+        issues.sort(key=lambda issue: issue.line)
+        raise DatasetError(file.label, issues, total=len(issues) + unlisted, fixes=fixes)
     return Dataset(file, examples, dropped)
 
 
@@ -282,19 +279,14 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class _UnknownFormat(ValueError):
-    pass
-
-
-def _encode_record(record: Any, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Example:
-    if isinstance(record, dict):
-        if isinstance(record.get("messages"), list):
-            return encode_chat(tokenizer, record["messages"], max_seq_length=max_seq_length)
-        for prompt_key, completion_key in (("prompt", "completion"), ("text", "ground_truth")):
-            prompt, completion = record.get(prompt_key), record.get(completion_key)
-            if isinstance(prompt, str) and isinstance(completion, str):
-                return encode_completion(tokenizer, prompt, completion, max_seq_length=max_seq_length)
-    raise _UnknownFormat("expected messages, prompt and completion, or text and ground_truth")
+def _encode_example(example: datasets.Example, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Example:
+    if isinstance(example, datasets.ChatExample):
+        messages: list[dict[str, Any]] = [
+            {"role": m.role, "content": m.content, **({"weight": m.weight} if m.weight is not None else {})}
+            for m in example.messages
+        ]
+        return encode_chat(tokenizer, messages, max_seq_length=max_seq_length)
+    return encode_completion(tokenizer, example.prompt, example.completion, max_seq_length=max_seq_length)
 
 
 def _render(

@@ -74,7 +74,8 @@ class LoadReport(BaseModel):
         )
 
     def data(self) -> dict[str, Any]:
-        return {"load": self.model_dump()}
+        """The job event's payload: everything but ``path``, a folder of the machine that trained."""
+        return {"load": self.model_dump(exclude={"path"})}
 
 
 def base_dtype_name(method: Method, precision: Precision = "auto") -> Literal["bf16", "fp32"]:

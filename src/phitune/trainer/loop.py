@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..estimate import KeptOutputs, memory_limit, plan_kept_outputs
 from ..types import JobSpec, QLoRA
-from . import allocator, data, distributed, packing
+from . import allocator, data, distributed, fused, packing
 from .distributed import Engine, Ranks
 from .loading import load_for_training
 from .loss import linear_cross_entropy
@@ -115,6 +115,13 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     kept = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
     model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
     control.message(load_report.message, data=load_report.data())
+    if use_bf16 and device == "cpu":  # now, not in the first step, which would wait for a build in silence
+        kernels = fused.status()
+        control.message(
+            kernels.message,
+            level="info" if kernels.available else "warn",
+            data={"fused_kernels": {"available": kernels.available, "detail": kernels.detail}},
+        )
     if isinstance(run.spec.method, QLoRA):
         _report_quantized_base(control, model, run.spec.method)
     model = apply_method(
@@ -224,12 +231,12 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         control.progress(step, total_steps, trained_tokens, sum(recent) / len(recent) * (total_steps - step))
 
         if improved or (hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < total_steps):
-            path = save_checkpoint({k: metrics[k] for k in ("train_loss", "valid_loss") if k in metrics})
+            save_checkpoint({k: metrics[k] for k in ("train_loss", "valid_loss") if k in metrics})
             saved_step = step
             if improved:
                 control.message(
                     f"best validation loss so far at step {step}: {best_valid:.4f} (checkpoint step-{step:06d})",
-                    data={"best_step": step, "valid_loss": best_valid, "location": str(path)},
+                    data={"best_step": step, "valid_loss": best_valid},
                 )
 
     # -- final evaluation and output

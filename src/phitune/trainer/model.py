@@ -19,7 +19,9 @@ from .tiny import ensure_tiny_phi3
 
 
 def resolve_base(model: str, home: Path) -> str:
-    """What ``from_pretrained`` should load for a model argument: a local folder or a Hugging Face id."""
+    """What ``from_pretrained`` should load for a model argument: a local folder (given as an absolute path) or a
+    Hugging Face id. A relative name is an id, never a folder: one that a file or folder of the working directory
+    shadows (transformers would load that instead) is a :class:`SpecError`."""
     if model == catalog.TINY_MODEL:
         return str(ensure_tiny_phi3(home / "models" / "base"))
     entry = catalog.find(model)
@@ -29,10 +31,16 @@ def resolve_base(model: str, home: Path) -> str:
         assert entry.hf_id is not None
         return entry.hf_id
     folder = Path(model).expanduser()
-    if folder.is_dir():
+    if folder.is_absolute() and folder.is_dir():
         if not (folder / "config.json").exists():
             raise SpecError("model", f"{folder} is a folder without config.json (not a transformers model folder)")
         return str(folder.resolve())
+    if not folder.is_absolute() and folder.exists():
+        raise SpecError(
+            "model",
+            f"{model!r} is read as a Hugging Face id, but the working directory holds a file or folder of that name: "
+            "give a model folder as an absolute path",
+        )
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,20 +158,25 @@ class OnnxModel:
         messages: list[dict[str, str]],
         adapter_file: str | None,
         *,
-        max_tokens: int,
+        max_tokens: int | None,
         temperature: float,
         top_p: float,
         seed: int | None,
+        deadline: float | None = None,
     ) -> Iterator[str | Generation]:
-        """Yield text pieces as they are generated, then one final :class:`~phitune.trainer.infer.Generation`."""
-        from .infer import Generation
+        """Yield text pieces as they are generated, then one final :class:`~phitune.trainer.infer.Generation`;
+        ``max_tokens`` and ``deadline`` as :meth:`phitune.trainer.infer.ModelPool.stream` takes them."""
+        from .infer import Generation, token_budget
 
         prompt_ids = self.prompt_ids(messages)
+        budget = token_budget(len(prompt_ids), max_tokens, self.context_length)
         out_ids: list[int] = []
         finish: Literal["stop", "length"] = "length"
         emitted = ""
         sampling = {"temperature": temperature, "top_p": top_p, "seed": seed}
-        for token in self._tokens(prompt_ids, max_tokens, adapter_file, **sampling):
+        for token in self._tokens(prompt_ids, budget, adapter_file, **sampling):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             if token in self.stop_ids:
                 finish = "stop"
                 break
@@ -203,16 +209,23 @@ class OnnxPool:
         served: OnnxServed,
         messages: list[dict[str, str]],
         *,
-        max_tokens: int,
+        max_tokens: int | None,
         temperature: float,
         top_p: float,
         seed: int | None,
+        deadline: float | None = None,
     ) -> Iterator[str | Generation]:
         """Yield text pieces, then the final Generation (one generation at a time per pool)."""
         with self._lock:
             model = self.model(served.folder)
             yield from model.stream(
-                messages, served.adapter_file, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+                messages,
+                served.adapter_file,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                deadline=deadline,
             )
 
     def generate(self, served: OnnxServed, messages: list[dict[str, str]], **options: Any) -> Generation:

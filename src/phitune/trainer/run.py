@@ -13,9 +13,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .._process import die_with_parent
+from ..errors import scrub_paths
 from ..integrations.tracking import TrackedControl
 from ..local.store import Store, fine_tuned_model_id
-from ..local.worker import die_with_parent
 from ..types import JobError, JobSpec, ModelObject
 from . import distributed
 from .distributed import Ranks
@@ -40,7 +41,7 @@ class StoreControl:
 
     def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
         self.store.add_checkpoint(self.job_id, step, metrics, path)
-        self.message(f"checkpoint saved at step {step}", data={"step": step, "location": str(path)})
+        self.message(f"checkpoint saved at step {step}", data={"step": step})
 
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         finish = int(time.time() + eta_seconds) if eta_seconds is not None else None
@@ -130,7 +131,7 @@ def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, c
         traceback.print_exc()
         if not ranks.main:  # torchrun stops the other ranks; the worker records the exit code and the log
             return 1
-        message = f"{type(exc).__name__}: {exc}"
+        message = scrub_paths(f"{type(exc).__name__}: {exc}")  # the job's error names no path of this machine
         if store.transition(
             job_id, "failed", when=("running",), error=JobError(code="training_failed", message=message)
         ):
