@@ -184,9 +184,14 @@ def _phi4(
 _SMALL_NOTE = (
     "Phi-3-small is a different architecture (block-sparse attention, remote code) that needs "
     "trust_remote_code=True and the flash-attention/triton kernels its code imports; the local trainer does not "
-    "run it. Use Phi-3-mini or Phi-3-medium locally."
+    "run it. Use Phi-3-mini, Phi-3.5-mini or Phi-4-mini locally."
 )
-_AZURE_ONLY_NOTE = "The local trainer runs Phi-3-mini and Phi-3-medium; this model is offered on Azure."
+_TINY_NOTE = "Deterministic random-init {architecture} with an offline tokenizer ({what}): for tests."
+_MOE_NOTE = (
+    "41.9B parameters in all (16 experts, 2 active per token) whose experts stay in bf16 under QLoRA too "
+    "(bitsandbytes quantises the attention layers only): it trains locally on a machine or GPUs with ~90 GiB or more, "
+    "never on a 24 GiB one; phitune.estimate says what fits."
+)
 
 MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
@@ -196,6 +201,38 @@ MODELS: tuple[CatalogModel, ...] = (
         parameters_b=0.00081,
         backends=("local", "openai"),
         note="Deterministic random-init Phi3ForCausalLM with an offline tokenizer: for tests and the demo.",
+    ),
+    CatalogModel(
+        name="tiny-phi4-mini",
+        hf_id=None,
+        context_length=8192,
+        parameters_b=0.00054,
+        backends=("local", "openai"),
+        note=_TINY_NOTE.format(
+            architecture="Phi3ForCausalLM",
+            what="Phi-4-mini's chat format, partial rotary, LongRoPE, tied embeddings, grouped-query attention",
+        ),
+    ),
+    CatalogModel(
+        name="tiny-phi4",
+        hf_id=None,
+        context_length=2048,
+        parameters_b=0.00076,
+        backends=("local", "openai"),
+        note=_TINY_NOTE.format(
+            architecture="Phi3ForCausalLM", what="Phi-4's <|im_start|> chat format, grouped-query attention"
+        ),
+    ),
+    CatalogModel(
+        name="tiny-phi3.5-moe",
+        hf_id=None,
+        context_length=8192,
+        parameters_b=0.00088,
+        architecture="phimoe",
+        backends=("local", "openai"),
+        note=_TINY_NOTE.format(
+            architecture="PhimoeForCausalLM", what="Phi-3.5's chat format, 4 experts with 2 active, LayerNorm, LongRoPE"
+        ),
     ),
     CatalogModel(
         name="Phi-3-mini-4k-instruct",
@@ -268,8 +305,7 @@ MODELS: tuple[CatalogModel, ...] = (
         parameters_b=3.82,
         azure_name="Phi-3.5-mini-instruct",
         offers=_retired_phi3("Phi-4-mini-instruct", (*_A100, "Standard_ND96amsr_A100_v4"), regions=_MAAS_REGIONS),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        kaito_preset="phi-3.5-mini-instruct",
     ),
     CatalogModel(
         name="Phi-3.5-MoE-instruct",
@@ -279,8 +315,7 @@ MODELS: tuple[CatalogModel, ...] = (
         architecture="phimoe",
         azure_name="Phi-3.5-MoE-instruct",
         offers=_retired_phi3("Phi-4", ("Standard_NC96ads_A100_v4", "Standard_ND96amsr_A100_v4"), regions=_MAAS_REGIONS),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        note=_MOE_NOTE,
     ),
     CatalogModel(
         name="Phi-4-mini-instruct",
@@ -295,8 +330,7 @@ MODELS: tuple[CatalogModel, ...] = (
             unverified="Phi-4-mini-instruct's registry spec is not in Azure/azureml-assets: managed compute and its "
             "allowed VM sizes come from the registry model's tags at create time only",
         ),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        kaito_preset="phi-4-mini-instruct",
     ),
     CatalogModel(
         name="Phi-4",
@@ -317,8 +351,7 @@ MODELS: tuple[CatalogModel, ...] = (
             sources=("registry-phi4", "regions-maas"),
             unverified="",
         ),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        kaito_preset="phi-4",
     ),
 )
 
