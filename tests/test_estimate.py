@@ -186,6 +186,10 @@ def test_phi35_moe_does_not_fit_24_gib_and_says_what_would(tmp_path: Path) -> No
     qlora = spec.model_copy(update={"method": QLoRA(dropout=0.0)})
     quantized = estimate(qlora, home=tmp_path, available_bytes=24 * GiB, probe=PROBE)
     assert result.memory.weights - quantized.memory.weights < 3 * GiB  # only the attention layers are 4-bit
+    lean = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True, precision="bf16")
+    leanest_job = qlora.model_copy(update={"hyperparameters": lean})  # nothing left to change on this machine
+    suggestions = estimate(leanest_job, home=tmp_path, available_bytes=24 * GiB, probe=PROBE).suggestions
+    assert suggestions[0].startswith("the job as it is on a machine (or GPU) with ~")
 
 
 @pytest.mark.parametrize("model", ["Phi-3.5-mini-instruct", "Phi-4-mini-instruct", "Phi-4"])

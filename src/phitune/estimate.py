@@ -1056,6 +1056,7 @@ def _suggestions(
         return found
     combined: dict[str, Any] = {}
     labels: list[str] = []
+    peak = peak_of(combined)
     for options in kinds:
         for label, changes in options:
             if (peak := peak_of({**combined, **changes})) <= available or (label, changes) == options[-1]:
@@ -1081,7 +1082,8 @@ def _elsewhere(
     """Where a job that nothing fits on this machine would run: the memory of its leanest single-process form
     (``leanest``, the ``labels`` changes, predicted at ``peak``), and the fewest 80 GB GPUs that FSDP would share
     its unquantised method across."""
-    found = [f"{', '.join(labels)} on a machine (or GPU) with ~{peak / GiB:.0f} GiB or more: ~{peak / GiB:.1f} GiB"]
+    changes = ", ".join(labels) or "the job as it is"
+    found = [f"{changes} on a machine (or GPU) with ~{peak / GiB:.0f} GiB or more: ~{peak / GiB:.1f} GiB"]
     method = spec.method
     if isinstance(method, QLoRA):
         method = LoRA(**method.model_dump(include={"r", "alpha", "dropout", "target_modules", "target_parameters"}))
