@@ -1082,8 +1082,8 @@ def _elsewhere(
     """Where a job that nothing fits on this machine would run: the memory of its leanest single-process form
     (``leanest``, the ``labels`` changes, predicted at ``peak``), and the fewest 80 GB GPUs that FSDP would share
     its unquantised method across."""
-    changes = ", ".join(labels) or "the job as it is"
-    found = [f"{changes} on a machine (or GPU) with ~{peak / GiB:.0f} GiB or more: ~{peak / GiB:.1f} GiB"]
+    leanest_form = ", ".join(labels) or "the job as it is"
+    found = [f"{leanest_form} on a machine (or GPU) with ~{peak / GiB:.0f} GiB or more: ~{peak / GiB:.1f} GiB"]
     method = spec.method
     if isinstance(method, QLoRA):
         method = LoRA(**method.model_dump(include={"r", "alpha", "dropout", "target_modules", "target_parameters"}))
