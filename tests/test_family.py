@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import CHAT_EXAMPLES, write_chat
+from recording_control import RecordingControl
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -272,28 +273,6 @@ def test_the_router_load_balancing_loss_is_added_as_transformers_adds_it(tiny: d
 
 
 # ------------------------------------------------------------------------------------------------ methods
-class _Recorder:
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, dict[str, Any] | None]] = []
-        self.losses: list[float] = []
-
-    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        self.messages.append((text, data))
-
-    def metrics(self, data: dict[str, Any]) -> None:
-        if "train_loss" in data:
-            self.losses.append(float(data["train_loss"]))
-
-    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
-        pass
-
-    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-        pass
-
-    def should_stop(self) -> None:
-        return None
-
-
 IA3 = {"peft_type": "IA3", "target_modules": ["o_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
 METHODS: dict[str, Any] = {
     "lora": LoRA(r=8, dropout=0.0),
@@ -332,7 +311,7 @@ def test_every_method_trains_each_architecture(tiny: dict[str, Path], tmp_path: 
         checkpoint_dir=tmp_path / "checkpoints",
     )
     (tmp_path / "checkpoints").mkdir()
-    recorder = _Recorder()
+    recorder = RecordingControl()
     result = loop.train(run, recorder)
     assert result.status == "succeeded" and len(recorder.losses) == 4
     assert recorder.losses[-1] < recorder.losses[0], recorder.losses

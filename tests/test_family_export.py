@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_chat
+from recording_control import RecordingControl
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,23 +30,6 @@ needs_onnx = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir")),
     reason="pip install 'phitune[onnx]'",
 )
-
-
-class _Quiet:
-    def message(self, text: str, *, level: str = "info", data: object = None) -> None:
-        pass
-
-    def metrics(self, data: object) -> None:
-        pass
-
-    def checkpoint(self, step: int, metrics: object, path: Path) -> None:
-        pass
-
-    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-        pass
-
-    def should_stop(self) -> None:
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +55,7 @@ def fine_tunes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportSour
             output_dir=work / "adapter",
             checkpoint_dir=work / "checkpoints",
         )
-        assert loop.train(run, _Quiet()).status == "succeeded"
+        assert loop.train(run, RecordingControl()).status == "succeeded"
         sources[name] = ExportSource(f"{name}:ft", name, str(base), str(work / "adapter"))
     return sources
 

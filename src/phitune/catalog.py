@@ -186,11 +186,28 @@ _SMALL_NOTE = (
     "trust_remote_code=True and the flash-attention/triton kernels its code imports; the local trainer does not "
     "run it. Use Phi-3-mini, Phi-3.5-mini or Phi-4-mini locally."
 )
-_TINY_NOTE = "Deterministic random-init {architecture} with an offline tokenizer ({what}): for tests."
+
+
+def _tiny(
+    name: str, context_length: int, parameters_b: float, what: str, architecture: Architecture = "phi3"
+) -> CatalogModel:
+    """A built-in tiny model (``phitune.trainer.tiny``): trains locally and through ``phitune serve``."""
+    transformers_class = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}[architecture]
+    return CatalogModel(
+        name=name,
+        hf_id=None,
+        context_length=context_length,
+        parameters_b=parameters_b,
+        architecture=architecture,
+        backends=("local", "openai"),
+        note=f"Deterministic random-init {transformers_class} with an offline tokenizer ({what}): for tests.",
+    )
+
+
 _MOE_NOTE = (
-    "41.9B parameters in all (16 experts, 2 active per token) whose experts stay in bf16 under QLoRA too "
-    "(bitsandbytes quantises the attention layers only): it trains locally on a machine or GPUs with ~90 GiB or more, "
-    "never on a 24 GiB one; phitune.estimate says what fits."
+    "41.9B parameters (16 experts, 2 active per token) whose experts stay bf16 under QLoRA too (bitsandbytes "
+    "quantises the attention layers only): locally it needs ~85 GiB even as QLoRA with gradient checkpointing, or "
+    "LoRA with FSDP on two 80 GB GPUs, never a 24 GiB machine (phitune.estimate says what fits)."
 )
 
 MODELS: tuple[CatalogModel, ...] = (
@@ -202,37 +219,19 @@ MODELS: tuple[CatalogModel, ...] = (
         backends=("local", "openai"),
         note="Deterministic random-init Phi3ForCausalLM with an offline tokenizer: for tests and the demo.",
     ),
-    CatalogModel(
-        name="tiny-phi4-mini",
-        hf_id=None,
-        context_length=8192,
-        parameters_b=0.00054,
-        backends=("local", "openai"),
-        note=_TINY_NOTE.format(
-            architecture="Phi3ForCausalLM",
-            what="Phi-4-mini's chat format, partial rotary, LongRoPE, tied embeddings, grouped-query attention",
-        ),
+    _tiny(
+        "tiny-phi4-mini",
+        8192,
+        0.00054,
+        "Phi-4-mini's chat format, partial rotary, LongRoPE, tied embeddings, grouped-query attention",
     ),
-    CatalogModel(
-        name="tiny-phi4",
-        hf_id=None,
-        context_length=2048,
-        parameters_b=0.00076,
-        backends=("local", "openai"),
-        note=_TINY_NOTE.format(
-            architecture="Phi3ForCausalLM", what="Phi-4's <|im_start|> chat format, grouped-query attention"
-        ),
-    ),
-    CatalogModel(
-        name="tiny-phi3.5-moe",
-        hf_id=None,
-        context_length=8192,
-        parameters_b=0.00088,
+    _tiny("tiny-phi4", 2048, 0.00076, "Phi-4's <|im_start|> chat format, grouped-query attention"),
+    _tiny(
+        "tiny-phi3.5-moe",
+        8192,
+        0.00088,
+        "Phi-3.5's chat format, 4 experts with 2 active, LayerNorm, LongRoPE",
         architecture="phimoe",
-        backends=("local", "openai"),
-        note=_TINY_NOTE.format(
-            architecture="PhimoeForCausalLM", what="Phi-3.5's chat format, 4 experts with 2 active, LayerNorm, LongRoPE"
-        ),
     ),
     CatalogModel(
         name="Phi-3-mini-4k-instruct",
@@ -354,8 +353,6 @@ MODELS: tuple[CatalogModel, ...] = (
         kaito_preset="phi-4",
     ),
 )
-
-TINY_MODEL = "tiny-phi3"
 
 
 def find(model: str) -> CatalogModel | None:

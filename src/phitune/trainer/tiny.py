@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,8 +107,6 @@ PHI4_ADDED_TOKENS = (
 )
 """Phi-4's special tokens in id order (100257-100260, 100264-100266, 100276, and its pad token 100349)."""
 
-_PHI3_BASE_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 of Phi-3's SentencePiece vocabulary
-
 _TINY_SHAPE: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -140,26 +138,44 @@ are all 1.0)."""
 
 
 @dataclass(frozen=True)
-class TinySpec:
-    """How to build one tiny model: its transformers classes and config, and its tokenizer's special tokens."""
+class TinyTokens:
+    """A tokenizer's special tokens, as the real model has them."""
 
-    name: str
-    architecture: str
-    """The ``transformers`` causal LM class name."""
-    config: dict[str, Any]
-    """Config keyword arguments, in the hub's ``config.json`` spelling (``vocab_size`` and token ids come later)."""
-    added_tokens: tuple[str, ...]
-    chat_template: str
+    added: tuple[str, ...]
+    """Added after the BPE, in the real model's id order."""
     bos: str
     eos: str
     pad: str
     unk: str
     stop: tuple[str, ...]
     """The generation config's ``eos_token_id`` tokens: where generation ends."""
-    base_tokens: tuple[str, ...] = ()
+    base: tuple[str, ...] = ()
     """Special tokens trained into the BPE first (ids 0, 1, ...)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """More tokenizer_config.json entries."""
+
+
+PHI3_TOKENS = TinyTokens(
+    added=PHI3_ADDED_TOKENS,
+    bos="<s>",
+    eos="<|endoftext|>",
+    pad="<|endoftext|>",
+    unk="<unk>",
+    stop=("<|endoftext|>", "<|end|>"),
+    base=("<unk>", "<s>", "</s>"),  # ids 0, 1, 2 of Phi-3's SentencePiece vocabulary
+)
+"""Phi-3's, Phi-3.5-mini's and Phi-3.5-MoE's."""
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """How to build one tiny model: its transformers class and config, its tokens and chat template."""
+
+    name: str
+    architecture: str
+    """The ``transformers`` causal LM class name."""
+    config: dict[str, Any]
+    """Config keyword arguments, in the hub's ``config.json`` spelling (``vocab_size`` and token ids come later)."""
+    tokens: TinyTokens
+    chat_template: str
 
 
 TINY_MODELS: dict[str, TinySpec] = {
@@ -169,14 +185,8 @@ TINY_MODELS: dict[str, TinySpec] = {
             name=TINY_NAME,
             architecture="Phi3ForCausalLM",
             config=TINY_CONFIG,
-            added_tokens=PHI3_ADDED_TOKENS,
+            tokens=PHI3_TOKENS,
             chat_template=PHI3_CHAT_TEMPLATE,
-            bos="<s>",
-            eos="<|endoftext|>",
-            pad="<|endoftext|>",
-            unk="<unk>",
-            stop=("<|endoftext|>", "<|end|>"),
-            base_tokens=_PHI3_BASE_TOKENS,
         ),
         TinySpec(
             name="tiny-phi4-mini",
@@ -198,13 +208,15 @@ TINY_MODELS: dict[str, TinySpec] = {
                 },
                 "sliding_window": 16384,
             },
-            added_tokens=PHI4_MINI_ADDED_TOKENS,
+            tokens=TinyTokens(
+                added=PHI4_MINI_ADDED_TOKENS,
+                bos="<|endoftext|>",
+                eos="<|endoftext|>",
+                pad="<|endoftext|>",
+                unk="<|endoftext|>",
+                stop=("<|end|>", "<|endoftext|>"),
+            ),
             chat_template=PHI4_MINI_CHAT_TEMPLATE,
-            bos="<|endoftext|>",
-            eos="<|endoftext|>",
-            pad="<|endoftext|>",
-            unk="<|endoftext|>",
-            stop=("<|end|>", "<|endoftext|>"),
         ),
         TinySpec(
             name="tiny-phi4",
@@ -217,13 +229,15 @@ TINY_MODELS: dict[str, TinySpec] = {
                 "rope_theta": 250000.0,
                 "tie_word_embeddings": False,
             },
-            added_tokens=PHI4_ADDED_TOKENS,
+            tokens=TinyTokens(
+                added=PHI4_ADDED_TOKENS,
+                bos="<|endoftext|>",
+                eos="<|im_end|>",
+                pad="<|dummy_85|>",
+                unk="<|endoftext|>",
+                stop=("<|im_end|>",),
+            ),
             chat_template=PHI4_CHAT_TEMPLATE,
-            bos="<|endoftext|>",
-            eos="<|im_end|>",
-            pad="<|dummy_85|>",
-            unk="<|endoftext|>",
-            stop=("<|im_end|>",),
         ),
         TinySpec(
             name="tiny-phi3.5-moe",
@@ -254,14 +268,8 @@ TINY_MODELS: dict[str, TinySpec] = {
                 "sliding_window": 8192,
                 "tie_word_embeddings": False,
             },
-            added_tokens=PHI3_ADDED_TOKENS,
+            tokens=PHI3_TOKENS,
             chat_template=PHI35_CHAT_TEMPLATE,
-            bos="<s>",
-            eos="<|endoftext|>",
-            pad="<|endoftext|>",
-            unk="<unk>",
-            stop=("<|endoftext|>", "<|end|>"),
-            base_tokens=_PHI3_BASE_TOKENS,
         ),
     )
 }
@@ -320,17 +328,16 @@ def _build(folder: Path, spec: TinySpec) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": spec.bos,
-        "eos_token": spec.eos,
-        "pad_token": spec.pad,
-        "unk_token": spec.unk,
+        "bos_token": spec.tokens.bos,
+        "eos_token": spec.tokens.eos,
+        "pad_token": spec.tokens.pad,
+        "unk_token": spec.tokens.unk,
         "add_bos_token": False,
         "add_eos_token": False,
         "chat_template": spec.chat_template,
         "model_max_length": _MAX_LENGTH,
         "padding_side": "left",
         "clean_up_tokenization_spaces": False,
-        **spec.extra,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
 
@@ -343,9 +350,9 @@ def _build(folder: Path, spec: TinySpec) -> None:
     config = model_class.config_class(
         **spec.config,
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-        bos_token_id=token_id(spec.bos),
-        eos_token_id=token_id(spec.eos),
-        pad_token_id=token_id(spec.pad),
+        bos_token_id=token_id(spec.tokens.bos),
+        eos_token_id=token_id(spec.tokens.eos),
+        pad_token_id=token_id(spec.tokens.pad),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
@@ -354,7 +361,7 @@ def _build(folder: Path, spec: TinySpec) -> None:
     model.generation_config = transformers.GenerationConfig.from_dict(
         {
             "bos_token_id": config.bos_token_id,
-            "eos_token_id": [token_id(token) for token in spec.stop],
+            "eos_token_id": [token_id(token) for token in spec.tokens.stop],
             "pad_token_id": config.pad_token_id,
         }
     )
@@ -371,10 +378,10 @@ def _train_tokenizer(spec: TinySpec) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=_BPE_VOCAB_SIZE,
         min_frequency=2,
-        special_tokens=list(spec.base_tokens),
+        special_tokens=list(spec.tokens.base),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train([str(_CORPUS)], trainer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.added_tokens])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.tokens.added])
     return tokenizer
