@@ -258,6 +258,33 @@ def test_phi4_mini_layouts_follow_its_single_process_curve(
         _assert_adapter_trained(output, home / "models" / "base" / "tiny-phi4-mini")
 
 
+@pytest.mark.slow
+def test_phi35_moe_expert_adapters_train_with_ddp_and_fsdp(home: Path, chat_file: Path) -> None:
+    """tiny-phi3.5-moe's LoRA (attention and every expert) under DDP and FSDP: each rank's router draws its own
+    jitter and Gumbel samples, so the curve follows the single process's statistically, not to the digit; DDP and
+    FSDP, which draw alike, agree with each other."""
+    client = phitune.Client(home=home)
+    curves = []
+    for layout in (
+        {},
+        {"distributed": {"strategy": "ddp", "nproc": 2}},
+        {"distributed": {"strategy": "fsdp", "nproc": 2}},
+    ):
+        job = client.finetune.create(
+            model="tiny-phi3.5-moe",
+            training_file=chat_file,
+            method=LORA,
+            hyperparameters={**HP, "max_steps": 3},
+            **layout,
+        )
+        job = client.finetune.wait(job.id, timeout=1800, progress=False)
+        assert job.status == "succeeded", job.error
+        curves.append(_losses(client, job.id))
+    single, ddp, fsdp = curves
+    assert fsdp == pytest.approx(ddp, rel=RTOL, abs=ATOL)
+    assert ddp == pytest.approx(single, rel=0.05) and ddp[-1] < ddp[0]
+
+
 def test_options_that_cannot_run_here_are_refused_naming_the_field(
     home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
