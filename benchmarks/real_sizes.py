@@ -1,4 +1,4 @@
-"""Real Phi-3 sizes on one machine: load peaks, training tokens/s and peak RSS, and the estimator against them.
+"""Real Phi sizes on one machine: load peaks, training tokens/s and peak RSS, and the estimator against them.
 
 Every measurement runs in a fresh child process; its peak RSS is the kernel's own count for that child
 (``os.wait4``'s ``ru_maxrss``), so nothing of the parent or of earlier runs is in it. Training goes through phitune's
@@ -18,6 +18,8 @@ token of the batch (``batch x seq``), ``trainable_tokens_per_second`` only those
     python benchmarks/write_random_checkpoint.py mini /tmp/phitune-real/mini
     python benchmarks/real_sizes.py load  /tmp/phitune-real/mini --method qlora
     python benchmarks/real_sizes.py train /tmp/phitune-real/mini --method lora --steps 4 --seq 256 --peer
+    python benchmarks/write_random_checkpoint.py phi4-mini /tmp/phitune-real/phi4-mini     # phi3.5-mini alike
+    python benchmarks/real_sizes.py train /tmp/phitune-real/phi4-mini --method qlora --steps 4 --seq 256 --peer
     python benchmarks/real_sizes.py probe
     python benchmarks/real_sizes.py table results/*.json                # measured against estimated, markdown
 """
@@ -227,7 +229,7 @@ def child_peer(args: argparse.Namespace) -> dict[str, Any]:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.targets),
+        target_modules=list(lora.targets(model.config.model_type)),
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, config)

@@ -307,10 +307,15 @@ def test_exact_counts_with_a_tokenizer(tmp_path: Path, phi3_tokenizer: Path) -> 
     assert (pc.tokens.total, pc.tokens.trainable) == (4 + 1 + 1, 1 + 1)  # prompt, completion, eos
 
 
-def test_exact_counts_match_the_trainer(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """The counter agrees token for token with how the trainer encodes (tiny-phi3's byte-level BPE, its template)."""
+@pytest.mark.parametrize("model", ["tiny-phi3", "tiny-phi4-mini", "tiny-phi4", "tiny-phi3.5-moe"])
+def test_exact_counts_match_the_trainer(tmp_path: Path, tiny_model_dir: Path, model: str) -> None:
+    """The counter agrees token for token with how the trainer encodes, with each model's own tokenizer and chat
+    template (Phi-3's, Phi-4-mini's without newlines, Phi-4's ``<|im_start|>`` turns, Phi-3.5-MoE's)."""
     transformers = pytest.importorskip("transformers")
     from phitune.trainer.data import encode_chat, encode_completion
+    from phitune.trainer.tiny import ensure_tiny
+
+    folder = ensure_tiny(tiny_model_dir.parent, model)
 
     conversations: list[list[dict[str, Any]]] = [
         [USER, ASSISTANT],
@@ -324,8 +329,9 @@ def test_exact_counts_match_the_trainer(tmp_path: Path, tiny_model_dir: Path) ->
         [{"role": "user", "content": "Écris « bonjour » 三 times"}, {**ASSISTANT, "content": "bonjour ✓✓✓"}],
     ]
     pairs = [("2 + 2 =", " 4"), ("Translate: cat\n", "chat")]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
-    counter = counter_for(tiny_model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    counter = counter_for(folder)
+    assert counter.exact and counter.name == model
     chats = validate(write(tmp_path / "chat.jsonl", [chat(*c) for c in conversations]), counter=counter)
     encoded = [encode_chat(tokenizer, c, max_seq_length=4096) for c in conversations]
     assert chats.tokens.total == sum(len(e.input_ids) for e in encoded)

@@ -216,6 +216,75 @@ def test_deepspeed_follows_single_process(home: Path, chat_file: Path, layout: d
     _assert_adapter_trained(Path(output), home / "models" / "base" / "tiny-phi3")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "layouts"),
+    [
+        (LORA, [{"strategy": "ddp", "nproc": 2}, {"strategy": "fsdp", "nproc": 2}]),
+        ("full", [{"strategy": "fsdp", "nproc": 2}, {"strategy": "deepspeed", "nproc": 2, "zero_stage": 3}]),
+    ],
+    ids=["lora", "full"],
+)
+def test_phi4_mini_layouts_follow_its_single_process_curve(
+    home: Path, chat_file: Path, method: Any, layouts: list[dict[str, Any]]
+) -> None:
+    """tiny-phi4-mini (partial rotary, tied input and output embeddings, grouped-query attention) trains the same
+    curve on one process and on two: LoRA with DDP and FSDP, full fine-tuning — the tied embedding sharded — with
+    FSDP and DeepSpeed ZeRO-3; the full output keeps its embeddings tied."""
+    if any(layout["strategy"] == "deepspeed" for layout in layouts):
+        pytest.importorskip("deepspeed")
+    client = phitune.Client(home=home)
+    options = {"model": "tiny-phi4-mini", "training_file": chat_file, "method": method}
+    hyperparameters = {**HP, "max_steps": 3}
+
+    def losses(**layout: Any) -> tuple[list[float], phitune.FineTuneJob]:
+        job = client.finetune.create(**options, hyperparameters=hyperparameters, **layout)
+        job = client.finetune.wait(job.id, timeout=1800, progress=False)
+        assert job.status == "succeeded", job.error
+        return _losses(client, job.id), job
+
+    reference, _ = losses()
+    for layout in layouts:
+        curve, job = losses(distributed=layout)
+        assert curve == pytest.approx(reference, rel=RTOL, abs=ATOL), layout
+    assert job.fine_tuned_model is not None
+    output = Path(client.models.get(job.fine_tuned_model).path or "")
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(output)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        _assert_adapter_trained(output, home / "models" / "base" / "tiny-phi4-mini")
+
+
+@pytest.mark.slow
+def test_phi35_moe_expert_adapters_train_with_ddp_and_fsdp(home: Path, chat_file: Path) -> None:
+    """tiny-phi3.5-moe's LoRA (attention and every expert) under DDP and FSDP: each rank's router draws its own
+    jitter and Gumbel samples, so the curve follows the single process's statistically, not to the digit; DDP and
+    FSDP, which draw alike, agree with each other."""
+    client = phitune.Client(home=home)
+    curves = []
+    for layout in (
+        {},
+        {"distributed": {"strategy": "ddp", "nproc": 2}},
+        {"distributed": {"strategy": "fsdp", "nproc": 2}},
+    ):
+        job = client.finetune.create(
+            model="tiny-phi3.5-moe",
+            training_file=chat_file,
+            method=LORA,
+            hyperparameters={**HP, "max_steps": 3},
+            **layout,
+        )
+        job = client.finetune.wait(job.id, timeout=1800, progress=False)
+        assert job.status == "succeeded", job.error
+        curves.append(_losses(client, job.id))
+    single, ddp, fsdp = curves
+    assert fsdp == pytest.approx(ddp, rel=RTOL, abs=ATOL)
+    assert ddp == pytest.approx(single, rel=0.05) and ddp[-1] < ddp[0]
+
+
 def test_options_that_cannot_run_here_are_refused_naming_the_field(
     home: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,6 +321,10 @@ def test_options_that_cannot_run_here_are_refused_naming_the_field(
         with pytest.raises(error) as info:
             client.finetune.create(model="tiny-phi3", training_file=uploaded.id, **options)
         assert info.value.field == field, (options, info.value)
+
+    with pytest.raises(SpecError) as info:  # peft's adapters on expert tensors take no dropout (LoRA's default 0.05)
+        client.finetune.create(model="tiny-phi3.5-moe", training_file=uploaded.id, method="lora")
+    assert info.value.field == "method.dropout"
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if the distributed extra were not installed
     with pytest.raises(MissingDependencyError, match=r"phitune\[distributed\]"):

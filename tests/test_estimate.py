@@ -31,7 +31,7 @@ from phitune.estimate import (
     probe_machine,
 )
 from phitune.local.worker import trainer_env
-from phitune.types import Distributed, Hyperparameters, JobSpec
+from phitune.types import Distributed, Hyperparameters, JobSpec, LoRA, QLoRA
 
 GiB = 2**30
 
@@ -161,6 +161,71 @@ def test_medium_qlora_fits_24_gib(tmp_path: Path) -> None:
     assert result.peak_bytes < 12 * GiB
 
 
+PROBE = MachineProbe(device="cpu", threads=2, bf16_flops=3e11, fp32_flops=1.5e11, dequant_per_second=1e9,
+                     measured_at=0.0, fingerprint="fixed")  # fmt: skip
+"""A machine's measured speeds, fixed: the memory model does not depend on them."""
+
+
+def test_phi35_moe_does_not_fit_24_gib_and_says_what_would(tmp_path: Path) -> None:
+    """41.9B parameters whose experts stay bf16 under QLoRA (bitsandbytes quantises linear layers only): no change
+    on a 24 GiB machine fits, so the refusal gives the memory of the leanest single-process form and the 80 GB GPUs
+    FSDP would share LoRA across."""
+    hp = Hyperparameters(batch_size=4, max_seq_length=1024, precision="bf16")
+    lora = LoRA(dropout=0.0)
+    spec = JobSpec(model="Phi-3.5-MoE-instruct", training_file="file-x", method=lora, hyperparameters=hp)
+    with pytest.raises(WontFitError) as caught:
+        check_fits(spec, home=tmp_path, available_bytes=24 * GiB)
+    result = caught.value.estimate
+    assert isinstance(result, Estimate) and result.parameters == 41_873_153_344
+    assert result.memory.weights > 75 * GiB  # bf16
+    leanest, shared = result.suggestions
+    assert leanest.startswith("gradient_checkpointing=True, method='qlora', batch_size=1")
+    needed = float(leanest.rsplit("~", 1)[1].split()[0])
+    assert 75 < needed < 100 and "or more" in leanest
+    assert "strategy='fsdp', nproc=2" in shared and "method='lora'" in shared
+    qlora = spec.model_copy(update={"method": QLoRA(dropout=0.0)})
+    quantized = estimate(qlora, home=tmp_path, available_bytes=24 * GiB, probe=PROBE)
+    assert result.memory.weights - quantized.memory.weights < 3 * GiB  # only the attention layers are 4-bit
+    lean = Hyperparameters(batch_size=1, max_seq_length=256, gradient_checkpointing=True, precision="bf16")
+    leanest_job = qlora.model_copy(update={"hyperparameters": lean})  # nothing left to change on this machine
+    suggestions = estimate(leanest_job, home=tmp_path, available_bytes=24 * GiB, probe=PROBE).suggestions
+    assert suggestions[0].startswith("the job as it is on a machine (or GPU) with ~")
+
+
+@pytest.mark.parametrize("model", ["Phi-3.5-mini-instruct", "Phi-4-mini-instruct", "Phi-4"])
+def test_the_dense_family_fits_24_gib_with_qlora_and_checkpointing(tmp_path: Path, model: str) -> None:
+    hp = Hyperparameters(batch_size=1, max_seq_length=1024, gradient_checkpointing=True, precision="bf16")
+    spec = JobSpec(model=model, training_file="file-x", method="qlora", hyperparameters=hp)
+    result = estimate(spec, home=tmp_path, available_bytes=24 * GiB, probe=PROBE)
+    assert result.fits and result.peak_bytes < 20 * GiB
+
+
+def test_expert_adapters_are_counted_as_peft_makes_them() -> None:
+    """One rank-r adapter per expert on each expert tensor, beside the attention's: the closed form the estimator
+    uses equals what peft builds on the meta device."""
+    from phitune.estimate import PHI35_MOE_SHAPE, _count_on_meta, _trainable_parameters
+
+    for method in (LoRA(r=8, dropout=0.0), LoRA(r=8, target_parameters=())):
+        spec = JobSpec(model="Phi-3.5-MoE-instruct", training_file="file-x", method=method)
+        assert _trainable_parameters(PHI35_MOE_SHAPE, spec) == _count_on_meta(PHI35_MOE_SHAPE, method)
+
+
+def test_every_catalog_model_has_a_shape(tmp_path: Path) -> None:
+    from phitune import catalog
+
+    for entry in catalog.MODELS:
+        shape = model_shape(entry.name, tmp_path)
+        assert shape.parameters == pytest.approx(entry.parameters_b * 1e9, rel=0.02), entry.name
+
+
+def test_the_loss_chunks_are_sized_as_the_trainer_sizes_them() -> None:
+    pytest.importorskip("torch")
+    from phitune.estimate import LOSS_CHUNK_ELEMENTS, LOSS_MIN_CHUNK_ROWS
+    from phitune.trainer import loss
+
+    assert (LOSS_CHUNK_ELEMENTS, LOSS_MIN_CHUNK_ROWS) == (loss.CHUNK_ELEMENTS, loss.MIN_CHUNK_ROWS)
+
+
 def test_a_mapped_embedding_counts_only_the_rows_the_data_holds(wider_model: Path, tmp_path: Path) -> None:
     shape = model_shape(str(wider_model))
     assert shape.checkpoint_dtype == "bfloat16"
@@ -239,16 +304,25 @@ def test_concurrent_probes_share_a_cold_cache(tmp_path: Path, monkeypatch: pytes
     assert [f.name for f in tmp_path.iterdir()] == ["probe.json"]  # no temporary file left behind
 
 
-def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("tiny", ["tiny-phi3", "tiny-phi4-mini", "tiny-phi4", "tiny-phi3.5-moe"])
+def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_model_dir: Path, tiny: str) -> None:
+    """The hub's parameter counts; and for each built-in tiny architecture (partial rotary and tied embeddings,
+    grouped-query attention, experts with biases and LayerNorms), the count transformers builds."""
     assert CATALOG_SHAPES["Phi-3-mini-4k-instruct"].parameters == 3_821_079_552
     assert CATALOG_SHAPES["Phi-3-medium-4k-instruct"].parameters == 13_960_238_080
+    assert CATALOG_SHAPES["Phi-4-mini-instruct"].parameters == 3_836_021_760
+    assert CATALOG_SHAPES["Phi-4"].parameters == 14_659_507_200
+    assert CATALOG_SHAPES["Phi-3.5-MoE-instruct"].parameters == 41_873_153_344
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(tiny_model_dir)
+    from phitune.trainer.tiny import ensure_tiny
+
+    folder = ensure_tiny(tiny_model_dir.parent, tiny)
+    config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         counted = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    assert model_shape(str(tiny_model_dir)).parameters == counted
+    assert model_shape(str(folder)).parameters == counted
 
 
 def test_attention_probabilities_count_where_the_cpu_kernel_keeps_them() -> None:

@@ -64,12 +64,18 @@ def test_swiglu_keeps_large_and_non_finite_gates(kernels: Any) -> None:
     torch.testing.assert_close(kernels.swiglu_forward(gate_up), _swiglu(gate_up), rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)], ids=["mha", "gqa"])
-def test_rotary_qkv_returns_transformers_queries_keys_and_values(kernels: Any, heads: int, kv_heads: int) -> None:
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "rotary"), [(4, 4, 16), (6, 2, 16), (6, 2, 12)], ids=["mha", "gqa", "gqa-partial-rotary"]
+)
+def test_rotary_qkv_returns_transformers_queries_keys_and_values(
+    kernels: Any, heads: int, kv_heads: int, rotary: int
+) -> None:
+    """Phi-4-mini rotates the first three quarters of each head (``partial_rotary_factor`` 0.75) and passes the rest
+    through: the kernel takes the rotary width from the angles."""
     batch, tokens, dim = 2, 29, 16
     qkv = _random(batch, tokens, (heads + 2 * kv_heads) * dim, seed=2, scale=2.0)
     angles_batch = batch if heads == kv_heads else 1  # one batch of angles broadcast, as transformers allows
-    angles = torch.rand(angles_batch, tokens, dim // 2, generator=torch.Generator().manual_seed(3)) * 6.3
+    angles = torch.rand(angles_batch, tokens, rotary // 2, generator=torch.Generator().manual_seed(3)) * 6.3
     cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
 
     def split(tensor: Any) -> list[Any]:
@@ -166,19 +172,29 @@ def test_kernels_refuse_what_they_do_not_compute(kernels: Any) -> None:
     assert fused.operators_for(torch.ones(2, dtype=torch.bfloat16), torch.ones(2)) is None
 
 
-def _tiny_models() -> tuple[Any, Any, Any]:
+PHI4_MINI_LIKE = {"partial_rotary_factor": 0.75, "tie_word_embeddings": True}
+"""Phi-4-mini's departures from Phi-3 that reach the kernels' modules: partial rotary, tied embeddings."""
+
+
+def _tiny_models(**options: Any) -> tuple[Any, Any, Any]:
     torch.manual_seed(0)
-    config = transformers.Phi3Config(**{**TINY_CONFIG, "num_key_value_heads": 2, "vocab_size": 97, "pad_token_id": 0})
+    config = transformers.Phi3Config(
+        **{**TINY_CONFIG, "num_key_value_heads": 2, "vocab_size": 97, "pad_token_id": 0, **options}
+    )
     reference = transformers.Phi3ForCausalLM(config).to(torch.bfloat16)
     ours = transformers.Phi3ForCausalLM(config).to(torch.bfloat16)
     ours.load_state_dict(reference.state_dict())
     return config, reference, ours
 
 
-def test_a_bf16_model_trains_through_the_kernels_with_transformers_loss_and_gradients(kernels: Any) -> None:
-    """Full fine-tuning of a tiny bf16 Phi-3 (grouped-query attention): the same loss and, within bf16 rounding, the
-    same gradients of every weight; the state dict is unchanged."""
-    config, reference, ours = _tiny_models()
+@pytest.mark.parametrize("options", [{}, PHI4_MINI_LIKE], ids=["phi3", "phi4-mini"])
+def test_a_bf16_model_trains_through_the_kernels_with_transformers_loss_and_gradients(
+    kernels: Any, options: dict[str, Any]
+) -> None:
+    """Full fine-tuning of a tiny bf16 Phi-3 (grouped-query attention), and of one with Phi-4-mini's partial rotary
+    and tied embeddings: the same loss and, within bf16 rounding, the same gradients of every weight; the state dict
+    is unchanged."""
+    config, reference, ours = _tiny_models(**options)
     assert use_fused_decoder(ours) == 2 * config.num_hidden_layers
     assert {type(layer.self_attn) for layer in ours.model.layers} == {TrainingPhi3Attention}
     assert {type(layer.mlp) for layer in ours.model.layers} == {TrainingPhi3MLP}

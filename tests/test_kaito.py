@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import phitune
-from phitune import kaito
+from phitune import catalog, kaito
 from phitune.errors import MissingDependencyError, SpecError, UnsupportedOptionError
 from phitune.types import PHI3_LORA_TARGETS
 
@@ -124,11 +124,23 @@ def test_tuning_workspace_matches_the_crd(method: str, source: str, destination:
         ("microsoft/Phi-3-mini-128k-instruct", "phi-3-mini-128k-instruct"),
         ("phi-3-medium-4k-instruct", "phi-3-medium-4k-instruct"),
         ("Phi-3-medium-128k-instruct", "phi-3-medium-128k-instruct"),
+        ("Phi-3.5-mini-instruct", "phi-3.5-mini-instruct"),
+        ("microsoft/Phi-4-mini-instruct", "phi-4-mini-instruct"),
+        ("Phi-4", "phi-4"),
     ],
 )
-def test_presets_come_from_the_catalog(model: str, preset: str) -> None:
+def test_presets_come_from_the_catalog(model: str, preset: str, schema: dict[str, Any]) -> None:
+    """Kaito's presets (presets/workspace/models/phi3 and phi4 of kaito-project/kaito): each a Phi3ForCausalLM,
+    tuned with LoRA on its fused projections; its inference Workspace serves the same preset."""
     assert kaito.preset(model) == preset
-    assert tuning(make_spec(model=model))[1]["tuning"]["preset"]["name"] == preset
+    docs = tuning(make_spec(model=model))
+    check_workspace(docs[1], schema)
+    assert docs[1]["tuning"]["preset"]["name"] == preset
+    assert config_of(docs)["LoraConfig"]["target_modules"] == list(PHI3_LORA_TARGETS)
+    served = kaito.inference_workspace(model, name="phi-serve", instance_type=SKU, adapter_image=IMAGE)
+    assert served["inference"]["preset"]["name"] == preset
+    entry = catalog.find(model)
+    assert entry is not None and entry.architecture == "phi3"
 
 
 def test_training_config_has_six_sections_and_phi3_targets() -> None:
@@ -225,6 +237,9 @@ SPEC_REFUSALS = [
     ({"distributed": {"strategy": "deepspeed", "nproc": 2, "zero_stage": 3}}, "distributed.strategy"),
     ({"model": "Phi-3-small-8k-instruct"}, "model"),
     ({"model": "tiny-phi3"}, "model"),
+    ({"model": "tiny-phi4-mini"}, "model"),
+    ({"model": "Phi-3.5-MoE-instruct"}, "model"),  # Kaito has no preset for it
+    ({"method": {"type": "lora", "target_parameters": ["experts.down_proj"]}}, "method.target_parameters"),
     ({"model": "meta-llama/Meta-Llama-3-8B-Instruct"}, "model"),
     ({"compute": {"compute": "gpu-cluster"}}, "compute"),
     ({"validation_file": "valid.jsonl"}, "validation_file"),
@@ -306,6 +321,7 @@ def test_inference_workspace_serves_the_adapter(strength: float | None, schema: 
     ("overrides", "field"),
     [
         ({"model": "tiny-phi3"}, "model"),
+        ({"model": "Phi-3.5-MoE-instruct"}, "model"),
         ({"model": "Phi-3-small-128k-instruct"}, "model"),
         ({"name": "Serve"}, "name"),
         ({"adapter_image": "https://myacr.azurecr.io/a:1"}, "adapter_image"),

@@ -14,6 +14,12 @@ import torch.nn.functional as F  # noqa: E402
 from phitune.trainer import buffers, fused, loss  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _chunk_rows_from_chunk_elements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests size chunks through ``CHUNK_ELEMENTS`` on a 300-entry vocabulary: no minimum row count."""
+    monkeypatch.setattr(loss, "MIN_CHUNK_ROWS", 1)
+
+
 def _inputs(rows: int, features: int = 24, vocab: int = 300, *, head_grad: bool = True) -> tuple[Any, Any, Any]:
     generator = torch.Generator().manual_seed(rows)
     hidden = torch.randn(rows, features, generator=generator).requires_grad_()
@@ -125,3 +131,31 @@ def test_chunk_buffers_are_reused_between_calls_and_never_leak_between_them(
     assert {kept[2][key][1] for key in bf16_buffers} == {8 * 300}  # grown to a full chunk of 8 rows
     fp32_products = ("loss products", torch.float32)  # an fp32 head: its products are the fp32 logits
     assert kept[3].keys() == {*bf16_buffers, fp32_products} and kept[3][fp32_products][1] == 4 * 200
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_head_bias_is_added_and_gets_its_gradient(bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Phi-3.5-MoE's LM head has a bias: the loss is that of ``F.linear(hidden, weight, bias)`` and the bias, when it
+    trains (full fine-tuning), gets the column sums of the logits' gradient."""
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 6 * 300)
+    hidden, weight, targets = _inputs(20)
+    bias = (torch.randn(300, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_()
+
+    def value_and_grads(fn: Any) -> tuple[Any, ...]:
+        hidden.grad = weight.grad = bias.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            value = fn()
+        (value * 0.5).backward()
+        return value.detach(), hidden.grad, weight.grad, bias.grad
+
+    ours = value_and_grads(lambda: loss.linear_cross_entropy(hidden, weight, targets, bias))
+    theirs = value_and_grads(lambda: F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum"))
+    assert ours[3].dtype == torch.float32
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2 if bf16 else 1e-5, atol=2e-2 if bf16 else 1e-5)
+
+
+def test_a_large_vocabulary_keeps_at_least_the_minimum_rows_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the real chunk sizes
+    assert loss.chunk_rows(32064) == loss.CHUNK_ELEMENTS // 32064 == 261
+    assert loss.chunk_rows(200064) == loss.MIN_CHUNK_ROWS == 128  # Phi-4-mini: 41 rows by elements alone

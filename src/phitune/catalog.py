@@ -184,9 +184,31 @@ def _phi4(
 _SMALL_NOTE = (
     "Phi-3-small is a different architecture (block-sparse attention, remote code) that needs "
     "trust_remote_code=True and the flash-attention/triton kernels its code imports; the local trainer does not "
-    "run it. Use Phi-3-mini or Phi-3-medium locally."
+    "run it. Use Phi-3-mini, Phi-3.5-mini or Phi-4-mini locally."
 )
-_AZURE_ONLY_NOTE = "The local trainer runs Phi-3-mini and Phi-3-medium; this model is offered on Azure."
+
+
+def _tiny(
+    name: str, context_length: int, parameters_b: float, what: str, architecture: Architecture = "phi3"
+) -> CatalogModel:
+    """A built-in tiny model (``phitune.trainer.tiny``): trains locally and through ``phitune serve``."""
+    transformers_class = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}[architecture]
+    return CatalogModel(
+        name=name,
+        hf_id=None,
+        context_length=context_length,
+        parameters_b=parameters_b,
+        architecture=architecture,
+        backends=("local", "openai"),
+        note=f"Deterministic random-init {transformers_class} with an offline tokenizer ({what}): for tests.",
+    )
+
+
+_MOE_NOTE = (
+    "41.9B parameters (16 experts, 2 active per token) whose experts stay bf16 under QLoRA too (bitsandbytes "
+    "quantises the attention layers only): locally it needs ~85 GiB even as QLoRA with gradient checkpointing, or "
+    "LoRA with FSDP on two 80 GB GPUs, never a 24 GiB machine (phitune.estimate says what fits)."
+)
 
 MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
@@ -196,6 +218,20 @@ MODELS: tuple[CatalogModel, ...] = (
         parameters_b=0.00081,
         backends=("local", "openai"),
         note="Deterministic random-init Phi3ForCausalLM with an offline tokenizer: for tests and the demo.",
+    ),
+    _tiny(
+        "tiny-phi4-mini",
+        8192,
+        0.00054,
+        "Phi-4-mini's chat format, partial rotary, LongRoPE, tied embeddings, grouped-query attention",
+    ),
+    _tiny("tiny-phi4", 2048, 0.00076, "Phi-4's <|im_start|> chat format, grouped-query attention"),
+    _tiny(
+        "tiny-phi3.5-moe",
+        8192,
+        0.00088,
+        "Phi-3.5's chat format, 4 experts with 2 active, LayerNorm, LongRoPE",
+        architecture="phimoe",
     ),
     CatalogModel(
         name="Phi-3-mini-4k-instruct",
@@ -268,8 +304,7 @@ MODELS: tuple[CatalogModel, ...] = (
         parameters_b=3.82,
         azure_name="Phi-3.5-mini-instruct",
         offers=_retired_phi3("Phi-4-mini-instruct", (*_A100, "Standard_ND96amsr_A100_v4"), regions=_MAAS_REGIONS),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        kaito_preset="phi-3.5-mini-instruct",
     ),
     CatalogModel(
         name="Phi-3.5-MoE-instruct",
@@ -279,8 +314,7 @@ MODELS: tuple[CatalogModel, ...] = (
         architecture="phimoe",
         azure_name="Phi-3.5-MoE-instruct",
         offers=_retired_phi3("Phi-4", ("Standard_NC96ads_A100_v4", "Standard_ND96amsr_A100_v4"), regions=_MAAS_REGIONS),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        note=_MOE_NOTE,
     ),
     CatalogModel(
         name="Phi-4-mini-instruct",
@@ -295,8 +329,7 @@ MODELS: tuple[CatalogModel, ...] = (
             unverified="Phi-4-mini-instruct's registry spec is not in Azure/azureml-assets: managed compute and its "
             "allowed VM sizes come from the registry model's tags at create time only",
         ),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        kaito_preset="phi-4-mini-instruct",
     ),
     CatalogModel(
         name="Phi-4",
@@ -317,12 +350,9 @@ MODELS: tuple[CatalogModel, ...] = (
             sources=("registry-phi4", "regions-maas"),
             unverified="",
         ),
-        backends=("azure",),
-        note=_AZURE_ONLY_NOTE,
+        kaito_preset="phi-4",
     ),
 )
-
-TINY_MODEL = "tiny-phi3"
 
 
 def find(model: str) -> CatalogModel | None:

@@ -59,6 +59,7 @@ import msgspec
 
 from ._process import die_with_parent
 from .catalog import find
+from .chat_template import END_OF_TURN_TOKENS, ChatTemplate
 from .errors import DatasetError, MissingDependencyError, SpecError
 from .types import DatasetFormat, DatasetIssue, DatasetIssueCategory, DatasetReport, TokenStats
 
@@ -242,16 +243,26 @@ def _approximate(text: str) -> int:
 
 
 class TokenizerCounter:
-    """Exact Phi-3 token counts with a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library).
+    """Exact token counts with a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library) and the model's chat
+    template (:class:`~phitune.chat_template.ChatTemplate`, from the folder's ``tokenizer_config.json``).
 
-    A conversation renders as ``<|role|>\\n{content}<|end|>\\n`` per message, then ``<|endoftext|>``, as Phi-3's
-    chat template does, and is encoded whole. An assistant message with non-zero weight trains on what follows its
-    ``<|assistant|>\\n`` prompt: its content and ``<|end|>``. A completion example is prompt + completion + eos, the
-    texts encoded separately; the completion and eos train. Texts go through ``encode_batch_fast``, ``batch_size``
-    at a time. ``exact`` is False when the tokenizer lacks a Phi-3 special token as a single token.
+    A conversation is rendered by the template and encoded whole, as the trainer encodes it. An assistant message
+    with non-zero weight trains on what follows the template's generation prompt: its content and the end-of-turn
+    token (``<|end|>``, Phi-4's ``<|im_end|>``). Without a template, a conversation renders as Phi-3's does
+    (``<|role|>\\n{content}<|end|>\\n`` per message, then ``<|endoftext|>``). A completion example is prompt +
+    completion + eos, the texts encoded separately; the completion and eos train. Texts go through
+    ``encode_batch_fast``, ``batch_size`` at a time. ``exact`` is False without a template when the tokenizer lacks a
+    Phi-3 special token as a single token.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        batch_size: int = 256,
+        template: ChatTemplate | None = None,
+    ) -> None:
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:
@@ -259,9 +270,17 @@ class TokenizerCounter:
         file = Path(path)
         self._tokenizer = Tokenizer.from_file(str(file))
         self._batch_size = batch_size
+        self._template = template
         self.name = name or file.parent.name or file.name
-        self._prompt = self._cost("<|assistant|>\n")
-        self.exact = all(self._cost(t) == 1 for t in ("<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"))
+        if template is None:
+            self._prompt_text, self._end = "<|assistant|>\n", "<|end|>"
+            self.exact = all(self._cost(t) == 1 for t in ("<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"))
+        else:
+            self._prompt_text = template.assistant_prompt
+            eos = template.special_tokens.get("eos_token", "")
+            self._end = next((t for t in END_OF_TURN_TOKENS if self._cost(t) == 1), eos)
+            self.exact = True
+        self._prompt = self._cost(self._prompt_text)
 
     def _cost(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
@@ -272,16 +291,20 @@ class TokenizerCounter:
             for encoding in encode(texts[start : start + self._batch_size], add_special_tokens=False):
                 yield len(encoding.ids)
 
+    def _render(self, messages: Sequence[Message]) -> str:
+        if self._template is None:
+            return "".join(f"<|{m.role}|>\n{m.content}<|end|>\n" for m in messages) + "<|endoftext|>"
+        return self._template.render([{"role": m.role, "content": m.content} for m in messages])
+
     def count(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
         """``(total, trainable)`` tokens of each example."""
         texts: list[str] = []
         turns: list[int] = []
         for example in examples:
             if isinstance(example, ChatExample):
-                rendered = [f"<|{m.role}|>\n{m.content}<|end|>\n" for m in example.messages]
-                texts.append("".join(rendered) + "<|endoftext|>")
+                texts.append(self._render(example.messages))
                 trained = [
-                    f"<|assistant|>\n{m.content}<|end|>"
+                    f"{self._prompt_text}{m.content}{self._end}"
                     for m in example.messages
                     if type(m) is AssistantMessage and m.weight != 0
                 ]
@@ -303,11 +326,12 @@ class TokenizerCounter:
 
 
 def counter_for(tokenizer_dir: str | os.PathLike[str] | None) -> TokenCounter:
-    """A :class:`TokenizerCounter` if ``<tokenizer_dir>/tokenizer.json`` exists, else an :class:`ApproximateCounter`."""
+    """A :class:`TokenizerCounter` with the folder's chat template if ``<tokenizer_dir>/tokenizer.json`` exists, else
+    an :class:`ApproximateCounter`."""
     if tokenizer_dir is not None:
         file = Path(tokenizer_dir) / "tokenizer.json"
         if file.is_file():
-            return TokenizerCounter(file, name=Path(tokenizer_dir).name)
+            return TokenizerCounter(file, name=Path(tokenizer_dir).name, template=ChatTemplate.of(tokenizer_dir))
     return ApproximateCounter()
 
 

@@ -38,6 +38,7 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ from pydantic import BaseModel, Field
 from . import catalog
 from .errors import SpecError, WontFitError
 from .trainer import allocator
-from .types import PEFT, DoRA, Full, JobSpec, LoRA, QLoRA, Response
+from .types import PEFT, Distributed, DoRA, Full, JobSpec, LoRA, Method, QLoRA, Response
 
 GiB = 2**30
 
@@ -80,6 +81,9 @@ gradient."""
 LOSS_CHUNK_ELEMENTS = 8 * 2**20
 """Logits per chunk of the chunked loss (the trainer's ``CHUNK_ELEMENTS``), in the buffers it keeps: fp32 logits and
 their bf16 product and gradient, 6 bytes each."""
+LOSS_MIN_CHUNK_ROWS = 128
+"""The fewest rows per chunk (the trainer's ``MIN_CHUNK_ROWS``): large vocabularies (Phi-4-mini's 200064) get chunks of
+more than ``LOSS_CHUNK_ELEMENTS`` logits."""
 PROMPT_LEARNING = frozenset({"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"})
 MATMUL_EFFICIENCY = 0.8
 """Fraction of the probed GEMM throughput that a training step's matmuls reach."""
@@ -113,8 +117,11 @@ fp32 scales cover 256 blocks each; fp32 without)."""
 
 # ------------------------------------------------------------------------------------------------------- shapes
 class ModelShape(BaseModel):
-    """The dimensions of a Phi-3 (or Llama-shaped) decoder that decide its memory and compute."""
+    """The dimensions of a Phi decoder (or a Llama-shaped one) that decide its memory and compute. A mixture of
+    experts (``num_local_experts`` > 0, Phi-3.5-MoE) has that many MLPs of ``intermediate_size`` per layer, as
+    ``[experts, out, in]`` tensors beside a router, and runs ``num_experts_per_tok`` of them per token."""
 
+    model_type: str = "phi3"
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -123,6 +130,10 @@ class ModelShape(BaseModel):
     vocab_size: int
     tie_word_embeddings: bool = False
     head_dim: int | None = None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    attention_bias: bool = False
+    lm_head_bias: bool = False
     dtype: str | None = Field(None, description="The checkpoint's dtype (config.json's dtype or torch_dtype).")
     torch_dtype: str | None = None
 
@@ -135,7 +146,8 @@ class ModelShape(BaseModel):
         return self.num_key_value_heads * (self.head_dim or self.hidden_size // self.num_attention_heads)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer, under Phi-3's fused and Llama's split names."""
+        """(in, out) of each linear layer of one decoder layer (of one expert's MLP in a mixture of experts), under
+        Phi-3's fused and Llama's split names."""
         h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
         q = self.num_attention_heads * (self.head_dim or h // self.num_attention_heads)
         return {
@@ -150,10 +162,47 @@ class ModelShape(BaseModel):
             "down_proj": (i, h),
         }
 
+    def _parameters_of(self, *names: str) -> int:
+        shapes = self.linear_shapes()
+        return sum(a * b for a, b in (shapes[n] for n in names))
+
+    @property
+    def experts(self) -> int:
+        """Experts per layer; 0 for a dense model."""
+        return self.num_local_experts
+
+    @property
+    def mlp_parameters(self) -> int:
+        """One MLP's weights (one expert's in a mixture of experts)."""
+        return self._parameters_of("gate_up_proj", "down_proj")
+
     @property
     def layer_linear_parameters(self) -> int:
-        shapes = self.linear_shapes()
-        return sum(a * b for a, b in (shapes[n] for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")))
+        """Weights of one decoder layer's linear layers: attention and MLP, or attention alone in a mixture of
+        experts, whose expert tensors are no linear layers (QLoRA quantises these weights, and only these)."""
+        attention = self._parameters_of("qkv_proj", "o_proj")
+        return attention if self.experts else attention + self.mlp_parameters
+
+    @property
+    def layer_expert_parameters(self) -> int:
+        """Weights of one decoder layer's experts and router (0 for a dense model)."""
+        return self.experts * (self.mlp_parameters + self.hidden_size)
+
+    @property
+    def layer_weight_parameters(self) -> int:
+        """Every matrix weight of one decoder layer."""
+        return self.layer_linear_parameters + self.layer_expert_parameters
+
+    @property
+    def layer_active_parameters(self) -> int:
+        """The weights one token's forward multiplies in one decoder layer: a mixture of experts runs
+        ``num_experts_per_tok`` of its MLPs."""
+        return self.layer_linear_parameters + (self.active_mlps * self.mlp_parameters if self.experts else 0)
+
+    @property
+    def active_mlps(self) -> int:
+        """MLPs a token passes through per layer: one, or ``num_experts_per_tok`` experts."""
+        return self.num_experts_per_tok if self.experts else 1
 
     @property
     def embedding_parameters(self) -> int:
@@ -162,8 +211,11 @@ class ModelShape(BaseModel):
 
     @property
     def parameters(self) -> int:
-        norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
-        return self.num_hidden_layers * self.layer_linear_parameters + self.embedding_parameters + norms
+        h, layers = self.hidden_size, self.num_hidden_layers
+        norms = (2 * layers + 1) * h * (2 if self.experts else 1)  # Phi-3.5-MoE's LayerNorms have biases
+        biases = layers * self.linear_shapes()["qkv_proj"][1] + layers * h if self.attention_bias else 0
+        head_bias = self.vocab_size if self.lm_head_bias else 0
+        return layers * self.layer_weight_parameters + self.embedding_parameters + norms + biases + head_bias
 
 
 PHI3_MINI_SHAPE = ModelShape(
@@ -184,14 +236,64 @@ PHI3_MEDIUM_SHAPE = ModelShape(
     vocab_size=32064,
     torch_dtype="bfloat16",
 )
+PHI3_SMALL_SHAPE = ModelShape(
+    model_type="phi3small",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=100352,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+)
+PHI35_MOE_SHAPE = ModelShape(
+    model_type="phimoe",
+    hidden_size=4096,
+    intermediate_size=6400,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32064,
+    num_local_experts=16,
+    num_experts_per_tok=2,
+    attention_bias=True,
+    lm_head_bias=True,
+    torch_dtype="bfloat16",
+)
+PHI4_MINI_SHAPE = ModelShape(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    vocab_size=200064,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+)
+PHI4_SHAPE = ModelShape(
+    hidden_size=5120,
+    intermediate_size=17920,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=10,
+    vocab_size=100352,
+    torch_dtype="bfloat16",
+)
 CATALOG_SHAPES: dict[str, ModelShape] = {
     "Phi-3-mini-4k-instruct": PHI3_MINI_SHAPE,
     "Phi-3-mini-128k-instruct": PHI3_MINI_SHAPE,
+    "Phi-3-small-8k-instruct": PHI3_SMALL_SHAPE,
+    "Phi-3-small-128k-instruct": PHI3_SMALL_SHAPE,
     "Phi-3-medium-4k-instruct": PHI3_MEDIUM_SHAPE,
     "Phi-3-medium-128k-instruct": PHI3_MEDIUM_SHAPE,
+    "Phi-3.5-mini-instruct": PHI3_MINI_SHAPE,
+    "Phi-3.5-MoE-instruct": PHI35_MOE_SHAPE,
+    "Phi-4-mini-instruct": PHI4_MINI_SHAPE,
+    "Phi-4": PHI4_SHAPE,
 }
-"""The shapes of the catalog's locally trainable Phi-3 models (their hub config.json), for estimates without a
-download."""
+"""The shapes of the catalog's models (their hub config.json; Phi-3-small's dense counterpart of its block-sparse
+attention), for estimates without a download. The built-in tiny models are read from their folders."""
 
 
 def model_shape(model: str, home: Path | None = None) -> ModelShape:
@@ -200,10 +302,10 @@ def model_shape(model: str, home: Path | None = None) -> ModelShape:
     if entry is not None and entry.name in CATALOG_SHAPES:
         return CATALOG_SHAPES[entry.name]
     config_path: Path | None = None
-    if model == catalog.TINY_MODEL:
-        from .trainer.tiny import ensure_tiny_phi3
+    if entry is not None and entry.hf_id is None:
+        from .trainer.tiny import ensure_tiny
 
-        config_path = ensure_tiny_phi3((home or Path.home() / ".phitune") / "models" / "base") / "config.json"
+        config_path = ensure_tiny((home or Path.home() / ".phitune") / "models" / "base", entry.name) / "config.json"
     elif Path(model).expanduser().is_dir():
         config_path = Path(model).expanduser() / "config.json"
     else:
@@ -527,7 +629,8 @@ def matmul_output_bytes(shape: ModelShape, compute: str, probabilities: int = 0)
     """Bytes per token of one decoder layer's matmul and attention outputs (what a layer that keeps them holds);
     ``probabilities``: the attention probabilities' (:func:`attention_probability_bytes`), kept with them."""
     shapes = shape.linear_shapes()
-    values = sum(shapes[n][1] for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) + shape.hidden_size
+    mlp = shape.active_mlps * (shapes["gate_up_proj"][1] + shapes["down_proj"][1])
+    values = shapes["qkv_proj"][1] + shapes["o_proj"][1] + mlp + shape.hidden_size
     return values * (2 if compute == "bf16" else 4) + probabilities
 
 
@@ -536,7 +639,7 @@ def probabilities_kept_from(shape: ModelShape) -> int:
     :data:`KEEP_PROBABILITIES_SHARE`): ~180 tokens on the 32M-parameter benchmark model (hidden 384), where attention
     is a large share of the work; ~1500 tokens on Phi-3-mini, beyond :data:`KEEP_PROBABILITIES_MAX_LENGTH`, so Phi-3's
     real sizes always recompute them, as a flash kernel does."""
-    return math.ceil(2 * KEEP_PROBABILITIES_SHARE * shape.layer_linear_parameters / shape.hidden_size)
+    return math.ceil(2 * KEEP_PROBABILITIES_SHARE * shape.layer_active_parameters / shape.hidden_size)
 
 
 def keeps_attention_probabilities(shape: ModelShape, length: int) -> bool:
@@ -678,12 +781,20 @@ def _trainable_parameters(shape: ModelShape, spec: JobSpec) -> int:
     if isinstance(method, PEFT):
         return _count_on_meta(shape, method)
     linear = shape.linear_shapes()
+    expert_tensors = {
+        "experts.gate_up_proj": linear["gate_up_proj"],
+        "experts.down_proj": linear["down_proj"],
+    }
     per_layer = 0
-    for target in method.targets:
+    for target in method.targets(shape.model_type):
         if target not in linear:
             return _count_on_meta(shape, method)
         fan_in, fan_out = linear[target]
         per_layer += method.r * (fan_in + fan_out) + (fan_out if isinstance(method, DoRA) else 0)
+    for target in method.expert_targets(shape.model_type):  # one rank-r adapter per expert
+        if target not in expert_tensors:
+            return _count_on_meta(shape, method)
+        per_layer += shape.experts * method.r * sum(expert_tensors[target])
     return shape.num_hidden_layers * per_layer
 
 
@@ -691,20 +802,30 @@ def _count_on_meta(shape: ModelShape, method: LoRA | QLoRA | DoRA | PEFT) -> int
     """Trainable parameters counted by building the model on the meta device (no memory) and applying peft."""
     import peft
     import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .trainer.model import peft_config
 
+    fields = shape.model_dump(exclude_none=True, exclude={"model_type", "dtype", "torch_dtype"})
+    try:
+        config = AutoConfig.for_model(shape.model_type, **fields, pad_token_id=None)
+    except ValueError as exc:
+        raise SpecError("model", f"transformers has no {shape.model_type} model to count parameters on") from exc
     with torch.device("meta"):
-        model = Phi3ForCausalLM(Phi3Config(**shape.model_dump(exclude_none=True), pad_token_id=None))
+        model = AutoModelForCausalLM.from_config(config)
     if isinstance(method, PEFT):
-        config = peft_config(method)
+        adapter = peft_config(method)
     else:
-        config = peft.LoraConfig(
-            r=method.r, target_modules=list(method.targets), use_dora=isinstance(method, DoRA), task_type="CAUSAL_LM"
+        adapter = peft.LoraConfig(
+            r=method.r,
+            target_modules=list(method.targets(shape.model_type)),
+            target_parameters=list(method.expert_targets(shape.model_type)) or None,
+            lora_dropout=0.0,
+            use_dora=isinstance(method, DoRA),
+            task_type="CAUSAL_LM",
         )
     try:
-        wrapped = peft.get_peft_model(model, config)
+        wrapped = peft.get_peft_model(model, adapter)
     except ValueError as exc:
         raise SpecError("method", f"peft cannot apply it to {type(model).__name__}: {exc}") from exc
     return sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
@@ -739,26 +860,32 @@ def _memory(
     trainable = _trainable_parameters(shape, spec)
     trainable_bytes = trainable * (12 if isinstance(method, Full) else 16)  # Full: the fp32 weights are `weights`
     act_bytes = 1.0 if compute == "bf16" else 2.0  # fp32 compute keeps fp32 activations
-    per_layer = tokens * (ACT_H * h + ACT_I * i) * act_bytes * (ACT_FULL if isinstance(method, Full) else 1.0)
-    per_layer += tokens * probabilities
+    per_layer = tokens * (ACT_H * h + ACT_I * i * shape.active_mlps) * act_bytes
+    per_layer = per_layer * (ACT_FULL if isinstance(method, Full) else 1.0) + tokens * probabilities
+    # peft's expert adapters merge into each targeted expert tensor on every forward: a layer's merged weights are
+    # kept for its backward, and their gradient made there
+    merged = _merged_expert_parameters(shape, method) * weight_bytes
     if hp.gradient_checkpointing:
-        activations = round(layers * tokens * h * CHECKPOINT_BYTES * act_bytes + per_layer)
+        activations = round(layers * tokens * h * CHECKPOINT_BYTES * act_bytes + per_layer + merged)
     else:
-        activations = round(layers * per_layer)
+        activations = round(layers * (per_layer + merged))
     layout = spec.distributed
     plain_loss = _pads_batches(spec) or (layout.strategy == "deepspeed" and (layout.zero_stage or 0) >= 3)
     if plain_loss:
         logits = tokens * vocab * LOGIT_BYTES
     else:
         stored = tokens * h * act_bytes * 2  # the gradient of the hidden states, in the compute dtype
-        logits = round(LOSS_CHUNK_ELEMENTS * 6 + stored + (vocab * h * 4 if isinstance(method, Full) else 0))
-    transient = 0
+        chunk = max(LOSS_CHUNK_ELEMENTS, LOSS_MIN_CHUNK_ROWS * vocab)
+        logits = round(chunk * 6 + stored + (vocab * h * 4 if isinstance(method, Full) else 0))
+    transient = merged
     if isinstance(method, QLoRA):
-        transient += round(DEQUANTISED_WEIGHTS * max(a * b for a, b in shape.linear_shapes().values()) * 2)
-    if isinstance(method, Full):
-        transient += linear * 2 if compute == "bf16" else 0  # autocast's bf16 copy of each weight, saved for backward
+        quantized = ("qkv_proj", "o_proj") if shape.experts else tuple(shape.linear_shapes())
+        largest = max(a * b for name, (a, b) in shape.linear_shapes().items() if name in quantized)
+        transient += round(DEQUANTISED_WEIGHTS * largest * 2)
+    if isinstance(method, Full):  # autocast's bf16 copy of each weight, saved for backward
+        transient += layers * shape.layer_weight_parameters * 2 if compute == "bf16" else 0
     elif allocator.for_trainers() == "system":
-        transient += round(SYSTEM_HEAP_SLACK_LAYERS * shape.layer_linear_parameters * 2)
+        transient += round(SYSTEM_HEAP_SLACK_LAYERS * shape.layer_weight_parameters * 2)
     return MemoryBreakdown(
         runtime=RUNTIME_BYTES,
         weights=weights,
@@ -769,20 +896,36 @@ def _memory(
     )
 
 
+def _merged_expert_parameters(shape: ModelShape, method: Method) -> int:
+    """Weights of one layer's expert tensors that the method's expert adapters merge into (0 without)."""
+    if not isinstance(method, LoRA | QLoRA | DoRA):
+        return 0
+    sizes = {"experts.gate_up_proj": 2, "experts.down_proj": 1}  # in units of hidden x intermediate, per expert
+    units = sum(sizes.get(target, 0) for target in method.expert_targets(shape.model_type))
+    return shape.experts * units * shape.hidden_size * shape.intermediate_size
+
+
 def _job_peak(memory: MemoryBreakdown, spec: JobSpec) -> int:
     """Every process of the job together; FSDP and ZeRO shard what they shard across the processes."""
+    return spec.distributed.nproc * (memory.total - _sharded(memory, spec)) + _sharded(memory, spec)
+
+
+def _process_peak(memory: MemoryBreakdown, spec: JobSpec) -> int:
+    """One process of the job (one GPU's share under FSDP or ZeRO)."""
+    sharded = _sharded(memory, spec)
+    return memory.total - sharded + sharded // spec.distributed.nproc
+
+
+def _sharded(memory: MemoryBreakdown, spec: JobSpec) -> int:
+    """The bytes of one process's memory that FSDP or ZeRO divide among the processes (none with one process)."""
     layout = spec.distributed
-    n = layout.nproc
-    if n == 1:
-        return memory.total
-    shared = memory.weights + memory.trainable
+    if layout.nproc == 1:
+        return 0
     if layout.strategy == "fsdp" or (layout.strategy == "deepspeed" and (layout.zero_stage or 0) >= 3):
-        sharded = shared
-    elif layout.strategy == "deepspeed":
-        sharded = memory.trainable * 3 // 4  # ZeRO-1/2 shard optimizer state (and gradients at 2)
-    else:
-        sharded = 0
-    return n * (memory.total - sharded) + sharded
+        return memory.weights + memory.trainable
+    if layout.strategy == "deepspeed":
+        return memory.trainable * 3 // 4  # ZeRO-1/2 shard optimizer state (and gradients at 2)
+    return 0
 
 
 def _pads_batches(spec: JobSpec) -> bool:
@@ -805,15 +948,18 @@ def _seconds(
     kept = kept or KeptOutputs()
     method, hp = spec.method, spec.hyperparameters
     layers, tokens = shape.num_hidden_layers, micro * length
-    decoder = 2 * tokens * layers * shape.layer_linear_parameters
+    decoder = 2 * tokens * layers * shape.layer_active_parameters
     attention = 2 * tokens * layers * length * shape.hidden_size  # causal: half of 4 * S * H per token
     head = 2 * tokens * shape.vocab_size * shape.hidden_size
     backward = 2 if isinstance(method, Full) else 1  # a frozen base needs input gradients only
     passes = 1 + backward + (1 if hp.gradient_checkpointing else 0)
     matmul_passes = passes - (kept.layers / layers if hp.gradient_checkpointing else 0)
     inner, outer = shape.linear_shapes()["down_proj"]
-    unrepeated = 2 * tokens * inner * outer * kept.down_projections if hp.gradient_checkpointing else 0
-    activation_bytes = tokens * layers * (ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size)
+    unrepeated = 2 * tokens * inner * outer * shape.active_mlps * kept.down_projections
+    unrepeated = unrepeated if hp.gradient_checkpointing else 0
+    activation_bytes = (
+        tokens * layers * (ACT_H * shape.hidden_size + ACT_I * shape.intermediate_size * shape.active_mlps)
+    )
     work = (
         (decoder + attention) * matmul_passes
         - unrepeated
@@ -822,6 +968,11 @@ def _seconds(
     )
     rate = (probe.bf16_flops if compute == "bf16" else probe.fp32_flops) * MATMUL_EFFICIENCY
     seconds = work / rate + STEP_OVERHEAD_SECONDS + LAYER_OVERHEAD_SECONDS * layers * passes
+    if isinstance(method, LoRA | QLoRA | DoRA):
+        # expert adapters: each forward (and its recomputation) merges them into every expert tensor they target,
+        # 2 r FLOPs per weight, and the backward takes two products as large for the factors' gradients
+        forwards = passes - backward
+        seconds += 2 * method.r * layers * _merged_expert_parameters(shape, method) * (forwards + 2) / rate
     if probe.device == "cpu":
         optimizer = OPTIMIZER_SECONDS_PER_PARAMETER * _trainable_parameters(shape, spec)
         seconds += optimizer / hp.gradient_accumulation_steps
@@ -886,15 +1037,17 @@ def _suggestions(
         lengths.append((f"max_seq_length={seq}", {"max_seq_length": seq}))
     kinds += [k for k in (batches, lengths) if k]
 
-    def peak_of(changes: dict[str, Any]) -> int:
-        method = changes.get("method", spec.method)
-        hyper = hp.model_copy(update={k: v for k, v in changes.items() if k != "method"})
-        changed = spec.model_copy(update={"method": method, "hyperparameters": hyper})
+    def memory_of(changes: dict[str, Any]) -> tuple[MemoryBreakdown, JobSpec]:
+        method, layout = changes.get("method", spec.method), changes.get("distributed", spec.distributed)
+        hyper = hp.model_copy(update={k: v for k, v in changes.items() if k not in ("method", "distributed")})
+        changed = spec.model_copy(update={"method": method, "hyperparameters": hyper, "distributed": layout})
         longest = min(length, hyper.max_seq_length)
-        tokens = math.ceil(hyper.batch_size / spec.distributed.nproc) * longest
+        tokens = math.ceil(hyper.batch_size / layout.nproc) * longest
         probabilities = attention_probability_bytes(shape, longest, compute, device)
-        memory = _memory(shape, changed, tokens, compute, probabilities, embedding_rows=embedding_rows)
-        return _job_peak(memory, changed)
+        return _memory(shape, changed, tokens, compute, probabilities, embedding_rows=embedding_rows), changed
+
+    def peak_of(changes: dict[str, Any]) -> int:
+        return _job_peak(*memory_of(changes))
 
     found: list[str] = []
     for options in kinds:
@@ -906,6 +1059,7 @@ def _suggestions(
         return found
     combined: dict[str, Any] = {}
     labels: list[str] = []
+    peak = peak_of(combined)
     for options in kinds:
         for label, changes in options:
             if (peak := peak_of({**combined, **changes})) <= available or (label, changes) == options[-1]:
@@ -914,4 +1068,40 @@ def _suggestions(
                 break
         if peak <= available:
             return [f"{', '.join(labels)}: ~{peak / GiB:.1f} GiB"]
-    return []
+    return _elsewhere(spec, labels, combined, peak, memory_of)
+
+
+GPU_BYTES = 80 * 10**9
+"""The memory of the largest common training GPU (an 80 GB A100 or H100), for :func:`_elsewhere`."""
+
+
+def _elsewhere(
+    spec: JobSpec,
+    labels: list[str],
+    leanest: dict[str, Any],
+    peak: int,
+    memory_of: Callable[[dict[str, Any]], tuple[MemoryBreakdown, JobSpec]],
+) -> list[str]:
+    """Where a job that nothing fits on this machine would run: the memory of its leanest single-process form
+    (``leanest``, the ``labels`` changes, predicted at ``peak``), and the fewest 80 GB GPUs that FSDP would share
+    its unquantised method across."""
+    leanest_form = ", ".join(labels) or "the job as it is"
+    found = [f"{leanest_form} on a machine (or GPU) with ~{peak / GiB:.0f} GiB or more: ~{peak / GiB:.1f} GiB"]
+    method = spec.method
+    if isinstance(method, QLoRA):
+        method = LoRA(**method.model_dump(include={"r", "alpha", "dropout", "target_modules", "target_parameters"}))
+    hp = spec.hyperparameters
+    unquantised = {k: v for k, v in leanest.items() if k != "method"} | {"method": method}
+    for gpus in (2, 4, 8):
+        accumulation = hp.gradient_accumulation_steps * max(1, math.ceil(hp.batch_size / gpus))
+        layout = Distributed(strategy="fsdp", nproc=gpus)
+        changes = unquantised | {"batch_size": gpus, "gradient_accumulation_steps": accumulation, "distributed": layout}
+        per_gpu = _process_peak(*memory_of(changes))
+        if per_gpu <= GPU_BYTES:
+            found.append(
+                f"method={method.type!r} with distributed=Distributed(strategy='fsdp', nproc={gpus}) on {gpus} GPUs "
+                f"of 80 GB (batch_size={gpus}, gradient_accumulation_steps={accumulation}): ~{per_gpu / GiB:.1f} GiB "
+                "per GPU"
+            )
+            break
+    return found

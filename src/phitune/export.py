@@ -4,7 +4,9 @@
 - ``format="merged"``: base and adapter merged by peft's ``merge_and_unload`` into a transformers folder that
   ``AutoModelForCausalLM.from_pretrained`` loads alone, tokenizer and chat template beside it.
 - ``format="onnx"``: an ONNX Runtime GenAI folder built by onnxruntime-genai's model builder (fp32 or int4, CPU or
-  CUDA) with the tokenizer, the chat template and a ``genai_config.json`` that stops on ``<|end|>``. A LoRA fine-tune
+  CUDA) with the tokenizer, the chat template and a ``genai_config.json`` that stops at the end of a turn
+  (``<|end|>``, Phi-4's ``<|im_end|>``). The builder takes ``Phi3ForCausalLM`` models (Phi-3, Phi-3.5-mini, Phi-4-mini,
+  Phi-4); Phi-3.5-MoE is refused (its builder needs CUDA, int4 and the hub's remote-code layout). A LoRA fine-tune
   is merged into the weights (``adapters="merged"``) or kept apart (``adapters="separate"``): the base is built once
   with every LoRA weight as an optional graph input (empty by default, so the bare base runs unchanged; float even
   when the base is int4) and each fine-tune becomes ``<name>.onnx_adapter``, which ``onnxruntime_genai.Adapters``
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .chat_template import END_OF_TURN_TOKENS
 from .errors import ConflictError, MissingDependencyError, PhituneError, SpecError
 from .trainer.onnx_engine import REPORT_NAME
 
@@ -135,6 +138,7 @@ def export(
     target = Path(dest).expanduser().resolve()
     if format == "onnx":
         _require(_BUILDER_MODULES)
+        _check_onnx_architecture(source)
     if format == "onnx" and adapters == "separate" and not overwrite and _lora_base_report(target) is not None:
         checks = _add_adapter(source, target, verify)
     else:
@@ -172,6 +176,7 @@ def onnx_for_deployment(model: ModelObject, home: Path) -> OnnxServed:
     if model.path is not None and (Path(model.path) / "genai_config.json").exists():
         return OnnxServed(model.id, model.path)
     source = source_of(model, home)
+    _check_onnx_architecture(source)
     root = home / "exports" / "onnx"
     folder = root / (_slug(source.base_name) + ("-lora" if source.adapter else ""))
     adapter_file = folder / adapter_filename(model.id) if source.adapter else None
@@ -207,6 +212,26 @@ def _check_options(source: ExportSource, format: str, precision: str, device: st
         if format != "onnx" or source.adapter is None:
             raise SpecError("adapters", "'separate' applies to format='onnx' exports of LoRA fine-tunes")
         _lora_scale(source.adapter)
+
+
+ONNX_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
+"""The architectures phitune exports through onnxruntime-genai's model builder (checked against its output)."""
+
+
+def _check_onnx_architecture(source: ExportSource) -> None:
+    """Refuse an ONNX export of an architecture outside :data:`ONNX_ARCHITECTURES`, saying why and what works."""
+    from transformers import AutoConfig
+
+    architecture = (AutoConfig.from_pretrained(source.base).architectures or ["unknown"])[0]
+    if architecture in ONNX_ARCHITECTURES:
+        return
+    why = (
+        "onnxruntime-genai's model builder builds Phi-3.5-MoE only in int4 for CUDA, from the hub's remote-code "
+        "layout (block_sparse_moe), not from transformers' PhimoeForCausalLM"
+        if architecture == "PhimoeForCausalLM"
+        else f"phitune's ONNX export takes {', '.join(sorted(ONNX_ARCHITECTURES))}"
+    )
+    raise SpecError("format", f"no ONNX export of {source.model_id} ({architecture}): {why}; use format='merged'")
 
 
 def _require(modules: tuple[tuple[str, str], ...]) -> None:
@@ -377,16 +402,16 @@ def _lora_node_names(source: ExportSource) -> list[str]:
 
 
 def _stop_on_end(folder: Path, tokenizer: Any) -> None:
-    """Make generation stop on ``<|end|>`` (Phi-3's end of turn) as well as on the configured EOS ids."""
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    if not isinstance(end, int) or end == tokenizer.unk_token_id:
-        return
+    """Make generation stop at the end of a turn (``<|end|>``, Phi-4's ``<|im_end|>``) as well as on the configured
+    EOS ids."""
+    ends = [tokenizer.convert_tokens_to_ids(token) for token in END_OF_TURN_TOKENS]
+    ends = [end for end in ends if isinstance(end, int) and end != tokenizer.unk_token_id]
     path = folder / "genai_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     eos = config["model"]["eos_token_id"]
     ids = list(eos) if isinstance(eos, list) else [eos]
-    if end not in ids:
-        config["model"]["eos_token_id"] = [*ids, end]
+    if any(end not in ids for end in ends):
+        config["model"]["eos_token_id"] = [*ids, *(end for end in ends if end not in ids)]
         _write_json(path, config)
 
 

@@ -1,4 +1,4 @@
-"""Kaito manifests from a :class:`~phitune.JobSpec`: fine-tune and serve Phi-3 on your own Kubernetes cluster.
+"""Kaito manifests from a :class:`~phitune.JobSpec`: fine-tune and serve Phi models on your own Kubernetes cluster.
 
 `Kaito <https://github.com/kaito-project/kaito>`_ (Kubernetes AI Toolchain Operator) runs LoRA/QLoRA tuning and
 inference from a ``Workspace`` custom resource (``kaito.sh/v1beta1``; ``resource``, ``tuning`` and ``inference``
@@ -196,6 +196,10 @@ def _check_spec(spec: JobSpec) -> tuple[str, LoRA | QLoRA]:
         raise UnsupportedOptionError(
             "method", _BACKEND, f"Kaito's tuning methods are lora and qlora, not {spec.method.type}"
         )
+    if spec.method.target_parameters:
+        raise UnsupportedOptionError(
+            "method.target_parameters", _BACKEND, "Kaito's presets are dense models, without expert tensors to adapt"
+        )
     if spec.distributed.strategy != "none":
         raise UnsupportedOptionError(
             "distributed.strategy",
@@ -274,7 +278,7 @@ def _training_config(spec: JobSpec, method: LoRA | QLoRA) -> dict[str, Any]:
                 "r": method.r,
                 "lora_alpha": method.alpha,
                 "lora_dropout": method.dropout,
-                "target_modules": list(method.targets),
+                "target_modules": list(method.targets()),  # every preset is a Phi3ForCausalLM
             },
             "TrainingArguments": _training_arguments(hp),
             "DatasetConfig": dataset,
@@ -463,7 +467,7 @@ def to_yaml(docs: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------------------- cli
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="phitune kaito", description="Write Kaito manifests that fine-tune or serve a Phi-3 model."
+        prog="phitune kaito", description="Write Kaito manifests that fine-tune or serve a Phi model."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

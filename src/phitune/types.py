@@ -25,7 +25,15 @@ DatasetFormat = Literal["chat", "prompt_completion", "text_ground_truth"]
 Task = Literal["chat_completion", "text_completion"]
 
 PHI3_LORA_TARGETS: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-"""Phi-3's fused attention and MLP projections: the LoRA targets that cover every linear layer of a decoder block."""
+"""Phi-3's fused attention and MLP projections: the LoRA targets that cover every linear layer of a decoder block
+(Phi-3, Phi-3.5-mini, Phi-4-mini and Phi-4 alike: all ``Phi3ForCausalLM``)."""
+PHIMOE_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""Phi-3.5-MoE's attention projections (separate, not fused): its linear layers besides the router."""
+PHIMOE_EXPERT_TARGETS: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
+"""Phi-3.5-MoE's expert weights, ``[experts, out, in]`` tensors that peft adapts through ``target_parameters``: each
+expert gets its own rank-r adapter, so every expert's MLP is fine-tuned as a dense model's MLP is. The router is no
+target: it stays frozen, as fine-tuning recipes for mixture-of-experts models keep it (a trained router can collapse
+onto few experts)."""
 
 
 class _Request(BaseModel):
@@ -44,12 +52,25 @@ class _LoRAOptions(_Request):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: tuple[str, ...] | None = Field(
-        None, description="Module names to adapt; None means Phi-3's fused projections (PHI3_LORA_TARGETS)."
+        None,
+        description="Module names to adapt; None: every linear layer of a decoder block but a router (Phi-3's fused "
+        "projections PHI3_LORA_TARGETS; Phi-3.5-MoE's attention PHIMOE_LORA_TARGETS).",
+    )
+    target_parameters: tuple[str, ...] | None = Field(
+        None,
+        description="Mixture-of-experts models: expert tensors to adapt (peft target_parameters); None: every "
+        "expert's (PHIMOE_EXPERT_TARGETS); (): none, the experts stay frozen. Dense models have none.",
     )
 
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return self.target_modules or PHI3_LORA_TARGETS
+    def targets(self, model_type: str = "phi3") -> tuple[str, ...]:
+        """The modules adapted on a model of this ``config.json`` ``model_type``."""
+        return self.target_modules or (PHIMOE_LORA_TARGETS if model_type == "phimoe" else PHI3_LORA_TARGETS)
+
+    def expert_targets(self, model_type: str = "phi3") -> tuple[str, ...]:
+        """The expert tensors adapted on a model of this ``model_type`` (none on a dense model)."""
+        if self.target_parameters is not None:
+            return self.target_parameters
+        return PHIMOE_EXPERT_TARGETS if model_type == "phimoe" else ()
 
 
 class LoRA(_LoRAOptions):

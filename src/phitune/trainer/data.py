@@ -1,7 +1,8 @@
 """Training examples: token ids plus labels that carry loss only where the model should learn to write.
 
 Chat data is rendered with the model's own chat template; loss falls on each assistant message's content and the
-end-of-turn token that closes it (``<|end|>`` for Phi-3), so the model learns both what to say and when to stop.
+end-of-turn token that closes it (``<|end|>`` for Phi-3, Phi-3.5 and Phi-4-mini, ``<|im_end|>`` for Phi-4), so the
+model learns both what to say and when to stop.
 The assistant spans are found by rendering the conversation up to each assistant message, so templates without
 ``{% generation %}`` tags (such as Phi-3's own) work, and a template that breaks the method is an error, never a
 silently all-masked or all-trained example.
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .. import datasets
+from ..chat_template import END_OF_TURN_TOKENS
 from ..errors import DatasetError, PhituneError, SpecError
 from ..types import DatasetIssue, JobSpec
-from .model import open_base
+from .model import check_method, open_base
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 """The label of a position that carries no loss."""
 
-END_OF_TURN = "<|end|>"
 _TEMPLATE_FIELD = "model.chat_template"
 
 
@@ -65,10 +66,12 @@ class ExampleError(PhituneError, ValueError):
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id of ``<|end|>`` where the tokenizer has it (Phi-3), else the eos id."""
-    found = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(found, int) and found != tokenizer.unk_token_id:
-        return found
+    """The id of the first of :data:`END_OF_TURN_TOKENS` that the tokenizer has as a token of its own, else the eos
+    id."""
+    for token in END_OF_TURN_TOKENS:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(found, int) and found != tokenizer.unk_token_id:
+            return found
     return _eos_id(tokenizer)
 
 
@@ -168,8 +171,11 @@ class JobData:
 def prepare(spec: JobSpec, base_path: str, train: DatasetFile, valid: DatasetFile | None) -> JobData:
     """Open the job's base (config and tokenizer: :func:`~phitune.trainer.model.open_base`) and encode its datasets
     with :func:`read_dataset` under its ``max_seq_length``, the model's context length and
-    ``drop_untrainable_examples``. What the trainer runs first, and what the local backend checks at ``create``."""
+    ``drop_untrainable_examples``; a method the model cannot take is refused first
+    (:func:`~phitune.trainer.model.check_method`). What the trainer runs first, and what the local backend checks at
+    ``create``."""
     base = open_base(spec.model, base_path)
+    check_method(spec.method, base.model_type)
     hp = spec.hyperparameters
 
     def read(file: DatasetFile) -> Dataset:

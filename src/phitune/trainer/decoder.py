@@ -10,8 +10,9 @@ and the values in one pass over the projection, and its gradient in one pass bac
 ``cat``. :class:`TrainingPhi3MLP` computes it with one kernel each way, from the projection alone.
 
 Forwards return transformers' values exactly; backwards keep fp32 between the steps that torch rounds to bf16.
-Tensors the kernels do not take (fp32, GPU), a generation cache and partial rotary embeddings take transformers'
-forwards.
+Partial rotary embeddings (Phi-4-mini rotates the first three quarters of each head) are rotated where they apply and
+the rest passed through, as transformers does. Tensors the kernels do not take (fp32, GPU) and a generation cache take
+transformers' forwards; so do modules of other architectures, which :func:`fused_coverage` names for the job's events.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class TrainingPhi3Attention(Phi3Attention):  # type: ignore[misc]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cos, sin = position_embeddings
         kernels = fused.operators_for(hidden_states, cos, sin)
-        if kernels is None or cache is not None or cos.shape[-1] != self.head_dim:
+        if kernels is None or cache is not None:
             plain: tuple[torch.Tensor, torch.Tensor | None] = super().forward(
                 hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs
             )
@@ -92,6 +93,29 @@ def use_fused_decoder(model: Any) -> int:
             module.__class__ = TrainingPhi3MLP
             count += 1
     return count
+
+
+def fused_coverage(model: Any) -> str | None:
+    """Which decoder modules of a model given :func:`use_fused_decoder` and ``norm.use_training_rms_norm`` take
+    transformers' (or torch's) forwards rather than the fused kernels' in bf16 on a CPU, and why; None where every
+    attention, MLP and norm takes the kernels."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .norm import TrainingRMSNorm
+
+    fused_classes = (TrainingPhi3Attention, TrainingPhi3MLP, TrainingRMSNorm)
+    aside: dict[str, int] = {}
+    for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
+        for child in layer.children():
+            if next(child.parameters(), None) is not None and not isinstance(child, fused_classes):
+                aside[type(child).__name__] = aside.get(type(child).__name__, 0) + 1
+    if not aside:
+        return None
+    modules = ", ".join(f"{count} {name}" for name, count in aside.items())
+    return (
+        f"the fused CPU kernels cover Phi-3's attention, SwiGLU MLP and RMSNorm: {modules} run transformers' "
+        "forwards (in bf16 on a CPU, torch's element-wise ops)"
+    )
 
 
 class _RotaryQKV(torch.autograd.Function):  # type: ignore[misc]

@@ -207,22 +207,24 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
 // Calls visit(kind, packed, split, cos, sin) for every head of every row of a qkv projection [batch, tokens,
 // (heads + 2 * kv_heads) * dim], rows in parallel: kind 0, 1 or 2 for a query, key or value head; packed, the head's
 // offset in the projection; split, its offset in the [batch, heads of its kind, tokens, dim] tensor of its kind; cos
-// and sin, the row's angles ([batch or 1, tokens, dim]: one batch of angles serves every row).
+// and sin, the row's angles ([batch or 1, tokens, rotary dim]: one batch of angles serves every row; the rotary dim is
+// the head dim or, with partial rotary, less).
 template <typename Visit>
 void for_each_head(const at::Tensor& cos, const at::Tensor& sin, int64_t batch, int64_t tokens, int64_t heads,
-                   int64_t kv_heads, const Visit& visit) {
+                   int64_t kv_heads, int64_t dim, const Visit& visit) {
   check_rows(cos, "cos");
   check_rows(sin, "sin");
   TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes(), "cos and sin must be 3-d, of one shape");
   TORCH_CHECK((cos.size(0) == batch || cos.size(0) == 1) && cos.size(1) == tokens,
-              "cos and sin must be [batch or 1, tokens, dim]");
-  const int64_t dim = cos.size(2), width = (heads + 2 * kv_heads) * dim, angle_batches = cos.size(0);
+              "cos and sin must be [batch or 1, tokens, rotary dim]");
+  const int64_t rotary = cos.size(2), width = (heads + 2 * kv_heads) * dim, angle_batches = cos.size(0);
+  TORCH_CHECK(rotary % 2 == 0 && rotary <= dim, "the rotary dim must be even and at most the head dim");
   const bf16* coss = input(cos);
   const bf16* sins = input(sin);
   at::parallel_for(0, batch * tokens, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / tokens, t = row % tokens;
-      const int64_t angle = (angle_batches == 1 ? t : row) * dim;
+      const int64_t angle = (angle_batches == 1 ? t : row) * rotary;
       for (int64_t head = 0; head < heads + 2 * kv_heads; ++head) {
         const int kind = head < heads ? 0 : (head < heads + kv_heads ? 1 : 2);
         const int64_t index = kind == 0 ? head : head - heads - (kind == 2 ? kv_heads : 0);
@@ -235,21 +237,22 @@ void for_each_head(const at::Tensor& cos, const at::Tensor& sin, int64_t batch, 
 
 // Phi-3's attention inputs from its qkv projection [batch, tokens, (heads + 2 * kv_heads) * dim]: queries and keys
 // rotated as transformers' apply_rotary_pos_emb computes them, bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)) with
-// rotate_half(x) = [-x2, x1], and values, each [batch, heads, tokens, dim].
+// rotate_half(x) = [-x2, x1], on the first cos.size(2) dims of each head (all of them, or a fraction: Phi-4-mini's
+// partial rotary), the rest passed through; and values, each [batch, heads, tokens, dim].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_qkv_forward(const at::Tensor& qkv, const at::Tensor& cos,
                                                                   const at::Tensor& sin, int64_t heads,
                                                                   int64_t kv_heads) {
   check_rows(qkv, "qkv");
   TORCH_CHECK(qkv.dim() == 3 && cos.dim() == 3, "qkv must be [batch, tokens, width], cos [batch or 1, tokens, dim]");
-  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = cos.size(2), half = dim / 2;
-  TORCH_CHECK(dim % 2 == 0 && qkv.size(2) == (heads + 2 * kv_heads) * dim,
-              "qkv's width is not (heads + 2 * kv_heads) * dim");
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = qkv.size(2) / (heads + 2 * kv_heads);
+  const int64_t rotary = cos.size(2), half = rotary / 2;
+  TORCH_CHECK(qkv.size(2) == (heads + 2 * kv_heads) * dim, "qkv's width is not (heads + 2 * kv_heads) * head dim");
   at::Tensor query = at::empty({batch, heads, tokens, dim}, qkv.options());
   at::Tensor key = at::empty({batch, kv_heads, tokens, dim}, qkv.options());
   at::Tensor value = at::empty({batch, kv_heads, tokens, dim}, qkv.options());
   const bf16* ins = input(qkv);
   bf16* outs[3] = {output(query), output(key), output(value)};
-  for_each_head(cos, sin, batch, tokens, heads, kv_heads,
+  for_each_head(cos, sin, batch, tokens, heads, kv_heads, dim,
                 [&](int kind, int64_t packed, int64_t split, const bf16* angle_cos, const bf16* angle_sin) {
                   const bf16* __restrict__ x = ins + packed;
                   const bf16* __restrict__ c = angle_cos;
@@ -263,29 +266,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary_qkv_forward(const at::Tens
                     y[i] = to_bf16(round_bf16(to_float(x[i]) * to_float(c[i])) +
                                    round_bf16(-to_float(x[i + half]) * to_float(s[i])));
                   }
-                  for (int64_t i = half; i < dim; ++i) {
+                  for (int64_t i = half; i < rotary; ++i) {
                     y[i] = to_bf16(round_bf16(to_float(x[i]) * to_float(c[i])) +
                                    round_bf16(to_float(x[i - half]) * to_float(s[i])));
                   }
+                  std::memcpy(y + rotary, x + rotary, (dim - rotary) * sizeof(bf16));
                 });
   return {query, key, value};
 }
-
 // The gradient of rotary_qkv_forward with respect to qkv, from the queries', keys' and values' gradients:
-// dx = dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = [z2, -z1].
+// dx = dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = [z2, -z1], on the rotated dims; dx = dy on the others.
 at::Tensor rotary_qkv_backward(const at::Tensor& d_query, const at::Tensor& d_key, const at::Tensor& d_value,
                                const at::Tensor& cos, const at::Tensor& sin) {
   check_rows(d_query, "d_query");
   check_rows(d_key, "d_key");
   check_rows(d_value, "d_value");
   const int64_t batch = d_query.size(0), heads = d_query.size(1), kv_heads = d_key.size(1);
-  const int64_t tokens = d_query.size(2), dim = d_query.size(3), half = dim / 2;
-  TORCH_CHECK(d_key.sizes() == d_value.sizes() && cos.dim() == 3 && cos.size(2) == dim,
+  const int64_t tokens = d_query.size(2), dim = d_query.size(3), rotary = cos.size(2), half = rotary / 2;
+  TORCH_CHECK(d_key.sizes() == d_value.sizes() && cos.dim() == 3 && rotary <= dim,
               "gradients and cos differ in shape");
   at::Tensor d_qkv = at::empty({batch, tokens, (heads + 2 * kv_heads) * dim}, d_query.options());
   const bf16* grads[3] = {input(d_query), input(d_key), input(d_value)};
   bf16* outs = output(d_qkv);
-  for_each_head(cos, sin, batch, tokens, heads, kv_heads,
+  for_each_head(cos, sin, batch, tokens, heads, kv_heads, dim,
                 [&](int kind, int64_t packed, int64_t split, const bf16* angle_cos, const bf16* angle_sin) {
                   const bf16* __restrict__ g = grads[kind] + split;
                   const bf16* __restrict__ c = angle_cos;
@@ -298,9 +301,10 @@ at::Tensor rotary_qkv_backward(const at::Tensor& d_query, const at::Tensor& d_ke
                   for (int64_t i = 0; i < half; ++i) {
                     dx[i] = to_bf16(to_float(g[i]) * to_float(c[i]) + to_float(g[i + half]) * to_float(s[i + half]));
                   }
-                  for (int64_t i = half; i < dim; ++i) {
+                  for (int64_t i = half; i < rotary; ++i) {
                     dx[i] = to_bf16(to_float(g[i]) * to_float(c[i]) - to_float(g[i - half]) * to_float(s[i - half]));
                   }
+                  std::memcpy(dx + rotary, g + rotary, (dim - rotary) * sizeof(bf16));
                 });
   return d_qkv;
 }

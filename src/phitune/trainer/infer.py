@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
+from ..chat_template import END_OF_TURN_TOKENS
 from ..errors import SpecError
 from .model import load_tokenizer
 
@@ -213,7 +214,7 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
         ids.add(eos)
     elif isinstance(eos, list):
         ids.update(eos)
-    for token in ("<|end|>", tokenizer.eos_token):
+    for token in (*END_OF_TURN_TOKENS, tokenizer.eos_token):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)

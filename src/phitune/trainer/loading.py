@@ -20,7 +20,8 @@ final model plus one slice in flight: Phi-3-mini QLoRA peaks at 3.05 GB, Phi-3-m
 in their final dtype (QLoRA's bf16 embedding, head and norms) stay views of the private, copy-on-write mapping, as
 ``from_pretrained`` leaves a bf16 base: the embedding's rows are read only as tokens use them. The modules are
 transformers' own (its bitsandbytes quantizer and ``replace_with_bnb_linear``), so peft sees the same model, and
-the outputs are identical.
+the outputs are identical. Checkpoints whose tensors transformers converts while loading (Phi-3.5-MoE's per-expert
+``block_sparse_moe`` weights, stacked into ``[experts, out, in]`` tensors) load through ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def load_for_training(
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     folder = _local_folder(path)
     shards = _safetensors_shards(folder)
-    streamed = bool(shards) and (isinstance(method, QLoRA) or dtype == torch.float32)
+    streamed = bool(shards) and (isinstance(method, QLoRA) or dtype == torch.float32) and not _converted(folder)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
@@ -164,6 +165,14 @@ def load_for_training(
         allocator=allocator.in_use(),
     )
     return model, report
+
+
+def _converted(folder: Path) -> bool:
+    """Whether transformers converts this model type's checkpoint tensors while loading (renamed, stacked)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    return get_checkpoint_conversion_mapping(model_type) is not None
 
 
 def _local_folder(path: str) -> Path:

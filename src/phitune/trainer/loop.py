@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from ..estimate import KeptOutputs, memory_limit, plan_kept_outputs
 from ..types import JobSpec, QLoRA
 from . import allocator, data, distributed, fused, packing
+from .decoder import fused_coverage
 from .distributed import Engine, Ranks
 from .loading import load_for_training
 from .loss import linear_cross_entropy
-from .model import apply_method, bf16_supported, count_parameters, quantized_footprint
+from .model import apply_method, bf16_supported, count_parameters, describe_experts, quantized_footprint
 
 StopReason = Literal["cancelled", "paused", "superseded"]
 
@@ -149,6 +150,10 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
             "examples_seen": plan.examples_seen(),
         },
     )
+    if (experts := describe_experts(model)) is not None:
+        control.message(experts[0], data=experts[1])
+    if use_bf16 and torch.device(device).type == "cpu" and (aside := fused_coverage(model)) is not None:
+        control.message(aside)
 
     # -- engine (one process, DDP, FSDP or DeepSpeed), schedule, resume
     engine = distributed.build(CausalLMLoss(model), layout, ranks, hp)
@@ -278,27 +283,58 @@ def _batching(model: Any, pad_id: int) -> Batching:
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over labelled positions, for a padded batch (:func:`data.collate`) or a packed
-    one (:func:`packing.pack`). The LM head runs only where labels are set, in chunks (:mod:`phitune.trainer.loss`)."""
+    one (:func:`packing.pack`). The LM head runs only where labels are set, in chunks (:mod:`phitune.trainer.loss`).
+    A mixture-of-experts model whose config asks for the router's load-balancing loss (``output_router_logits``,
+    ``router_aux_loss_coef``) gets it as transformers' model adds it to the mean loss: here times the labelled
+    tokens, so that the step's normalisation turns it back into that."""
     labels = batch["labels"][:, 1:]
     selected = labels != data.IGNORE_INDEX
     body, head = _body_and_head(model)
+    balance = _router_balance(model)
+    routing = {"output_router_logits": True} if balance else {}
     if body is None:  # methods that change the input (prompt tuning): the plain forward
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1][selected]
-        return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **routing)
+        logits = out.logits[:, -batch["input_ids"].shape[1] :][:, :-1][selected]
+        plain = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        return plain + balance * out.aux_loss * selected.sum() if balance else plain
     packed: dict[str, Any] = {}
     if "cu_seq_lens" in batch:
         if body.config._attn_implementation != packing.ATTENTION:
             raise ValueError("a packed batch needs packing.use_varlen_attention(model), or examples would mix")
         packed = {"position_ids": batch["position_ids"], "segments": tuple(batch["cu_seq_lens"].tolist())}
     # no cache: without gradient checkpointing, transformers would otherwise copy every layer's keys and values into one
-    hidden = body(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **packed
-    ).last_hidden_state
-    hidden = hidden[:, :-1][selected]
-    if hasattr(head.weight, "ds_id") or head.bias is not None:  # DeepSpeed ZeRO-3 gathers the weight in head() only
-        return F.cross_entropy(head(hidden).float(), labels[selected], reduction="sum")
-    return linear_cross_entropy(hidden, head.weight, labels[selected])
+    out = body(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **packed, **routing
+    )
+    hidden = out.last_hidden_state[:, :-1][selected]
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 gathers the weight in head() only
+        loss = F.cross_entropy(head(hidden).float(), labels[selected], reduction="sum")
+    else:
+        loss = linear_cross_entropy(hidden, head.weight, labels[selected], head.bias)
+    if balance:
+        loss = loss + balance * _load_balancing_loss(body.config, out.router_logits, batch) * selected.sum()
+    return loss
+
+
+def _router_balance(model: Any) -> float:
+    """The weight of the router's load-balancing loss: the config's ``router_aux_loss_coef`` where it asks for the
+    router logits (``output_router_logits``), else 0 (dense models; Phi-3.5-MoE as released)."""
+    config = model.config
+    return float(config.router_aux_loss_coef) if getattr(config, "output_router_logits", False) else 0.0
+
+
+def _load_balancing_loss(config: Any, router_logits: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> torch.Tensor:
+    """transformers' load-balancing loss of the routers' logits, over the examples' tokens: a packed row's trailing
+    padding (past ``example_tokens``) is masked out as padding is in a padded batch."""
+    from transformers.models.phimoe.modeling_phimoe import load_balancing_loss_func
+
+    mask = batch["attention_mask"]
+    if "example_tokens" in batch:
+        mask = (torch.arange(mask.shape[1], device=mask.device) < batch["example_tokens"])[None].to(mask.dtype)
+    loss: torch.Tensor = load_balancing_loss_func(
+        router_logits, config.num_local_experts, config.num_experts_per_tok, mask
+    )
+    return loss
 
 
 def _body_and_head(model: Any) -> tuple[Any, Any]:

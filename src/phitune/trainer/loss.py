@@ -15,6 +15,10 @@ logits with the gradient: no fp32 copy of the logits (2.4% of the benchmark mode
 runs in place on an fp32 copy, and a row's loss is ``-log`` of its target's probability, or ``logsumexp - target
 logit`` where that probability is too small for fp32 to hold exactly.
 
+A head with a bias (Phi-3.5-MoE's) adds it in the same matmul, and its gradient is the column sums of the chunks'
+gradients. A chunk holds :data:`CHUNK_ELEMENTS` logits, and at least :data:`MIN_CHUNK_ROWS` rows: Phi-4's and
+Phi-4-mini's vocabularies (100352 and 200064 entries) would otherwise leave a few dozen rows per matmul.
+
 A chunk's logits live in buffers that each thread keeps and reuses (:mod:`.buffers`, 16 MiB for Phi-3's vocabulary
 in bf16, 48 MiB with the fp32 copy). Allocated afresh, every chunk's 33 MB of fp32 logits was new memory whose pages
 fault in on first touch: the benchmark model's forward + backward (``benchmarks/train_vs_trl.py``) took 1.17x as long.
@@ -32,6 +36,13 @@ from .buffers import thread_buffer
 CHUNK_ELEMENTS = 8 * 2**20
 """Logits per chunk (rows x vocabulary): 261 rows of Phi-3's 32064, 32 MiB in fp32. At 128 rows the head's matmul ran
 at ~70% of this CPU's bf16 GEMM rate, at 512 rows at ~90%."""
+MIN_CHUNK_ROWS = 128
+"""The fewest rows per chunk, whatever the vocabulary: 128 rows of Phi-4-mini's 200064 logits are 49 MiB in bf16."""
+
+
+def chunk_rows(vocabulary: int) -> int:
+    """Rows of hidden states per chunk of the LM head (``phitune.estimate`` sizes the buffers with it)."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocabulary)
 
 
 _SMALLEST_EXACT = 2.0**-100
@@ -39,81 +50,115 @@ _SMALLEST_EXACT = 2.0**-100
 logits (``logsumexp - target``) rather than as ``-log(probability)``."""
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` without materialising the logits.
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")`` without materialising the logits.
 
-    ``hidden`` is ``[rows, features]``, ``weight`` ``[vocab, features]`` and ``targets`` ``[rows]`` (every row
-    counts: select the labelled positions before calling). Differentiable in ``hidden`` and ``weight``.
+    ``hidden`` is ``[rows, features]``, ``weight`` ``[vocab, features]``, ``bias`` ``[vocab]`` and ``targets``
+    ``[rows]`` (every row counts: select the labelled positions before calling). Differentiable in ``hidden``,
+    ``weight`` and ``bias``.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)  # differentiable casts: gradients reach the originals
+        bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(device_type, enabled=False):
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            loss: torch.Tensor = _FusedLinearCrossEntropy.apply(hidden, weight, targets)
+        trains = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        if torch.is_grad_enabled() and any(trains):
+            loss: torch.Tensor = _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets)
             return loss
-        return _chunks(hidden, weight, targets, None, None)
+        return _chunks(hidden, weight, bias, targets, _Gradients())
+
+
+class _Gradients:
+    """The gradients :func:`_chunks` fills: of the hidden states (the compute dtype), of the head's weight and bias
+    (fp32 sums)."""
+
+    def __init__(
+        self, hidden: torch.Tensor | None = None, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+
+    @property
+    def wanted(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):  # type: ignore[misc]
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        def fp32_zeros(like: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+
+        grads = _Gradients(
+            torch.empty_like(hidden) if ctx.needs_input_grad[0] else None,
+            fp32_zeros(weight) if ctx.needs_input_grad[1] else None,
+            fp32_zeros(bias) if bias is not None and ctx.needs_input_grad[2] else None,
         )
-        loss = _chunks(hidden, weight, targets, grad_hidden, grad_weight)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        loss = _chunks(hidden, weight, bias, targets, grads)
+        ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        grad_hidden, grad_weight = ctx.saved_tensors
+    def backward(
+        ctx: Any, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_loss.to(torch.float32)
         if grad_hidden is not None:
             grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
         if grad_weight is not None:
-            grad_weight = (grad_weight * scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None
+            grad_weight = (grad_weight * scale).to(ctx.dtypes[0])
+        if grad_bias is not None:
+            grad_bias = (grad_bias * scale).to(ctx.dtypes[1])
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 def _chunks(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    grad_hidden: torch.Tensor | None,
-    grad_weight: torch.Tensor | None,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, grads: _Gradients
 ) -> torch.Tensor:
-    """The summed loss, chunk by chunk; fills ``grad_hidden`` and accumulates ``grad_weight`` (fp32) when given."""
-    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    """The summed loss, chunk by chunk; fills ``grads.hidden`` and accumulates ``grads.weight`` and ``grads.bias``
+    where they are given."""
+    rows = chunk_rows(weight.shape[0])
     shape = (min(rows, hidden.shape[0]), weight.shape[0])
     # the head's matmul output (later the gradient it multiplies out)
     products = thread_buffer("loss products", shape, weight.dtype, weight.device)
     kernels = fused.operators_for(products)
-    gradient = grad_hidden is not None or grad_weight is not None
+    gradient = grads.wanted
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
-        product = torch.mm(h, weight.T, out=products[: h.shape[0]])
+        out = products[: h.shape[0]]
+        product = torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
         if kernels is not None:
             total += kernels.cross_entropy_rows_(product, t.contiguous(), gradient).sum()
             grad_logits = product
         else:
-            losses, grad_logits = _softmax_cross_entropy(product, h, weight, t, gradient)
+            losses, grad_logits = _softmax_cross_entropy(product, h, weight, bias, t, gradient)
             total += losses.sum()
         if not gradient:
             continue
-        if grad_hidden is not None:
-            torch.mm(grad_logits, weight, out=grad_hidden[start : start + rows])
-        if grad_weight is not None:
-            grad_weight.add_(grad_logits.T @ h)
+        if grads.hidden is not None:
+            torch.mm(grad_logits, weight, out=grads.hidden[start : start + rows])
+        if grads.weight is not None:
+            grads.weight.add_(grad_logits.T @ h)
+        if grads.bias is not None:
+            grads.bias.add_(grad_logits.sum(0, dtype=torch.float32))
     return total
 
 
 def _softmax_cross_entropy(
-    product: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, gradient: bool
+    product: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    gradient: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's row losses and (with ``gradient``) ``softmax - onehot`` in ``product``'s dtype, through torch's ops:
     the softmax in fp32 (a thread's buffer unless the head is fp32)."""
@@ -128,7 +173,7 @@ def _softmax_cross_entropy(
     losses = picked.log().neg_()
     underflowed = (picked < _SMALLEST_EXACT).nonzero().squeeze(1)
     if underflowed.numel():  # the target's logit is ~70+ below the row's largest: redo those rows exactly
-        exact = torch.mm(hidden[underflowed], weight.T).float()
+        exact = torch.nn.functional.linear(hidden[underflowed], weight, bias).float()
         picked_logits = exact.gather(1, targets[underflowed, None]).squeeze(1)
         losses[underflowed] = exact.logsumexp(1) - picked_logits
     if not gradient:

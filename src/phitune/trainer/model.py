@@ -15,20 +15,19 @@ from typing import Any
 from .. import catalog
 from ..errors import SpecError, UnsupportedOptionError
 from ..types import PEFT, DoRA, Full, LoRA, Method, QLoRA
-from .tiny import ensure_tiny_phi3
+from .tiny import ensure_tiny
 
 
 def resolve_base(model: str, home: Path) -> str:
     """What ``from_pretrained`` should load for a model argument: a local folder (given as an absolute path) or a
     Hugging Face id. A relative name is an id, never a folder: one that a file or folder of the working directory
     shadows (transformers would load that instead) is a :class:`SpecError`."""
-    if model == catalog.TINY_MODEL:
-        return str(ensure_tiny_phi3(home / "models" / "base"))
     entry = catalog.find(model)
     if entry is not None:
         if not entry.runs_locally:
             raise UnsupportedOptionError("model", "local", entry.note or f"{entry.name} does not run locally")
-        assert entry.hf_id is not None
+        if entry.hf_id is None:
+            return str(ensure_tiny(home / "models" / "base", entry.name))
         return entry.hf_id
     folder = Path(model).expanduser()
     if folder.is_absolute() and folder.is_dir():
@@ -50,6 +49,8 @@ class Base:
 
     tokenizer: Any
     context_length: int | None
+    model_type: str | None = None
+    """``config.json``'s ``model_type`` (``phi3``, ``phimoe``, ...)."""
 
 
 def open_base(model: str, path: str) -> Base:
@@ -77,7 +78,7 @@ def open_base(model: str, path: str) -> Base:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, TypeError) as exc:
         raise SpecError("model", f"{model!r} has no tokenizer transformers can load: {_first_line(exc)}") from None
-    return Base(tokenizer, getattr(config, "max_position_embeddings", None))
+    return Base(tokenizer, getattr(config, "max_position_embeddings", None), model_type)
 
 
 def _check_reachable(model: str, hub_id: str) -> None:
@@ -119,6 +120,29 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
+def check_method(method: Method, model_type: str | None) -> None:
+    """Refuse a method that cannot apply to a model of this ``model_type``, naming the field to change: expert
+    targets on a dense model, DoRA on expert tensors (peft's DoRA has no form for them) and dropout with expert
+    adapters (peft's adapters on tensors take none)."""
+    if not isinstance(method, LoRA | QLoRA | DoRA):
+        return
+    experts = method.expert_targets(model_type or "")
+    if experts and model_type != "phimoe":
+        raise SpecError("method.target_parameters", f"a {model_type} model has no experts to adapt; leave it unset")
+    if experts and isinstance(method, DoRA):
+        raise SpecError(
+            "method.target_parameters",
+            f"peft's DoRA cannot adapt expert tensors ({', '.join(experts)}); pass target_parameters=() to train "
+            "DoRA on the attention layers with the experts frozen, or use method='lora'",
+        )
+    if experts and method.dropout:
+        raise SpecError(
+            "method.dropout",
+            f"peft's adapters on expert tensors ({', '.join(experts)}) take no dropout: set dropout=0, or "
+            "target_parameters=() to train the attention layers alone with the experts frozen",
+        )
+
+
 def apply_method(
     model: Any,
     method: Method,
@@ -149,6 +173,8 @@ def apply_method(
 
     config: Any
     if isinstance(method, LoRA | QLoRA | DoRA):
+        model_type = model.config.model_type
+        check_method(method, model_type)
         if isinstance(method, QLoRA):
             # frozen as loaded: peft's prepare_model_for_kbit_training would also copy the bf16 embeddings, norms and
             # head to fp32 (+0.8 GB on Phi-3-mini) for no gain here, the adapters train in fp32 either way
@@ -160,7 +186,8 @@ def apply_method(
             r=method.r,
             lora_alpha=method.alpha,
             lora_dropout=method.dropout,
-            target_modules=list(method.targets),
+            target_modules=list(method.targets(model_type)),
+            target_parameters=list(method.expert_targets(model_type)) or None,
             use_dora=isinstance(method, DoRA),
             task_type="CAUSAL_LM",
         )
@@ -176,6 +203,42 @@ def apply_method(
 
         fuse_lora_layers(adapted)
     return adapted
+
+
+def describe_experts(model: Any) -> tuple[str, dict[str, Any]] | None:
+    """What trains of a mixture-of-experts model (after :func:`apply_method`): its expert weights, the adapters on
+    them and its routers, each trainable or frozen, with parameter counts, and the expert weights' dtype (QLoRA leaves
+    them unquantised); None for a dense model. A message and the event's data."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, parameter in model.named_parameters():
+        if ".experts." in name:
+            group = "expert_adapters" if ".lora_" in name else "expert_weights"
+        elif ".router." in name:
+            group = "routers"
+        else:
+            continue
+        entry = groups.setdefault(group, {"parameters": 0, "trainable": 0, "dtype": str(parameter.dtype)[6:]})
+        entry["parameters"] += int(parameter.numel())
+        entry["trainable"] += int(parameter.numel()) if parameter.requires_grad else 0
+    if "expert_weights" not in groups:
+        return None
+
+    def state(group: str) -> str:
+        entry = groups[group]
+        if entry["trainable"] == entry["parameters"]:
+            return f"{entry['parameters']:,} trainable"
+        if entry["trainable"] == 0:
+            return f"{entry['parameters']:,} frozen"
+        return f"{entry['trainable']:,} of {entry['parameters']:,} trainable"
+
+    weights = groups["expert_weights"]
+    quantized = any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in model.modules())
+    kept = ", not quantised: bitsandbytes quantises linear layers only" if quantized else ""
+    parts = [f"expert weights {state('expert_weights')} ({weights['dtype']}{kept})"]
+    parts.append(f"expert adapters {state('expert_adapters')}" if "expert_adapters" in groups else "no expert adapters")
+    if "routers" in groups:
+        parts.append(f"routers {state('routers')}")
+    return "mixture of experts: " + ", ".join(parts), {"experts": groups}
 
 
 def keep_matmul_outputs(model: Any, layers: int, *, adapter_rank: int = 0, down_projections: int = 0) -> None:

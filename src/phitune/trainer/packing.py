@@ -41,11 +41,13 @@ ATTENTION = "phitune_varlen"
 
 def pack(examples: Sequence[Example], *, pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """One row of all ``examples``: ``input_ids``, ``labels``, ``position_ids`` (restarting at each example), an
-    all-ones ``attention_mask`` and ``cu_seq_lens``, the cumulative lengths ``[0, len0, len0 + len1, ...]``. With
-    ``pad_id``, the row ends in a segment of that token, without loss, up to its :func:`bucket` length."""
+    all-ones ``attention_mask``, ``cu_seq_lens``, the cumulative lengths ``[0, len0, len0 + len1, ...]``, and
+    ``example_tokens``, the tokens of the examples. With ``pad_id``, the row ends in a segment of that token, without
+    loss, up to its :func:`bucket` length."""
     if not examples:
         raise ValueError("pack needs at least one example")
     lengths = [len(example.input_ids) for example in examples]
+    example_tokens = sum(lengths)
     if pad_id is not None and (padding := bucket(sum(lengths)) - sum(lengths)):
         examples = [*examples, Example([pad_id] * padding, [IGNORE_INDEX] * padding)]
         lengths.append(padding)
@@ -60,6 +62,7 @@ def pack(examples: Sequence[Example], *, pad_id: int | None = None) -> dict[str,
         "labels": labels[None],
         "position_ids": position_ids[None],
         "cu_seq_lens": cu_seq_lens,
+        "example_tokens": torch.tensor(example_tokens),
     }
 
 
