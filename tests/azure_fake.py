@@ -3,7 +3,8 @@
 :class:`FakeAzure` is an azure-core ``HttpTransport`` that answers the ARM, Azure ML and blob storage REST calls
 azure-ai-ml and azure-storage-blob make (workspace, default datastore and its secrets, blob uploads, registry discovery
 and models, data assets, compute clusters, FineTuning jobs, run history, registered models, serverless endpoints,
-managed online endpoints and deployments, and their keys) from in-memory state that tests drive (``set_job_status``),
+managed online endpoints and deployments, and their keys, and the workspace's MLflow tracking server's runs and
+metric histories) from in-memory state that tests drive (``set_job_status``),
 records every request, and can inject faults (``fail``). Like the real service it refuses what Azure refuses: a
 serverless job with a hyperparameter its MaaS notebook does not name, a serverless job on a model whose registry tags
 say its fine-tuning retired, a serverless deployment of a model fine-tuned on managed compute, and a second
@@ -132,6 +133,15 @@ def _error(request: HttpRequest, status: int, code: str, message: str, headers: 
     return _response(request, status, {"error": {"code": code, "message": message}}, headers)
 
 
+def _mlflow_error(request: HttpRequest, status: int, code: str, message: str) -> Any:
+    return _response(request, status, {"error_code": code, "message": message})
+
+
+def _page(items: list[Any], token: str | None, size: int) -> tuple[list[Any], str | None]:
+    start = int(token or 0)
+    return items[start : start + size], str(start + size) if start + size < len(items) else None
+
+
 @dataclass
 class FakeAzure(HttpTransport):  # type: ignore[misc]
     """The Azure services azure-ai-ml talks to, in memory. ``location`` is the workspace region."""
@@ -158,6 +168,8 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mlflow_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mlflow_page_size: int = 2
     _ticks: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -215,6 +227,17 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
                 },
                 "systemData": self._system_data(),
             }
+
+    def log_metrics(self, job: str, step: int, metrics: dict[str, float], *, step_run: str | None = None) -> None:
+        """Log metric values at ``step`` to the job's MLflow run, or to its child run ``step_run`` (a pipeline step,
+        created on first use), as Hugging Face Trainer's MLflow callback does."""
+        run_id = job if step_run is None else f"{job}_{step_run}"
+        experiment = self.jobs[job]["properties"].get("experimentName", "Default")
+        run = self.mlflow_runs.setdefault(
+            run_id, {"experiment": experiment, "parent": None if step_run is None else job, "history": []}
+        )
+        stamp = int((_EPOCH + timedelta(seconds=step)).timestamp() * 1000)
+        run["history"].extend({"key": k, "value": v, "step": step, "timestamp": stamp} for k, v in metrics.items())
 
     # ---------------------------------------------------------------------------------------- transport
     def open(self) -> None:
@@ -297,6 +320,9 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
             return _response(request, 200, run) if run else _error(request, 404, "RunNotFound", "no such run")
         if path == WORKSPACE_PATH and method == "GET":
             return _response(request, 200, self._workspace())
+        mlflow = f"/mlflow/v2.0{WORKSPACE_PATH}/api/2.0/mlflow/"
+        if host == f"https://{self.location}.api.azureml.ms" and path.startswith(mlflow):
+            return self._mlflow(request, path[len(mlflow) :], body)
         if not path.startswith(WORKSPACE_PATH + "/"):
             return _error(request, 404, "NotFound", f"fake Azure has no route for {method} {path}")
         segments = path[len(WORKSPACE_PATH) + 1 :].split("/")
@@ -318,6 +344,7 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
             "workspaceId": self.workspace_guid,
             "friendlyName": WORKSPACE,
             "discoveryUrl": f"https://{self.location}.api.azureml.ms/discovery",
+            "mlFlowTrackingUri": f"azureml://{self.location}.api.azureml.ms/mlflow/v1.0{WORKSPACE_PATH}",
         }
         if self.kind == "Project":
             properties["hubResourceId"] = (
@@ -332,6 +359,40 @@ class FakeAzure(HttpTransport):  # type: ignore[misc]
             "kind": self.kind,
             "properties": properties,
         }
+
+    def _mlflow(self, request: HttpRequest, route: str, body: Any) -> Any:
+        """MLflow REST API 2.0: experiments/get-by-name, runs/get, runs/search (by parent run), metrics/get-history,
+        paged by ``mlflow_page_size``; an AAD bearer token is required."""
+        if request.headers.get("Authorization") != f"Bearer {AAD_TOKEN}":
+            return _mlflow_error(request, 401, "UNAUTHENTICATED", "missing or wrong bearer token")
+        query = dict(parse_qsl(urlsplit(request.url).query))
+        experiments = {run["experiment"] for run in self.mlflow_runs.values()}
+        if route == "experiments/get-by-name":
+            name = query.get("experiment_name", "")
+            if name not in experiments:
+                return _mlflow_error(request, 404, "RESOURCE_DOES_NOT_EXIST", f"no experiment {name}")
+            return _response(request, 200, {"experiment": {"experiment_id": f"exp-{name}", "name": name}})
+        if route == "runs/search":
+            parent = re.fullmatch(r"tags\.mlflow\.parentRunId = '([^']+)'", body.get("filter", ""))
+            found = [
+                run_id
+                for run_id, run in sorted(self.mlflow_runs.items())
+                if parent and run["parent"] == parent[1] and f"exp-{run['experiment']}" in body["experiment_ids"]
+            ]
+            page, token = _page(found, body.get("page_token"), self.mlflow_page_size)
+            runs = [{"info": {"run_id": run_id}} for run_id in page]
+            return _response(request, 200, {"runs": runs, **({"next_page_token": token} if token else {})})
+        run = self.mlflow_runs.get(query.get("run_id", ""))
+        if run is None:
+            return _mlflow_error(request, 404, "RESOURCE_DOES_NOT_EXIST", f"no run {query.get('run_id')}")
+        if route == "runs/get":
+            latest = {m["key"]: m for m in run["history"]}
+            return _response(request, 200, {"run": {"info": {}, "data": {"metrics": list(latest.values())}}})
+        if route == "metrics/get-history":
+            history = [m for m in run["history"] if m["key"] == query.get("metric_key")]
+            page, token = _page(history, query.get("page_token"), self.mlflow_page_size)
+            return _response(request, 200, {"metrics": page, **({"next_page_token": token} if token else {})})
+        return _mlflow_error(request, 404, "ENDPOINT_NOT_FOUND", f"no MLflow route {route}")
 
     def _registry(self, request: HttpRequest, segments: list[str]) -> Any:
         name = segments[0]

@@ -370,17 +370,54 @@ def test_states_map_and_the_output_model_is_reported(backend: AzureBackend, fake
     assert backend.list_checkpoints(job_id) == []
 
     events = backend.list_events(job_id)
-    assert [e.id.split(":", 1)[1] for e in events] == [
-        "metrics-unavailable",
-        "created",
-        "note:0",
-        "note:1",
-        "started",
-        "ended",
-    ]
+    expected_ids = ["created", "note:0", "note:1", "started", "metrics-none", "ended"]
+    assert [e.id.split(":", 1)[1] for e in events] == expected_ids
     assert all(e.type == "message" for e in events)  # no invented metrics
-    assert "per-step metrics" in events[0].message
+    assert "no training metrics" in events[4].message
     assert [e.id for e in backend.list_events(job_id, after=events[3].id)] == [events[4].id, events[5].id]
+
+
+def test_training_metrics_are_read_back_from_the_workspace_mlflow(
+    backend: AzureBackend, fake: FakeAzure, tmp_path: Path
+) -> None:
+    job_id = submit(backend, tmp_path)
+    assert [e for e in backend.list_events(job_id) if e.type == "metrics"] == []  # nothing logged yet: no event
+    fake.set_job_status(job_id, "Running")
+    # Hugging Face Trainer's names, logged by the pipeline's finetune step (a child run) over more than one page
+    for step, loss in ((10, 2.5), (20, 2.25), (30, 2.0)):
+        fake.log_metrics(job_id, step, {"loss": loss, "learning_rate": 1e-4 / step}, step_run="finetune")
+    fake.log_metrics(job_id, 20, {"eval_loss": 2.4}, step_run="finetune")
+    fake.log_metrics(job_id, 30, {"train_loss": 2.3}, step_run="finetune")
+    fake.log_metrics(job_id, 30, {"epoch": 1.0})  # on the job's own run
+    metrics = [e for e in backend.list_events(job_id) if e.type == "metrics"]
+    assert [e.data for e in metrics] == [
+        {"step": 10, "learning_rate": 1e-5, "train_loss": 2.5},
+        {"step": 20, "learning_rate": 5e-6, "train_loss": 2.25, "valid_loss": 2.4},
+        {"step": 30, "epoch": 1.0, "learning_rate": 1e-4 / 30, "train_loss": 2.0, "mean_train_loss": 2.3},
+    ]
+    assert metrics[0].message.startswith("metrics: step=10") and metrics[0].id == f"{job_id}:metrics:10"
+    # every MLflow call carried the workspace's AAD token and went through the given transport
+    sent = fake.sent("GET", r"/api/2\.0/mlflow/metrics/get-history") + fake.sent("POST", r"/mlflow/runs/search")
+    assert sent and all(r.headers["Authorization"] == f"Bearer {AAD_TOKEN}" for r in sent)
+    fake.set_job_status(job_id, "Completed")
+    assert not [e for e in backend.list_events(job_id) if e.id.endswith(":metrics-none")]
+
+    # the same curves reach phitune's loss plot
+    from phitune.plot import loss_curves
+
+    curves = loss_curves(job_id, backend.list_events(job_id))
+    assert (curves.train, curves.valid) == ([(10, 2.5), (20, 2.25), (30, 2.0)], [(20, 2.4)])
+
+
+def test_unreadable_metrics_are_a_warning_not_a_failed_call(
+    backend: AzureBackend, fake: FakeAzure, tmp_path: Path
+) -> None:
+    job_id = submit(backend, tmp_path)
+    fake.log_metrics(job_id, 1, {"loss": 3.0})
+    fake.fail("POST", r"/mlflow/runs/search", status=403, times=10, message="caller lacks read on runs")
+    (warning,) = [e for e in backend.list_events(job_id) if e.id.endswith(":metrics-unreadable")]
+    assert warning.level == "warn" and "403" in warning.message
+    assert AAD_TOKEN not in warning.message
 
 
 def test_failed_job_surfaces_azure_error_redacted(backend: AzureBackend, fake: FakeAzure, tmp_path: Path) -> None:
@@ -397,7 +434,7 @@ def test_failed_job_surfaces_azure_error_redacted(backend: AzureBackend, fake: F
     assert job.status == "failed" and job.error is not None
     assert (job.error.code, job.error.param) == ("UserError", "training_data")
     assert "bad row 7" in job.error.message and "S3CRETsasSIG" not in job.error.message
-    events = backend.list_events(job_id)
+    events = [e for e in backend.list_events(job_id) if ":metrics" not in e.id]
     assert [e.level for e in events][-3:] == ["warn", "error", "error"]
     assert "bad row 7" in events[-1].message and "S3CRETsasSIG" not in events[-1].message
 

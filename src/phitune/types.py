@@ -451,6 +451,11 @@ class JobEvent(Response):
     data: dict[str, Any] | None = None
 
 
+def metrics_message(data: dict[str, Any]) -> str:
+    """The message of a metrics event: ``metrics: step=10 train_loss=1.234 ...``."""
+    return "metrics: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items())
+
+
 class Checkpoint(Response):
     """A saved, resumable point of a job (OpenAI ``fine_tuning.job.checkpoint`` shape)."""
 

@@ -8,9 +8,10 @@ serverless endpoint; one fine-tuned on managed compute as a managed online endpo
 chat completions. azure-ai-ml is imported only when an :class:`AzureBackend` is constructed; ``import phitune`` never
 imports azure.
 
-What Azure does not expose (so neither does this backend): per-step metrics and training events (``list_events``
-returns the run's lifecycle, warnings and error, plus one message saying so), intermediate checkpoints
-(``list_checkpoints`` returns ``[]``), the number of trained tokens, and the step count. See docs/azure.md.
+``list_events`` returns the run's lifecycle, warnings and error from the run history and the training metrics the
+pipeline logged to the workspace's MLflow tracking server (:mod:`phitune.backends._azure_metrics`). What Azure does
+not expose (so neither does this backend): intermediate checkpoints (``list_checkpoints`` returns ``[]``), the number
+of trained tokens, and the step count. See docs/azure.md.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ from ..types import (
     JobStatus,
     LoRA,
     ModelObject,
+    metrics_message,
 )
+from ._azure_metrics import WorkspaceMetrics
 
 if TYPE_CHECKING:
     import openai
@@ -228,6 +231,7 @@ class AzureBackend:
         self._poll_interval = poll_interval
         self._workspace_info: tuple[str, str, str] | None = None
         self._openai: dict[str, openai.OpenAI] = {}
+        self._workspace_metrics: WorkspaceMetrics | None = None
 
     def __repr__(self) -> str:
         scope = self._ml._operation_scope
@@ -419,20 +423,14 @@ class AzureBackend:
         return self._job(self._get_job(job_id))
 
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
-        """The run's lifecycle from Azure's run history (created, started, warnings, ended, error), oldest first.
-        Azure exposes no per-step metrics or training events here; one message event says so."""
+        """The run's lifecycle from Azure's run history (created, started, warnings, ended, error) and its training
+        metrics from the workspace's MLflow tracking server (one ``metrics`` event per step, with the names local
+        jobs use), oldest first. A finished job with no metrics there gets a message event saying so; metrics that
+        cannot be read give a warning event, never a failed call."""
         job = self._get_job(job_id)
         details = self._run_details(job_id)
         created = _ts(details.created_time_utc) or _ts(_created(job)) or 0
-        events = [
-            JobEvent(
-                id=f"{job_id}:metrics-unavailable",
-                created_at=created,
-                message="Azure does not expose per-step metrics or training events through its API; the Azure AI "
-                "Foundry portal shows them on the job's page",
-            ),
-            JobEvent(id=f"{job_id}:created", created_at=created, message="job created"),
-        ]
+        events = [JobEvent(id=f"{job_id}:created", created_at=created, message="job created")]
         for i, note in enumerate(_stored_notes((job.properties or {}).get(_NOTES_PROPERTY))):
             events.append(JobEvent(id=f"{job_id}:note:{i}", created_at=created, level=note[0], message=note[1]))
         if _text(job.status).lower() == "notresponding":
@@ -452,6 +450,7 @@ class AzureBackend:
         for i, warning in enumerate(details.warnings or []):
             text = redact(f"{warning.source or 'azure'}: {warning.message or ''}")
             events.append(JobEvent(id=f"{job_id}:warning:{i}", created_at=modified, level="warn", message=text))
+        events.extend(self._metric_events(job, details, created))  # before the end, where they share its time
         ended = _ts(details.end_time_utc)
         if ended is not None:
             status = _text(job.status)
@@ -471,6 +470,49 @@ class AzureBackend:
         ids = [e.id for e in events]
         start = ids.index(after) + 1 if after in ids else 0
         return events[start : start + limit]
+
+    def _metric_events(self, job: Any, details: Any, created: int) -> list[JobEvent]:
+        """One ``metrics`` event per logged step (its ``data`` holds every metric logged at that step)."""
+        job_id = str(job.name)
+        try:
+            points = self._metrics().points(job_id, str(job.experiment_name or EXPERIMENT))
+        except NotFoundError:  # no run recorded in MLflow yet
+            points = []
+        except PhituneError as exc:
+            return [
+                JobEvent(
+                    id=f"{job_id}:metrics-unreadable",
+                    created_at=created,
+                    level="warn",
+                    message=f"the job's metrics could not be read from the workspace's MLflow tracking server: {exc}",
+                )
+            ]
+        steps: dict[int, dict[str, Any]] = {}
+        times: dict[int, int] = {}
+        for point in points:
+            steps.setdefault(point.step, {"step": point.step})[point.key] = point.value
+            times[point.step] = max(times.get(point.step, 0), point.timestamp_ms // 1000)
+        events = [
+            JobEvent(
+                id=f"{job_id}:metrics:{step}",
+                created_at=times[step] or created,
+                message=metrics_message(data),
+                type="metrics",
+                data=data,
+            )
+            for step, data in sorted(steps.items())
+        ]
+        ended = _ts(details.end_time_utc)
+        if not events and ended is not None:
+            events.append(
+                JobEvent(
+                    id=f"{job_id}:metrics-none",
+                    created_at=ended,
+                    message="Azure recorded no training metrics for this job in the workspace's MLflow tracking "
+                    "server; the Azure AI Foundry portal shows what the service keeps on the job's page",
+                )
+            )
+        return events
 
     def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
         """Always ``[]``: Azure fine-tuning jobs expose no intermediate checkpoints, only the registered model."""
@@ -720,6 +762,21 @@ class AzureBackend:
             return self._call(fn, "object", "")
         except NotFoundError:
             return None
+
+    def _metrics(self) -> WorkspaceMetrics:
+        """The reader of the workspace's MLflow tracking server, built once."""
+        if self._workspace_metrics is None:
+            from azure.ai.ml._azure_environments import _resource_to_scopes
+
+            ws = self._call(lambda: self._ml.workspaces.get(self._ml.workspace_name))
+            self._workspace_metrics = WorkspaceMetrics(
+                str(ws.mlflow_tracking_uri),
+                credential=self._ml._credential,
+                scopes=_resource_to_scopes(self._ml._base_url),
+                transport=self._transport,
+                call=lambda send, route: self._call(send, "MLflow object", route),
+            )
+        return self._workspace_metrics
 
     def _workspace(self) -> tuple[str, str, str]:
         """(location, workspace GUID, kind) of the workspace, read once."""

@@ -17,7 +17,7 @@ from .._process import die_with_parent
 from ..errors import scrub_paths
 from ..integrations.tracking import TrackedControl
 from ..local.store import Store, fine_tuned_model_id
-from ..types import JobError, JobSpec, ModelObject
+from ..types import JobError, JobSpec, ModelObject, metrics_message
 from . import distributed
 from .distributed import Ranks
 from .loop import Control, StopReason, TrainRun, iter_checkpoints, train
@@ -36,8 +36,7 @@ class StoreControl:
         self.store.add_event(self.job_id, text, level=level, data=data)
 
     def metrics(self, data: dict[str, Any]) -> None:
-        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items()]
-        self.store.add_event(self.job_id, "metrics: " + " ".join(parts), type="metrics", data=data)
+        self.store.add_event(self.job_id, metrics_message(data), type="metrics", data=data)
 
     def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
         self.store.add_checkpoint(self.job_id, step, metrics, path)
