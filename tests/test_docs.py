@@ -93,7 +93,7 @@ def test_every_resource_of_a_client_is_in_the_reference(package: griffe.Module) 
         member.annotation.canonical_path
         for client in clients
         for member in client.all_members.values()
-        if "property" in member.labels and isinstance(member.annotation, griffe.Expr)
+        if member.is_attribute and isinstance(member.annotation, griffe.Expr)
     }
     resources = {path for path in resources if path.startswith("phitune.resources.")}
     assert resources, "found no resource properties on the clients"
@@ -107,13 +107,12 @@ def _relative_links(markdown: str) -> list[str]:
 
 
 def _anchors(markdown: str) -> set[str]:
-    """The ids MkDocs gives the headings of a page (Python-Markdown's toc slugs)."""
+    """The ids of a page's headings, as Python-Markdown's toc extension (MkDocs, and GitHub alike) makes them."""
+    from markdown.extensions.toc import slugify
+
     text = re.sub(r"```.*?```", "", markdown, flags=re.DOTALL)
-    slugs = set()
-    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.MULTILINE):
-        slug = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
-        slugs.add(re.sub(r"[-\s]+", "-", slug))
-    return slugs
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.MULTILINE)
+    return {slugify(re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", ""), "-") for heading in headings}
 
 
 @pytest.mark.parametrize("document", ["README.md", "CHANGELOG.md", "benchmarks/README.md"])
