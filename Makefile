@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= local,qlora,distributed,server,azure,kaito,onnx,mlflow,tensorboard,plot,dev
+EXTRAS ?= local,qlora,distributed,server,azure,kaito,onnx,mlflow,tensorboard,plot,dev,docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,16 +11,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint docs
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/phitune demo
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests benchmarks samples
-	$(VENV)/bin/ruff format --check src tests benchmarks samples
+	$(VENV)/bin/ruff check src tests benchmarks samples tools
+	$(VENV)/bin/ruff format --check src tests benchmarks samples tools
 	$(VENV)/bin/mypy
+	# the documentation site: a broken link or anchor, or a docstring griffe cannot parse, fails the build
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 test: lint
 	$(PY) -m pytest -q

@@ -119,18 +119,22 @@ class Client:
 
     @cached_property
     def files(self) -> Files:
+        """Datasets: validate, upload, get, list, delete."""
         return Files(self)
 
     @cached_property
     def finetune(self) -> FineTuning:
+        """Fine-tuning jobs: create, estimate, wait, events, checkpoints, pause, resume, cancel."""
         return FineTuning(self)
 
     @cached_property
     def models(self) -> Models:
+        """Base and fine-tuned models: get, list, export."""
         return Models(self)
 
     @cached_property
     def deployments(self) -> Deployments:
+        """Deployments that answer chat completions: create, get, list, delete."""
         return Deployments(self)
 
     @property
@@ -139,6 +143,7 @@ class Client:
         return Path(getattr(self.backend, "home", default_home()))
 
     def close(self) -> None:
+        """Release what the backend holds (HTTP connections, loaded models)."""
         self.backend.close()
 
     def __enter__(self) -> Client:

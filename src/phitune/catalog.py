@@ -85,6 +85,7 @@ class Offer(BaseModel):
 
     @property
     def name(self) -> str:
+        """The offer's name as Azure's documentation calls it."""
         return OFFER_NAMES[self.kind]
 
 
@@ -112,6 +113,7 @@ class CatalogModel(BaseModel):
 
     @property
     def runs_locally(self) -> bool:
+        """Whether the local trainer can fine-tune this model."""
         return "local" in self.backends
 
     def offer(self, kind: OfferKind) -> Offer | None:
@@ -365,6 +367,7 @@ def find(model: str) -> CatalogModel | None:
 
 
 def names() -> list[str]:
+    """The names of every model in the catalog."""
     return [m.name for m in MODELS]
 
 

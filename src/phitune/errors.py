@@ -86,6 +86,7 @@ class PhituneError(Exception):
 
     @property
     def message(self) -> str:
+        """The message, with anything shaped like a secret redacted."""
         return str(self.args[0])
 
 
@@ -219,15 +220,15 @@ class APIStatusError(APIError):
 
 
 class BadRequestError(APIStatusError):
-    pass
+    """400: the service refused the request as malformed or invalid."""
 
 
 class AuthenticationError(APIStatusError):
-    pass
+    """401: the credential is missing, wrong or expired."""
 
 
 class PermissionDeniedError(APIStatusError):
-    pass
+    """403: the credential may not do this."""
 
 
 class RemoteNotFoundError(APIStatusError, NotFoundError):
@@ -239,11 +240,11 @@ class RemoteConflictError(APIStatusError, ConflictError):
 
 
 class RateLimitError(APIStatusError):
-    pass
+    """429: too many requests; retried with backoff, honouring ``Retry-After``."""
 
 
 class InternalServerError(APIStatusError):
-    pass
+    """>= 500: the service failed."""
 
 
 _STATUS_ERRORS: dict[int, type[APIStatusError]] = {

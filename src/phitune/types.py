@@ -405,6 +405,8 @@ class FileObject(Response):
 
 
 class JobError(Response):
+    """Why a job failed: a ``code``, a ``message`` for the user and the ``param`` at fault, if any."""
+
     code: str
     message: str
     param: str | None = None
@@ -435,6 +437,7 @@ class FineTuneJob(Response):
 
     @property
     def done(self) -> bool:
+        """Whether the job reached a terminal status (succeeded, failed or cancelled)."""
         return self.status in TERMINAL_STATUSES
 
 
@@ -484,17 +487,23 @@ class ModelObject(Response):
 
 # ------------------------------------------------------------------------------------------------------- chat
 class ChatMessage(Response):
+    """One message of a chat completion."""
+
     role: Literal["system", "user", "assistant", "tool"]
     content: str
 
 
 class ChatChoice(Response):
+    """One answer of a chat completion, with why generation stopped."""
+
     index: int
     message: ChatMessage
     finish_reason: Literal["stop", "length"] | None = None
 
 
 class Usage(Response):
+    """Tokens a chat completion read and wrote."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -555,6 +564,7 @@ class Deployment(Response):
     _backend: Backend | None = PrivateAttr(default=None)
 
     def bind(self, backend: Backend) -> Deployment:
+        """Attach the backend that ``chat`` sends to; the resources do this for every deployment they return."""
         self._backend = backend
         return self
 

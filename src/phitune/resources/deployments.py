@@ -15,10 +15,13 @@ class Deployments(Resource):
         return self._backend.create_deployment(model, name, **options).bind(self._backend)
 
     def get(self, name: str) -> Deployment:
+        """A deployment by name, ready to ``chat``."""
         return self._backend.get_deployment(name).bind(self._backend)
 
     def list(self) -> builtins.list[Deployment]:
+        """Every deployment of the backend."""
         return [d.bind(self._backend) for d in self._backend.list_deployments()]
 
     def delete(self, name: str) -> None:
+        """Delete a deployment; the model it serves stays."""
         self._backend.delete_deployment(name)

@@ -59,12 +59,15 @@ class Files(Resource):
         return backend.staging() if isinstance(backend, StagingBackend) else _temporary_folder()
 
     def get(self, file_id: str) -> FileObject:
+        """A stored file by id."""
         return self._backend.get_file(file_id)
 
     def list(self) -> builtins.list[FileObject]:
+        """Every stored file."""
         return self._backend.list_files()
 
     def delete(self, file_id: str) -> None:
+        """Delete a stored file."""
         self._backend.delete_file(file_id)
 
     def _tokenizer_dir(self, model: str | None) -> Path | None:

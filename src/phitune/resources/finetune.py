@@ -186,6 +186,7 @@ class FineTuning(Resource):
         return _estimate.estimate(spec, home=self._client.home, dataset=dataset, available_bytes=available_bytes)
 
     def get(self, job_id: str) -> FineTuneJob:
+        """A job by id, with its current status."""
         return self._backend.get_job(job_id)
 
     def list(self, *, limit: int = 20, after: str | None = None) -> builtins.list[FineTuneJob]:
@@ -210,6 +211,7 @@ class FineTuning(Resource):
         return self._backend.list_events(job_id, after=after, limit=limit)
 
     def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:
+        """A job's saved checkpoints (step, metrics and, on the local backend, the folder)."""
         return self._backend.list_checkpoints(job_id)
 
     def wait(

@@ -18,6 +18,7 @@ class Models(Resource):
         return self._backend.get_model(model_id)
 
     def list(self) -> builtins.list[ModelObject]:
+        """Every model the backend knows: the built-in bases and the fine-tunes."""
         return self._backend.list_models()
 
     def export(

@@ -13,12 +13,12 @@ masked keys that row blocks skip), which then computes no scores and no softmax:
 where attention is a quarter of the time. Without, it keeps what SDPA keeps and recomputes them, as a flash kernel
 does. The trainer keeps them where recomputing would cost at least 2% of the layer's matmul work, up to 1024 tokens
 (:func:`phitune.estimate.keeps_attention_probabilities`: examples from ~180 tokens on the benchmark model, none on
-Phi-3's real sizes, where they raised the peak 4% for no speed), and the memory estimate counts them
+Phi-3's real sizes, where they would raise the peak 4% for no speed), and the memory estimate counts them
 (:func:`phitune.estimate.attention_probability_bytes`).
 
 Each example is padded with zero queries, keys and values to a multiple of :data:`LENGTH_MULTIPLE` tokens: oneDNN
 builds a matmul primitive for every new shape, and chat examples have nearly every length, so without it most examples
-paid for new primitives (~16 ms a step on the benchmark model, more than the ~10% of extra attention work padding
+would pay for new primitives (~16 ms a step on the benchmark model, more than the ~10% of extra attention work padding
 costs) and each primitive stayed cached (~0.5 MB). The padded keys come after every real query, so the causal mask
 already hides them; the padded rows get a zero gradient and are dropped.
 
@@ -184,7 +184,7 @@ def _scores(query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -
 
 def _padded(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """``[heads, length, dim]`` tensors with zero rows appended up to a multiple of :data:`LENGTH_MULTIPLE`, all
-    contiguous: on the strided slices of a packed row, the batched matmuls ran ~30% slower."""
+    contiguous: on the strided slices of a packed row, the batched matmuls run ~30% slower."""
     length = tensors[0].shape[1]
     extra = -length % LENGTH_MULTIPLE
     return [F.pad(tensor, (0, 0, 0, extra)) if extra else tensor.contiguous() for tensor in tensors]

@@ -6,7 +6,7 @@ Phi-3-mini (3.82B parameters, two shards of 5.0 and 2.6 GB; docs/sizing.md has t
 - ``dtype=torch.bfloat16``: already lean. The weights stay views of the memory-mapped shards (no copy); the load
   takes seconds and the pages come in as the first step touches them. Nothing here beats that, so bf16 bases load
   through ``from_pretrained`` unchanged.
-- ``dtype=torch.float32`` (what the trainer asked for before): every weight is converted into a new fp32 tensor
+- ``dtype=torch.float32`` (what full fine-tuning needs): every weight is converted into a new fp32 tensor
   while the mapped bf16 pages stay resident until the end: 1.5x the fp32 size at the peak on a 60M model (~23 GB
   for Phi-3-mini, extrapolated).
 - 4-bit QLoRA (``BitsAndBytesConfig``): every shard stays mapped until the last is done, and the mappings stay

@@ -20,8 +20,9 @@ gradients. A chunk holds :data:`CHUNK_ELEMENTS` logits, and at least :data:`MIN_
 Phi-4-mini's vocabularies (100352 and 200064 entries) would otherwise leave a few dozen rows per matmul.
 
 A chunk's logits live in buffers that each thread keeps and reuses (:mod:`.buffers`, 16 MiB for Phi-3's vocabulary
-in bf16, 48 MiB with the fp32 copy). Allocated afresh, every chunk's 33 MB of fp32 logits was new memory whose pages
-fault in on first touch: the benchmark model's forward + backward (``benchmarks/train_vs_trl.py``) took 1.17x as long.
+in bf16, 48 MiB with the fp32 copy). Allocated afresh, every chunk's 33 MB of fp32 logits would be new memory whose
+pages fault in on first touch: the benchmark model's forward + backward (``benchmarks/train_vs_trl.py``) takes 1.17x
+as long.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from . import fused
 from .buffers import thread_buffer
 
 CHUNK_ELEMENTS = 8 * 2**20
-"""Logits per chunk (rows x vocabulary): 261 rows of Phi-3's 32064, 32 MiB in fp32. At 128 rows the head's matmul ran
+"""Logits per chunk (rows x vocabulary): 261 rows of Phi-3's 32064, 32 MiB in fp32. At 128 rows the head's matmul runs
 at ~70% of this CPU's bf16 GEMM rate, at 512 rows at ~90%."""
 MIN_CHUNK_ROWS = 128
 """The fewest rows per chunk, whatever the vocabulary: 128 rows of Phi-4-mini's 200064 logits are 49 MiB in bf16."""
@@ -167,7 +168,7 @@ def _softmax_cross_entropy(
         thread_buffer("loss logits", product.shape, torch.float32, product.device).copy_(product) if widen else product
     )
     # one fused pass per row (its max, exponentials, sum and scaling while the row is in cache): separate
-    # element-wise ops over the chunk took ~25% of the head's time on the benchmark model
+    # element-wise ops over the chunk take ~25% of the head's time on the benchmark model
     probabilities = torch.softmax(logits, 1, out=logits)
     picked = probabilities.gather(1, targets[:, None]).squeeze(1)
     losses = picked.log().neg_()
