@@ -60,6 +60,7 @@ from ..types import (
     LoRA,
     ModelObject,
 )
+from .base import Capabilities
 
 if TYPE_CHECKING:
     import openai
@@ -177,6 +178,8 @@ class AzureBackend:
     """
 
     name = BACKEND
+    capabilities = Capabilities(openai_endpoint=True)
+    home: Path | None = None
 
     def __init__(
         self,
