@@ -184,20 +184,23 @@ class _FineTuning(Resource):
                 yield Sleep(poll_interval)
 
     def _stream_events(self, job_id: str, after: str | None, poll_interval: float) -> Op[None]:
-        """Every event from ``after`` on, as it is written, until the job succeeds, fails, is cancelled or paused."""
-        cursor = after
+        """Every event from ``after`` on, as it is written, until the job has succeeded, failed, been cancelled or
+        paused; once it has, the events it writes within one more ``poll_interval`` (its closing message)."""
+        cursor, ended = after, False
         while True:
-            job: FineTuneJob = yield Call(lambda b: b.get_job(job_id))  # first: the events read next include its last
             events: builtins.list[JobEvent] = yield Call(
                 lambda b, after=cursor: b.list_events(job_id, after=after, limit=_PAGE)  # type: ignore[misc]
             )
             for event in events:
                 yield Emit(event)
             cursor = events[-1].id if events else cursor
-            if len(events) < _PAGE:
-                if job.done or job.status == "paused":
-                    return
-                yield Sleep(poll_interval)
+            if len(events) == _PAGE:
+                continue
+            if ended:
+                return
+            job: FineTuneJob = yield Call(lambda b: b.get_job(job_id))
+            ended = job.done or job.status == "paused"
+            yield Sleep(poll_interval)
 
 
 _PAGE = 1000
@@ -276,7 +279,8 @@ class FineTuning(_FineTuning, SyncResource):
 
     def stream_events(self, job_id: str, *, after: str | None = None, poll_interval: float = 1.0) -> Iterator[JobEvent]:
         """Every event after ``after`` (from the first, without it), as the job writes them, until it succeeds,
-        fails, is cancelled or is paused: ``for event in client.finetune.stream_events(job.id)``."""
+        fails, is cancelled or is paused, and the events it writes within one ``poll_interval`` after that (its
+        closing message): ``for event in client.finetune.stream_events(job.id)``."""
         return self._iterate(self._stream_events(job_id, after, poll_interval))
 
     def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:
