@@ -20,9 +20,11 @@ from .resources.finetune import AsyncFineTuning, FineTuning
 from .resources.models import AsyncModels, Models
 
 if TYPE_CHECKING:
+    import httpx
     import openai
     from azure.ai.ml import MLClient
     from azure.core.credentials import TokenCredential
+    from azure.core.pipeline.transport import HttpTransport
     from typing_extensions import Self
 
     from ._retry import RetryPolicy
@@ -56,7 +58,7 @@ class _Constructors:
         ml_client: MLClient | None = None,
         registry_ml_client: MLClient | None = None,
         uploader: Callable[[str, str], str] | None = None,
-        transport: Any = None,
+        transport: HttpTransport | None = None,
         retry: RetryPolicy | None = None,
         poll_interval: float = 10.0,
     ) -> Self:
@@ -95,7 +97,7 @@ class _Constructors:
         phitune_server: bool | None = None,
         max_retries: int = 3,
         timeout: float = 120.0,
-        http_client: Any = None,
+        http_client: httpx.Client | httpx.AsyncClient | None = None,
         client: openai.OpenAI | openai.AsyncOpenAI | None = None,
     ) -> Self:
         """A client for any OpenAI-compatible fine-tuning service: ``base_url`` + ``api_key`` (e.g. ``phitune
@@ -181,7 +183,7 @@ class AsyncClient(_Constructors):
     An async backend (``AsyncClient.openai(...)``: httpx under ``openai.AsyncOpenAI``) is awaited all the way down.
     A synchronous one (the local backend, Azure's azure-ai-ml) runs each call on a worker thread
     (``anyio.to_thread.run_sync``), as does the blocking work on this machine (validating and tokenising a
-    dataset, the fit estimate), so the event loop never waits on them.
+    dataset, the fit estimate), so the event loop never waits on them. ``threaded`` says which.
     """
 
     backend: Backend | AsyncBackend
