@@ -105,7 +105,7 @@ class _FineTuning(Resource):
         except PhituneError:
             for file_id in uploaded:
                 with contextlib.suppress(PhituneError):
-                    yield Call(lambda b, file_id=file_id: b.delete_file(file_id))  # type: ignore[misc]
+                    yield _deletion(file_id)
             raise
         return (yield from self._created(spec, idempotency_key))
 
@@ -150,7 +150,7 @@ class _FineTuning(Resource):
             )
         given = spec
         dataset: Path | None = Path(given.training_file)
-        if dataset is not None and not dataset.is_file():
+        if not Path(given.training_file).is_file():
             dataset = None
             if self._capabilities.stored_files:  # the local backend's stored files
                 dataset = yield Call(lambda b: cast(StoredFilesBackend, b).file_content(given.training_file))
@@ -172,9 +172,7 @@ class _FineTuning(Resource):
             while True:
                 job: FineTuneJob = yield Call(lambda b: b.get_job(job_id))
                 if show:
-                    events: builtins.list[JobEvent] = yield Call(
-                        lambda b, after=cursor: b.list_events(job_id, after=after)  # type: ignore[misc]
-                    )
+                    events: builtins.list[JobEvent] = yield _events(job_id, cursor)
                     cursor = events[-1].id if events else cursor
                     bar.update(job, events)
                 if job.done or job.status == "paused":
@@ -188,9 +186,7 @@ class _FineTuning(Resource):
         paused; once it has, the events it writes within one more ``poll_interval`` (its closing message)."""
         cursor, ended = after, False
         while True:
-            events: builtins.list[JobEvent] = yield Call(
-                lambda b, after=cursor: b.list_events(job_id, after=after, limit=_PAGE)  # type: ignore[misc]
-            )
+            events: builtins.list[JobEvent] = yield _events(job_id, cursor)
             for event in events:
                 yield Emit(event)
             cursor = events[-1].id if events else cursor
@@ -204,6 +200,14 @@ class _FineTuning(Resource):
 
 
 _PAGE = 1000
+
+
+def _events(job_id: str, after: str | None) -> Call:
+    return Call(lambda b: b.list_events(job_id, after=after, limit=_PAGE))
+
+
+def _deletion(file_id: str) -> Call:
+    return Call(lambda b: b.delete_file(file_id))
 
 
 class FineTuning(_FineTuning, SyncResource):
