@@ -16,7 +16,7 @@ import pytest
 
 import phitune
 from conftest import running, write_chat
-from phitune.errors import NotFoundError, RemoteNotFoundError, UnsupportedOptionError
+from phitune.errors import ConflictError, NotFoundError, RemoteNotFoundError, UnsupportedOptionError
 
 FAST = {"batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -86,7 +86,9 @@ async def test_the_local_lifecycle_awaited(home: Path, chat_file: Path) -> None:
         model = await client.models.get(job.fine_tuned_model)
         assert model.kind == "adapter" and model.id in {m.id for m in await client.models.list()}
 
-        await client.deployments.create(model=job.fine_tuned_model, name="aio-phi")
+        deployment = await client.deployments.create(model=job.fine_tuned_model, name="aio-phi")
+        with pytest.raises(ConflictError, match=r"client\.deployments\.chat"):  # no blocking chat from the loop
+            deployment.chat(QUESTION)
         completion = await client.deployments.chat("aio-phi", QUESTION, max_tokens=8)
         assert completion.model == job.fine_tuned_model and completion.usage is not None
         assert 0 < completion.usage.completion_tokens <= 8

@@ -255,13 +255,13 @@ class LocalBackend:
             from ..export import onnx_for_deployment
 
             onnx_for_deployment(found, self.home)
-        return self.store.add_deployment(name, model, engine).bind(self)
+        return self.store.add_deployment(name, model, engine)
 
     def get_deployment(self, name: str) -> Deployment:
-        return self.store.get_deployment(name).bind(self)
+        return self.store.get_deployment(name)
 
     def list_deployments(self) -> list[Deployment]:
-        return [d.bind(self) for d in self.store.list_deployments()]
+        return self.store.list_deployments()
 
     def delete_deployment(self, name: str) -> None:
         self.store.delete_deployment(name)
