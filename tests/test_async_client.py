@@ -182,6 +182,36 @@ async def test_the_async_twin_waits_what_retry_after_asks(monkeypatch: pytest.Mo
     assert waits == [7.0]
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("auth", "header"),
+    [
+        ({"api_key": KEY}, ("api-key", KEY)),
+        ({"azure_ad_token_provider": lambda: "t0k"}, ("authorization", "Bearer t0k")),
+    ],
+)
+async def test_azure_openai_awaited(auth: dict[str, Any], header: tuple[str, str]) -> None:
+    from test_openai_backend import Service
+
+    service = Service()  # a plain OpenAI-shaped service: events newest first, two a page
+    http = httpx.AsyncClient(transport=httpx.MockTransport(service))
+    options: dict[str, Any] = {"azure_endpoint": "https://res.openai.azure.com", "api_version": "2024-10-21"}
+    async with phitune.AsyncClient.openai(**options, http_client=http, **auth) as client:
+        await client.finetune.create(model="gpt-4o-mini", training_file="file-abc", idempotency_key="key-1")
+        (post,) = service.posted("/fine_tuning/jobs")
+        assert post.url.path == "/openai/fine_tuning/jobs" and post.url.params["api-version"] == "2024-10-21"
+        assert post.headers[header[0]] == header[1] and post.headers["idempotency-key"] == "key-1"
+        events = await client.finetune.events("ftjob-1")
+        assert [e.id for e in events] == [f"ftevent-{i}" for i in range(1, 6)]  # every page, oldest first
+        assert [e.id for e in await client.finetune.events("ftjob-1", after="ftevent-3")] == ["ftevent-4", "ftevent-5"]
+        answer = await client.deployments.chat("ft:gpt-4o-mini:org::abc", [{"role": "user", "content": "hi"}])
+        assert answer.text == "Paris."
+        assert service.requests[-1].url.path == "/openai/deployments/ft:gpt-4o-mini:org::abc/chat/completions"
+        with pytest.raises(UnsupportedOptionError):  # refused before anything is sent, as by the sync twin
+            await client.finetune.create(model="gpt-4o-mini", training_file="file-abc", method="full")
+        assert len(service.posted("/fine_tuning/jobs")) == 1
+
+
 # ------------------------------------------------------------------------------------------------------- Azure
 @pytest.mark.anyio
 async def test_azure_through_the_async_client_on_worker_threads(tmp_path: Path) -> None:
