@@ -102,6 +102,31 @@ async def test_the_local_lifecycle_awaited(home: Path, chat_file: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_blocking_stream_is_pulled_on_one_thread_of_its_own() -> None:
+    """A synchronous backend's stream may hold a lock of its thread from one piece to the next (the ONNX model pool
+    does): AsyncClient opens, pulls and closes it on one thread, never the event loop's."""
+    from contextlib import aclosing
+
+    from phitune.resources._base import _pulled_on_one_thread
+
+    lock, threads = threading.RLock(), set()
+
+    def pieces() -> Iterator[str]:
+        with lock:
+            for piece in ("Pa", "ri", "s."):
+                threads.add(threading.get_ident())
+                yield piece
+
+    assert [piece async for piece in _pulled_on_one_thread(pieces)] == ["Pa", "ri", "s."]
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    async with aclosing(_pulled_on_one_thread(pieces)) as stream:
+        async for _ in stream:
+            break  # the reader stops early: the stream is closed on its own thread, which releases the lock
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
+@pytest.mark.anyio
 async def test_a_refused_job_deletes_the_files_its_create_uploaded(home: Path, chat_file: Path) -> None:
     async with phitune.AsyncClient(home=home) as client:
         with pytest.raises(UnsupportedOptionError) as refused:

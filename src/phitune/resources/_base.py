@@ -5,13 +5,15 @@ the result. The steps are :class:`Call` (a backend call), :class:`Blocking` (wor
 reading and tokenising a dataset, the fit estimate), :class:`Sleep`, and ``Emit`` / ``Forward`` for streamed results.
 :class:`SyncResource` performs them in place. :class:`AsyncResource` awaits an async backend's calls and runs a
 synchronous backend's calls (local, Azure) and every ``Blocking`` step on a worker thread
-(``anyio.to_thread.run_sync``), so the event loop never blocks on them.
+(``anyio.to_thread.run_sync``), so the event loop never blocks on them; a synchronous backend's stream (local chat) is
+opened, pulled and closed on one thread of its own.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -119,7 +121,7 @@ class AsyncResource(Resource):
         if isinstance(step, Forward):
             call: Call = step.step
             if self._client.threaded:
-                return _pulled_on_threads(await anyio.to_thread.run_sync(call.fn, backend))
+                return _pulled_on_one_thread(lambda: call.fn(backend))
             return call.fn(backend)
         if isinstance(step, Call):
             if self._client.threaded:
@@ -136,13 +138,21 @@ class AsyncResource(Resource):
 _END = object()
 
 
-async def _pulled_on_threads(items: Iterator[Any]) -> AsyncIterator[Any]:
-    """A blocking iterator as an async one: each item is pulled on a worker thread."""
+async def _pulled_on_one_thread(open_items: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """A blocking iterator as an async one. It is opened, pulled and closed on one thread of its own (an iterator may
+    hold a lock of that thread from one item to the next, as the ONNX model pool does); the event loop awaits each
+    step from a worker thread."""
     import anyio.to_thread
 
-    try:
-        while (item := await anyio.to_thread.run_sync(next, items, _END)) is not _END:
-            yield item
-    finally:
-        if isinstance(items, Generator):
-            await anyio.to_thread.run_sync(items.close)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="phitune-stream") as own:
+
+        def on_own(fn: Callable[..., Any], *args: Any) -> Any:
+            return own.submit(fn, *args).result()
+
+        items = await anyio.to_thread.run_sync(on_own, open_items)
+        try:
+            while (item := await anyio.to_thread.run_sync(on_own, next, items, _END)) is not _END:
+                yield item
+        finally:
+            if isinstance(items, Generator):
+                await anyio.to_thread.run_sync(on_own, items.close)
