@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._ops import Forward, Op, adrive, aiterate, drive, iterate
-from ..backends.base import Backend, Capabilities
+from ..backends.base import Backend, Capabilities, Feature
 
 if TYPE_CHECKING:
     from .._client import AsyncClient, Client
@@ -71,7 +71,7 @@ class Resource:
     def _capabilities(self) -> Capabilities:
         return self._client.backend.capabilities
 
-    def _require(self, feature: Any, operation: str) -> None:
+    def _require(self, feature: Feature, operation: str) -> None:
         self._capabilities.require(feature, operation, self._backend_name)
 
 
