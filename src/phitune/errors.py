@@ -232,7 +232,22 @@ class PermissionDeniedError(APIStatusError):
 
 
 class RemoteNotFoundError(APIStatusError, NotFoundError):
-    """404 from a service; also a :class:`NotFoundError`, so one ``except`` covers local and remote."""
+    """404 from a service; also a :class:`NotFoundError`, so one ``except`` covers local and remote. ``kind`` and
+    ``ident`` are what was asked for, where the caller knows them, else ``"resource"`` and the request's path."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: Any = None,
+        request_id: str | None = None,
+        kind: str = "resource",
+        ident: str = "",
+    ) -> None:
+        self.kind = kind
+        self.ident = ident
+        APIStatusError.__init__(self, message, status_code=status_code, body=body, request_id=request_id)
 
 
 class RemoteConflictError(APIStatusError, ConflictError):
@@ -258,7 +273,20 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 }
 
 
-def status_error(status_code: int, message: str, *, body: Any = None, request_id: str | None = None) -> APIStatusError:
-    """The :class:`APIStatusError` subclass for an HTTP status code."""
+def status_error(
+    status_code: int,
+    message: str,
+    *,
+    body: Any = None,
+    request_id: str | None = None,
+    kind: str = "resource",
+    ident: str = "",
+) -> APIStatusError:
+    """The :class:`APIStatusError` subclass for an HTTP status code; ``kind`` and ``ident`` name what was asked for
+    (kept by :class:`RemoteNotFoundError`)."""
     cls = _STATUS_ERRORS.get(status_code, InternalServerError if status_code >= 500 else APIStatusError)
+    if cls is RemoteNotFoundError:
+        return RemoteNotFoundError(
+            message, status_code=status_code, body=body, request_id=request_id, kind=kind, ident=ident
+        )
     return cls(message, status_code=status_code, body=body, request_id=request_id)

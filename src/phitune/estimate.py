@@ -448,6 +448,7 @@ class MemoryBreakdown(BaseModel):
 
     @property
     def total(self) -> int:
+        """The sum of the parts, in bytes."""
         return self.runtime + self.weights + self.trainable + self.activations + self.logits + self.transient
 
 
@@ -495,6 +496,7 @@ class Estimate(Response):
 
     @property
     def summary(self) -> str:
+        """One line: the peak, the available memory and the time per epoch."""
         time_part = f", ~{self.seconds_per_epoch / 60:.1f} min per epoch" if self.seconds_per_epoch else ""
         return (
             f"{self.method} of {self.model}: peak ~{self.peak_bytes / GiB:.2f} GiB of "

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from .backends.base import Backend, OpenAIEndpoint
 
 JobStatus = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 """The OpenAI job statuses, plus ``paused`` (Azure and ``phitune serve`` can pause a job)."""
@@ -288,6 +289,19 @@ Integration = Annotated[MLflow | TensorBoard, Field(discriminator="type")]
 
 # ----------------------------------------------------------------------------------------------------- job spec
 _SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+class JobOptions(TypedDict, total=False):
+    """A job's options besides its model and files: the keyword arguments that ``finetune.create`` and
+    ``finetune.estimate`` take beside them, each as the :class:`JobSpec` field of that name takes it."""
+
+    method: str | Method
+    hyperparameters: Hyperparameters | Mapping[str, Any] | None
+    distributed: Distributed | Mapping[str, Any] | None
+    suffix: str | None
+    task: Task | None
+    compute: AzureCompute | Mapping[str, Any] | None
+    integrations: Sequence[Integration | Mapping[str, Any]] | None
 
 
 class JobSpec(_Request):
@@ -578,20 +592,21 @@ class Deployment(Response):
         seed: int | None = None,
     ) -> ChatCompletion:
         """Send a chat completion to this deployment."""
-        if self._backend is None:
-            from .errors import ConflictError
-
-            raise ConflictError("this Deployment object is not bound to a client; use client.deployments.get(name)")
-        return self._backend.chat(
+        return self._bound().chat(
             self.name, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
 
     def openai_client(self) -> Any:
         """An ``openai.OpenAI`` client for this deployment's OpenAI-compatible endpoint (where the backend has one)."""
-        factory = getattr(self._backend, "openai_client", None)
-        if factory is None:
-            from .errors import UnsupportedOptionError
+        backend = self._bound()
+        backend.capabilities.require("openai_endpoint", "openai_client", backend.name)
+        return cast("OpenAIEndpoint", backend).openai_client(self.name)
 
-            backend = self._backend.name if self._backend is not None else "unbound"
-            raise UnsupportedOptionError("openai_client", backend, "this deployment has no OpenAI-compatible endpoint")
-        return factory(self.name)
+    def _bound(self) -> Backend:
+        if self._backend is None:
+            from .errors import ConflictError
+
+            raise ConflictError(
+                "this Deployment object is not bound to a client; use client.deployments.chat(name, messages)"
+            )
+        return self._backend

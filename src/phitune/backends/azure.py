@@ -63,6 +63,7 @@ from ..types import (
     metrics_message,
 )
 from ._azure_metrics import WorkspaceMetrics
+from .base import Capabilities
 
 if TYPE_CHECKING:
     import openai
@@ -180,6 +181,8 @@ class AzureBackend:
     """
 
     name = BACKEND
+    capabilities = Capabilities(openai_endpoint=True)
+    home: Path | None = None
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ from ..types import (
     TrainingPlan,
     Usage,
 )
+from .base import Capabilities
 
 if TYPE_CHECKING:
     from ..trainer.infer import Generation, ModelPool, ServedModel
@@ -63,11 +64,14 @@ class LocalBackend:
     """Runs jobs on this machine with the reference trainer (torch, transformers, peft)."""
 
     name = "local"
+    capabilities = Capabilities(
+        pause=True, export=True, stored_files=True, staging=True, chat_streaming=True, openai_endpoint=False
+    )
 
     def __init__(self, home: str | Path) -> None:
         self.store = Store(home)
         self.store.sweep()  # what uploads killed midway left
-        self.home = self.store.home
+        self.home: Path = self.store.home
         self._pool: ModelPool | None = None
         self._admitted: dict[str, _Admission] = {}  # by spec: what check_spec found, for create_job
 
@@ -251,13 +255,13 @@ class LocalBackend:
             from ..export import onnx_for_deployment
 
             onnx_for_deployment(found, self.home)
-        return self.store.add_deployment(name, model, engine).bind(self)
+        return self.store.add_deployment(name, model, engine)
 
     def get_deployment(self, name: str) -> Deployment:
-        return self.store.get_deployment(name).bind(self)
+        return self.store.get_deployment(name)
 
     def list_deployments(self) -> list[Deployment]:
-        return [d.bind(self) for d in self.store.list_deployments()]
+        return self.store.list_deployments()
 
     def delete_deployment(self, name: str) -> None:
         self.store.delete_deployment(name)
@@ -309,19 +313,16 @@ class LocalBackend:
         """Text pieces as they are generated, then the final Generation (token counts, finish reason). ``max_tokens``
         None asks for the default within the model's context; at ``deadline`` (``time.monotonic()``) generation
         stops (:meth:`phitune.trainer.infer.ModelPool.stream`)."""
-        from ..trainer.onnx_engine import OnnxServed, shared_pool
-
-        served = self.served_model(name)
-        options: dict[str, Any] = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-            "deadline": deadline,
-        }
-        if isinstance(served, OnnxServed):
-            return shared_pool().stream(served, messages, **options)
-        return self._model_pool().stream(served, messages, **options)
+        served, pool = self._engine(name)
+        return pool.stream(  # type: ignore[no-any-return]
+            served,
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            deadline=deadline,
+        )
 
     def export_model(self, model: str, **options: Any) -> Path:
         """Export a model's weights (see :func:`phitune.export.export` for ``options``)."""
@@ -339,15 +340,17 @@ class LocalBackend:
         top_p: float,
         seed: int | None,
     ) -> ChatCompletion:
+        served, pool = self._engine(deployment)
+        result = pool.generate(served, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        return chat_completion(served.model_id, result)
+
+    def _engine(self, name: str) -> tuple[ServedModel | OnnxServed, Any]:
+        """What serves a deployment name or a model id, and the pool that runs it: ONNX Runtime GenAI's for an
+        ``engine="onnx"`` deployment, else torch's."""
         from ..trainer.onnx_engine import OnnxServed, shared_pool
 
-        served = self.served_model(deployment)
-        options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-        if isinstance(served, OnnxServed):
-            result = shared_pool().generate(served, messages, **options)
-        else:
-            result = self._model_pool().generate(served, messages, **options)
-        return chat_completion(served.model_id, result)
+        served = self.served_model(name)
+        return served, shared_pool() if isinstance(served, OnnxServed) else self._model_pool()
 
     def close(self) -> None:
         self._pool = None

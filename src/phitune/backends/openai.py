@@ -3,6 +3,8 @@
 Calls go through the official ``openai`` client, which retries throttling (429), 408, 409 and 5xx answers and
 connection failures ``max_retries`` times, waiting what ``Retry-After`` / ``retry-after-ms`` asks (up to two
 minutes) or backing off exponentially. A job is created with an ``Idempotency-Key`` header, the same on every retry.
+:class:`OpenAIBackend` drives ``openai.OpenAI``; its async twin :class:`AsyncOpenAIBackend` (for
+``phitune.AsyncClient``) drives the same operations over ``openai.AsyncOpenAI``, httpx's ``AsyncClient`` underneath.
 
 What a service honours depends on what it is. A **phitune server** (found by ``GET /v1/phitune``, or declared with
 ``phitune_server=True``) takes the whole :class:`~phitune.types.JobSpec`: the phitune-only parts travel in the request
@@ -15,9 +17,11 @@ model itself: the service serves it under its own id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -25,7 +29,15 @@ import openai
 from openai import Omit, omit
 
 from .. import catalog
-from ..errors import APIConnectionError, MissingDependencyError, UnsupportedOptionError, redact, status_error
+from .._ops import Op, adrive, drive
+from ..errors import (
+    APIConnectionError,
+    APIStatusError,
+    MissingDependencyError,
+    UnsupportedOptionError,
+    redact,
+    status_error,
+)
 from ..server.shapes import openai_hyperparameters
 from ..types import (
     ChatCompletion,
@@ -41,6 +53,7 @@ from ..types import (
     LoRA,
     ModelObject,
 )
+from .base import Capabilities
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -54,17 +67,26 @@ _NO_KEY = "phitune-no-key"
 """Sent when no API key is configured: the openai client needs one; an open ``phitune serve`` ignores it."""
 
 
-class OpenAIBackend:
-    """Fine-tuning jobs on an OpenAI-compatible service, through the official ``openai`` client.
+@dataclass(frozen=True)
+class _Request:
+    """One call of the ``openai`` client: ``send(client)`` gives the answer (a coroutine of it on
+    ``openai.AsyncOpenAI``). With ``pages``, the answer is every item of every page, up to the first item for which
+    ``until`` holds."""
 
-    ``OpenAIBackend(base_url="http://127.0.0.1:8000/v1", api_key=...)`` for ``phitune serve`` or another
-    OpenAI-compatible service (``base_url`` None means OpenAI; ``api_key`` None reads ``$OPENAI_API_KEY``);
-    ``OpenAIBackend(azure_endpoint=..., api_version=..., api_key=... | credential=... |
-    azure_ad_token_provider=...)`` for Azure OpenAI (``credential``, an azure-identity credential, is turned into a
-    token provider for the Cognitive Services scope). ``client=`` takes a ready ``openai.OpenAI``.
-    """
+    send: Callable[[Any], Any]
+    pages: bool = False
+    until: Callable[[Any], bool] | None = None
+
+
+class _OpenAIService:
+    """What :class:`OpenAIBackend` and :class:`AsyncOpenAIBackend` share: the client's construction, and each call's
+    requests and the translation of their answers, written once as operations (:mod:`phitune._ops`) that the sync
+    backend performs in place and the async one awaits."""
 
     name = "openai"
+    home: Path | None = None
+    _plain: type[Any]
+    _azure: type[Any]
 
     def __init__(
         self,
@@ -78,8 +100,8 @@ class OpenAIBackend:
         phitune_server: bool | None = None,
         max_retries: int = 3,
         timeout: float = 120.0,
-        http_client: Any = None,  # an httpx.Client (or httpx2.Client): proxies, custom transports
-        client: openai.OpenAI | None = None,
+        http_client: Any = None,  # an httpx.Client (httpx.AsyncClient for the async twin): proxies, custom transports
+        client: Any = None,
     ) -> None:
         if client is not None:
             self._client = client
@@ -88,7 +110,7 @@ class OpenAIBackend:
                 if azure_ad_token_provider is not None:
                     raise ValueError("give credential or azure_ad_token_provider, not both")
                 azure_ad_token_provider = _token_provider(credential)
-            self._client = openai.AzureOpenAI(
+            self._client = self._azure(
                 azure_endpoint=azure_endpoint,
                 api_version=api_version,
                 api_key=api_key if azure_ad_token_provider is None else None,
@@ -99,7 +121,7 @@ class OpenAIBackend:
             )
             phitune_server = False if phitune_server is None else phitune_server
         else:
-            self._client = openai.OpenAI(
+            self._client = self._plain(
                 base_url=base_url,
                 api_key=api_key or os.environ.get("OPENAI_API_KEY") or _NO_KEY,
                 max_retries=max_retries,
@@ -109,56 +131,48 @@ class OpenAIBackend:
         self._phitune_server = phitune_server
         self._secrets = tuple(k for k in {api_key, self._client.api_key} if k)
 
-    # ------------------------------------------------------------------------------------------------ plumbing
-    def _call(self, fn: Callable[[], T]) -> T:
-        """Run one client call (already retried by the client), turning its errors into phitune's."""
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """The client's errors (already retried by the client) as phitune's."""
         try:
-            return fn()
+            yield
         except openai.APIStatusError as exc:
             message = redact(_message(exc), self._secrets)
-            raise status_error(exc.status_code, message, body=exc.body, request_id=exc.request_id) from None
+            raise status_error(
+                exc.status_code, message, body=exc.body, request_id=exc.request_id, ident=exc.request.url.path
+            ) from None
         except openai.APIConnectionError as exc:
             raise APIConnectionError(f"cannot reach {self._client.base_url}: {type(exc).__name__}") from None
 
-    @property
-    def phitune_server(self) -> bool:
+    # ------------------------------------------------------------------------------------------------ operations
+    def _is_phitune_server(self) -> Op[bool]:
         """True if the service is ``phitune serve`` (asked once with ``GET /phitune``)."""
         if self._phitune_server is None:
-
-            def probe() -> object:
-                try:
-                    return self._client.get("/phitune", cast_to=object)
-                except openai.APIStatusError as exc:
-                    if exc.status_code in (400, 404, 405):
-                        return None
+            try:
+                info = yield _Request(lambda c: c.get("/phitune", cast_to=object))
+            except APIStatusError as exc:
+                if exc.status_code not in (400, 404, 405):
                     raise
-
-            info = self._call(probe)
+                info = None
             self._phitune_server = isinstance(info, dict) and info.get("object") == "phitune.server"
         return self._phitune_server
 
-    def openai_client(self, deployment: str) -> openai.OpenAI:
-        """The ``openai.OpenAI`` client this backend uses (a deployment answers under its own name as ``model``)."""
-        return self._client
-
-    # --------------------------------------------------------------------------------------------------- files
-    def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
+    def _upload_file(self, path: str) -> Op[FileObject]:
         with open(path, "rb") as fh:
-            created = self._call(lambda: self._client.files.create(file=(Path(path).name, fh), purpose="fine-tune"))
+            created = yield _Request(lambda c: c.files.create(file=(Path(path).name, fh), purpose="fine-tune"))
         return FileObject.model_validate(_plain(created))
 
-    def get_file(self, file_id: str) -> FileObject:
-        return FileObject.model_validate(_plain(self._call(lambda: self._client.files.retrieve(file_id))))
+    def _get_file(self, file_id: str) -> Op[FileObject]:
+        return FileObject.model_validate(_plain((yield _Request(lambda c: c.files.retrieve(file_id)))))
 
-    def list_files(self) -> list[FileObject]:
-        files = self._call(lambda: list(self._client.files.list(purpose="fine-tune")))
+    def _list_files(self) -> Op[list[FileObject]]:
+        files = yield _Request(lambda c: c.files.list(purpose="fine-tune"), pages=True)
         return [FileObject.model_validate(_plain(f)) for f in files]
 
-    def delete_file(self, file_id: str) -> None:
-        self._call(lambda: self._client.files.delete(file_id))
+    def _delete_file(self, file_id: str) -> Op[None]:
+        yield _Request(lambda c: c.files.delete(file_id))
 
-    # ---------------------------------------------------------------------------------------------------- jobs
-    def check_spec(self, spec: JobSpec) -> None:
+    def _check_spec(self, spec: JobSpec) -> Op[None]:
         """Refuse, by name, every option the service cannot honour (see the module docstring)."""
         if spec.compute is not None:
             raise UnsupportedOptionError("compute", self.name, "AzureCompute applies to the Azure backend only")
@@ -172,7 +186,7 @@ class OpenAIBackend:
         entry = catalog.find(spec.model)
         if entry is not None and "openai" not in entry.backends:
             raise UnsupportedOptionError("model", self.name, entry.note or f"{entry.name} is not offered there")
-        if self.phitune_server:
+        if (yield from self._is_phitune_server()):
             return
         why = "this service runs supervised fine-tuning with n_epochs, batch_size, learning_rate and seed only"
         if not isinstance(spec.method, LoRA):
@@ -191,10 +205,10 @@ class OpenAIBackend:
         if spec.task == "text_completion":
             raise UnsupportedOptionError("task", self.name, "the service infers the task from the training file")
 
-    def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
+    def _create_job(self, spec: JobSpec, idempotency_key: str) -> Op[FineTuneJob]:
         hyperparameters = openai_hyperparameters(spec)
         extra_body: dict[str, Any] | None = None
-        if self.phitune_server:  # the exact spec travels in the phitune object; no multiplier to round
+        if (yield from self._is_phitune_server()):  # the exact spec travels in the phitune object; no multiplier
             del hyperparameters["learning_rate_multiplier"]
             extra_body = {
                 "phitune": {
@@ -205,8 +219,8 @@ class OpenAIBackend:
                 }
             }
         method = cast("OpenAIMethod", {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}})
-        job = self._call(
-            lambda: self._client.fine_tuning.jobs.create(
+        job = yield _Request(
+            lambda c: c.fine_tuning.jobs.create(
                 model=spec.model,
                 training_file=spec.training_file,
                 validation_file=_given(spec.validation_file),
@@ -219,45 +233,39 @@ class OpenAIBackend:
         )
         return self._job(job)
 
-    def get_job(self, job_id: str) -> FineTuneJob:
-        return self._job(self._call(lambda: self._client.fine_tuning.jobs.retrieve(job_id)))
+    def _get_job(self, job_id: str) -> Op[FineTuneJob]:
+        return self._job((yield _Request(lambda c: c.fine_tuning.jobs.retrieve(job_id))))
 
-    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuneJob]:
-        page = self._call(lambda: self._client.fine_tuning.jobs.list(limit=limit, after=_given(after)))
+    def _list_jobs(self, limit: int, after: str | None) -> Op[list[FineTuneJob]]:
+        page = yield _Request(lambda c: c.fine_tuning.jobs.list(limit=limit, after=_given(after)))
         return [self._job(j) for j in page.data]
 
-    def cancel_job(self, job_id: str) -> FineTuneJob:
-        return self._job(self._call(lambda: self._client.fine_tuning.jobs.cancel(job_id)))
+    def _cancel_job(self, job_id: str) -> Op[FineTuneJob]:
+        return self._job((yield _Request(lambda c: c.fine_tuning.jobs.cancel(job_id))))
 
-    def pause_job(self, job_id: str) -> FineTuneJob:
-        """Pause a running job (where the service supports it); ``resume_job`` continues it."""
-        return self._job(self._call(lambda: self._client.fine_tuning.jobs.pause(job_id)))
+    def _pause_job(self, job_id: str) -> Op[FineTuneJob]:
+        return self._job((yield _Request(lambda c: c.fine_tuning.jobs.pause(job_id))))
 
-    def resume_job(self, job_id: str) -> FineTuneJob:
-        return self._job(self._call(lambda: self._client.fine_tuning.jobs.resume(job_id)))
+    def _resume_job(self, job_id: str) -> Op[FineTuneJob]:
+        return self._job((yield _Request(lambda c: c.fine_tuning.jobs.resume(job_id))))
 
-    def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
+    def _list_events(self, job_id: str, after: str | None, limit: int) -> Op[list[JobEvent]]:
         """Oldest first from ``after``. A phitune server pages that way itself (``order=asc``); elsewhere events
         come newest first and are read back to ``after``, then reversed."""
-        jobs = self._client.fine_tuning.jobs
-        if self.phitune_server:
-            page = self._call(
-                lambda: jobs.list_events(job_id, after=_given(after), limit=limit, extra_query={"order": "asc"})
+        if (yield from self._is_phitune_server()):
+            page = yield _Request(
+                lambda c: c.fine_tuning.jobs.list_events(
+                    job_id, after=_given(after), limit=limit, extra_query={"order": "asc"}
+                )
             )
             return [_event(e) for e in page.data]
+        newer = yield _Request(
+            lambda c: c.fine_tuning.jobs.list_events(job_id, limit=100), pages=True, until=lambda e: e.id == after
+        )
+        return [_event(e) for e in reversed(newer)][:limit]
 
-        def newer_than_after() -> list[Any]:
-            newer: list[Any] = []
-            for event in jobs.list_events(job_id, limit=100):
-                if event.id == after:
-                    break
-                newer.append(event)
-            return newer
-
-        return [_event(e) for e in reversed(self._call(newer_than_after))][:limit]
-
-    def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
-        checkpoints = self._call(lambda: list(self._client.fine_tuning.jobs.checkpoints.list(job_id, limit=100)))
+    def _list_checkpoints(self, job_id: str) -> Op[list[Checkpoint]]:
+        checkpoints = yield _Request(lambda c: c.fine_tuning.jobs.checkpoints.list(job_id, limit=100), pages=True)
         return [_checkpoint(c) for c in checkpoints]
 
     def _job(self, job: Any) -> FineTuneJob:
@@ -268,20 +276,18 @@ class OpenAIBackend:
         data["backend"] = self.name
         return FineTuneJob.model_validate(data)
 
-    # -------------------------------------------------------------------------------------------------- models
-    def get_model(self, model_id: str) -> ModelObject:
-        return _model(self._call(lambda: self._client.models.retrieve(model_id)))
+    def _get_model(self, model_id: str) -> Op[ModelObject]:
+        return _model((yield _Request(lambda c: c.models.retrieve(model_id))))
 
-    def list_models(self) -> list[ModelObject]:
-        return [_model(m) for m in self._call(lambda: list(self._client.models.list()))]
+    def _list_models(self) -> Op[list[ModelObject]]:
+        return [_model(m) for m in (yield _Request(lambda c: c.models.list(), pages=True))]
 
-    # --------------------------------------------------------------------------------------------- deployments
-    def create_deployment(self, model: str, name: str, **options: Any) -> Deployment:
+    def _create_deployment(self, model: str, name: str, options: dict[str, Any]) -> Op[Deployment]:
         """On a phitune server, a named deployment; elsewhere the fine-tuned model serves as itself, so ``name``
         must be the model id."""
-        if self.phitune_server:
+        if (yield from self._is_phitune_server()):
             body = {"model": model, "name": name, **options}
-            created = self._call(lambda: self._client.post("/phitune/deployments", body=body, cast_to=object))
+            created = yield _Request(lambda c: c.post("/phitune/deployments", body=body, cast_to=object))
             return self._deployment(created)
         if options:
             raise UnsupportedOptionError(f"deployments.create({next(iter(options))}=...)", self.name, "unknown option")
@@ -289,45 +295,153 @@ class OpenAIBackend:
             raise UnsupportedOptionError(
                 "name", self.name, f"the service serves a fine-tuned model under its own id: use name={model!r}"
             )
-        return self.get_deployment(model)
+        return (yield from self._get_deployment(model))
 
-    def get_deployment(self, name: str) -> Deployment:
-        if self.phitune_server:
-            return self._deployment(self._call(lambda: self._client.get(_deployment_path(name), cast_to=object)))
-        model = self.get_model(name)
-        return Deployment(
-            name=model.id,
-            model=model.id,
-            created_at=model.created,
-            endpoint=str(self._client.base_url),
-            backend=self.name,
-        )
+    def _get_deployment(self, name: str) -> Op[Deployment]:
+        if (yield from self._is_phitune_server()):
+            return self._deployment((yield _Request(lambda c: c.get(_deployment_path(name), cast_to=object))))
+        model = yield from self._get_model(name)
+        return self._model_deployment(model)
 
-    def list_deployments(self) -> list[Deployment]:
+    def _list_deployments(self) -> Op[list[Deployment]]:
         """A phitune server's deployments; elsewhere the fine-tuned models (ids starting ``ft:``)."""
-        if self.phitune_server:
-            listing = self._call(lambda: self._client.get("/phitune/deployments", cast_to=object))
+        if (yield from self._is_phitune_server()):
+            listing = yield _Request(lambda c: c.get("/phitune/deployments", cast_to=object))
             return [self._deployment(d) for d in _data(listing)]
-        return [
-            Deployment(
-                name=m.id, model=m.id, created_at=m.created, endpoint=str(self._client.base_url), backend=self.name
-            )
-            for m in self.list_models()
-            if m.id.startswith("ft:")
-        ]
+        models = yield from self._list_models()
+        return [self._model_deployment(m) for m in models if m.id.startswith("ft:")]
 
-    def delete_deployment(self, name: str) -> None:
-        if not self.phitune_server:
+    def _delete_deployment(self, name: str) -> Op[None]:
+        if not (yield from self._is_phitune_server()):
             raise UnsupportedOptionError(
                 "deployments.delete", self.name, "a fine-tuned model is its own deployment; delete it with the service"
             )
-        self._call(lambda: self._client.delete(_deployment_path(name), cast_to=object))
+        yield _Request(lambda c: c.delete(_deployment_path(name), cast_to=object))
 
     def _deployment(self, data: object) -> Deployment:
         fields = dict(data) if isinstance(data, dict) else {}
         fields.pop("object", None)
         fields["backend"] = self.name
         return Deployment.model_validate(fields)
+
+    def _model_deployment(self, model: ModelObject) -> Deployment:
+        endpoint = str(self._client.base_url)
+        return Deployment(name=model.id, model=model.id, created_at=model.created, endpoint=endpoint, backend=self.name)
+
+    def _chat(self, deployment: str, messages: list[dict[str, str]], stream: bool, options: dict[str, Any]) -> _Request:
+        """The chat completion request (a stream of chunks with ``stream``)."""
+        return _Request(
+            lambda c: c.chat.completions.create(
+                model=deployment,
+                messages=cast("list[ChatCompletionMessageParam]", messages),
+                max_tokens=options["max_tokens"],
+                temperature=options["temperature"],
+                top_p=options["top_p"],
+                seed=_given(options["seed"]),
+                stream=True if stream else omit,
+            )
+        )
+
+
+class OpenAIBackend(_OpenAIService):
+    """Fine-tuning jobs on an OpenAI-compatible service, through the official ``openai`` client.
+
+    ``OpenAIBackend(base_url="http://127.0.0.1:8000/v1", api_key=...)`` for ``phitune serve`` or another
+    OpenAI-compatible service (``base_url`` None means OpenAI; ``api_key`` None reads ``$OPENAI_API_KEY``);
+    ``OpenAIBackend(azure_endpoint=..., api_version=..., api_key=... | credential=... |
+    azure_ad_token_provider=...)`` for Azure OpenAI (``credential``, an azure-identity credential, is turned into a
+    token provider for the Cognitive Services scope). ``client=`` takes a ready ``openai.OpenAI``.
+    """
+
+    capabilities = Capabilities(pause=True, chat_streaming=True, openai_endpoint=True)
+    _plain = openai.OpenAI
+    _azure = openai.AzureOpenAI
+    _client: openai.OpenAI
+
+    def _run(self, op: Op[T]) -> T:
+        return drive(op, self._perform)
+
+    def _perform(self, request: _Request) -> Any:
+        with self._translated():
+            answer = request.send(self._client)
+            if not request.pages:
+                return answer
+            items: list[Any] = []
+            for item in answer:
+                if request.until is not None and request.until(item):
+                    break
+                items.append(item)
+            return items
+
+    @property
+    def phitune_server(self) -> bool:
+        """True if the service is ``phitune serve`` (asked once with ``GET /phitune``)."""
+        return self._run(self._is_phitune_server())
+
+    def openai_client(self, deployment: str) -> openai.OpenAI:
+        """The ``openai.OpenAI`` client this backend uses (a deployment answers under its own name as ``model``)."""
+        return self._client
+
+    def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
+        return self._run(self._upload_file(path))
+
+    def get_file(self, file_id: str) -> FileObject:
+        return self._run(self._get_file(file_id))
+
+    def list_files(self) -> list[FileObject]:
+        return self._run(self._list_files())
+
+    def delete_file(self, file_id: str) -> None:
+        self._run(self._delete_file(file_id))
+
+    def check_spec(self, spec: JobSpec) -> None:
+        """Refuse, by name, every option the service cannot honour (see the module docstring)."""
+        self._run(self._check_spec(spec))
+
+    def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
+        return self._run(self._create_job(spec, idempotency_key))
+
+    def get_job(self, job_id: str) -> FineTuneJob:
+        return self._run(self._get_job(job_id))
+
+    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuneJob]:
+        return self._run(self._list_jobs(limit, after))
+
+    def cancel_job(self, job_id: str) -> FineTuneJob:
+        return self._run(self._cancel_job(job_id))
+
+    def pause_job(self, job_id: str) -> FineTuneJob:
+        """Pause a running job (where the service supports it); ``resume_job`` continues it."""
+        return self._run(self._pause_job(job_id))
+
+    def resume_job(self, job_id: str) -> FineTuneJob:
+        return self._run(self._resume_job(job_id))
+
+    def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
+        return self._run(self._list_events(job_id, after, limit))
+
+    def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return self._run(self._list_checkpoints(job_id))
+
+    def get_model(self, model_id: str) -> ModelObject:
+        return self._run(self._get_model(model_id))
+
+    def list_models(self) -> list[ModelObject]:
+        return self._run(self._list_models())
+
+    def create_deployment(self, model: str, name: str, **options: Any) -> Deployment:
+        """On a phitune server, a named deployment; elsewhere the fine-tuned model serves as itself, so ``name``
+        must be the model id."""
+        return self._run(self._create_deployment(model, name, options))
+
+    def get_deployment(self, name: str) -> Deployment:
+        return self._run(self._get_deployment(name))
+
+    def list_deployments(self) -> list[Deployment]:
+        return self._run(self._list_deployments())
+
+    def delete_deployment(self, name: str) -> None:
+        self._run(self._delete_deployment(name))
 
     def chat(
         self,
@@ -339,20 +453,147 @@ class OpenAIBackend:
         top_p: float,
         seed: int | None,
     ) -> ChatCompletion:
-        response = self._call(
-            lambda: self._client.chat.completions.create(
-                model=deployment,
-                messages=cast("list[ChatCompletionMessageParam]", messages),
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=_given(seed),
-            )
-        )
-        return ChatCompletion.from_openai(response)
+        options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        return ChatCompletion.from_openai(self._perform(self._chat(deployment, messages, False, options)))
+
+    def stream_chat(
+        self,
+        deployment: str,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> Iterator[str]:
+        """The answer's text pieces as the service streams them."""
+        options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        chunks = self._perform(self._chat(deployment, messages, True, options))
+        with self._translated(), chunks:
+            for chunk in chunks:
+                if text := _delta(chunk):
+                    yield text
 
     def close(self) -> None:
         self._client.close()
+
+
+class AsyncOpenAIBackend(_OpenAIService):
+    """:class:`OpenAIBackend` for ``phitune.AsyncClient``: the same operations over ``openai.AsyncOpenAI`` (httpx's
+    ``AsyncClient`` underneath, retries as the client does them), every call a coroutine. ``http_client=`` takes an
+    ``httpx.AsyncClient``, ``client=`` a ready ``openai.AsyncOpenAI``."""
+
+    capabilities = Capabilities(pause=True, chat_streaming=True)
+    _plain = openai.AsyncOpenAI
+    _azure = openai.AsyncAzureOpenAI
+    _client: openai.AsyncOpenAI
+
+    async def _run(self, op: Op[T]) -> T:
+        return await adrive(op, self._perform)
+
+    async def _perform(self, request: _Request) -> Any:
+        with self._translated():
+            answer = request.send(self._client)
+            if not request.pages:
+                return await answer
+            items: list[Any] = []
+            async for item in answer:
+                if request.until is not None and request.until(item):
+                    break
+                items.append(item)
+            return items
+
+    async def upload_file(self, path: str, *, report: DatasetReport) -> FileObject:
+        return await self._run(self._upload_file(path))
+
+    async def get_file(self, file_id: str) -> FileObject:
+        return await self._run(self._get_file(file_id))
+
+    async def list_files(self) -> list[FileObject]:
+        return await self._run(self._list_files())
+
+    async def delete_file(self, file_id: str) -> None:
+        await self._run(self._delete_file(file_id))
+
+    async def check_spec(self, spec: JobSpec) -> None:
+        await self._run(self._check_spec(spec))
+
+    async def create_job(self, spec: JobSpec, *, idempotency_key: str) -> FineTuneJob:
+        return await self._run(self._create_job(spec, idempotency_key))
+
+    async def get_job(self, job_id: str) -> FineTuneJob:
+        return await self._run(self._get_job(job_id))
+
+    async def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuneJob]:
+        return await self._run(self._list_jobs(limit, after))
+
+    async def cancel_job(self, job_id: str) -> FineTuneJob:
+        return await self._run(self._cancel_job(job_id))
+
+    async def pause_job(self, job_id: str) -> FineTuneJob:
+        return await self._run(self._pause_job(job_id))
+
+    async def resume_job(self, job_id: str) -> FineTuneJob:
+        return await self._run(self._resume_job(job_id))
+
+    async def list_events(self, job_id: str, *, after: str | None = None, limit: int = 1000) -> list[JobEvent]:
+        return await self._run(self._list_events(job_id, after, limit))
+
+    async def list_checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return await self._run(self._list_checkpoints(job_id))
+
+    async def get_model(self, model_id: str) -> ModelObject:
+        return await self._run(self._get_model(model_id))
+
+    async def list_models(self) -> list[ModelObject]:
+        return await self._run(self._list_models())
+
+    async def create_deployment(self, model: str, name: str, **options: Any) -> Deployment:
+        return await self._run(self._create_deployment(model, name, options))
+
+    async def get_deployment(self, name: str) -> Deployment:
+        return await self._run(self._get_deployment(name))
+
+    async def list_deployments(self) -> list[Deployment]:
+        return await self._run(self._list_deployments())
+
+    async def delete_deployment(self, name: str) -> None:
+        await self._run(self._delete_deployment(name))
+
+    async def chat(
+        self,
+        deployment: str,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> ChatCompletion:
+        options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        return ChatCompletion.from_openai(await self._perform(self._chat(deployment, messages, False, options)))
+
+    async def stream_chat(
+        self,
+        deployment: str,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> AsyncIterator[str]:
+        """The answer's text pieces as the service streams them."""
+        options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        chunks = await self._perform(self._chat(deployment, messages, True, options))
+        with self._translated():
+            async with chunks:
+                async for chunk in chunks:
+                    if text := _delta(chunk):
+                        yield text
+
+    async def close(self) -> None:
+        await self._client.close()
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -392,6 +633,11 @@ def _plain(obj: Any) -> dict[str, Any]:
 def _data(listing: object) -> list[Any]:
     data = listing.get("data") if isinstance(listing, dict) else None
     return data if isinstance(data, list) else []
+
+
+def _delta(chunk: Any) -> str:
+    """The text a streamed chat chunk adds."""
+    return "".join(choice.delta.content or "" for choice in chunk.choices)
 
 
 def _event(event: Any) -> JobEvent:

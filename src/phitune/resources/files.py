@@ -7,29 +7,28 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import cast
 
 from .. import catalog
+from .._ops import Op
 from ..backends.base import StagingBackend
 from ..errors import DatasetError
 from ..types import DatasetReport, FileObject
-from ._base import Resource
+from ._base import AsyncResource, Blocking, Call, Resource, SyncResource, blocking, call
 
 
-class Files(Resource):
-    """Datasets: validate locally, then upload to the backend."""
+class _Files(Resource):
+    """The behaviour of ``files``, for :class:`Files` and :class:`AsyncFiles`."""
 
-    def validate(
+    def _validate(
         self,
         path: str | os.PathLike[str],
         *,
-        model: str | None = None,
+        model: str | None,
         epochs: int = 1,
         max_seq_length: int | None = None,
         workers: int | None = None,
     ) -> DatasetReport:
-        """Check every line of a JSONL dataset in one streaming pass: every problem with its line number, token
-        statistics (exact with the model's tokenizer where it is on this machine) and the trained-token estimate.
-        Files over 32 MiB are checked in ``workers`` processes (default: one per CPU, up to 4)."""
         from ..datasets import counter_for, validate
 
         return validate(
@@ -41,34 +40,20 @@ class Files(Resource):
             workers=workers,
         )
 
-    def upload(self, path: str | os.PathLike[str], *, model: str | None = None) -> FileObject:
-        """Validate, then store the dataset. The file is read once, into a private copy (a regular file only: anything
-        else is a :class:`~phitune.errors.DatasetError`, ``not_a_file``), and that copy is both validated and stored,
-        so what is stored is what was validated. A file with any problem raises
-        :class:`~phitune.errors.DatasetError` and is not stored."""
+    def _upload(self, path: str | os.PathLike[str], model: str | None) -> Op[FileObject]:
         with self._staging() as folder:
-            copy = _copy_dataset(path, folder)
-            report = self.validate(copy, model=model)
+            copy: Path = yield Blocking(lambda: _copy_dataset(path, folder))
+            report: DatasetReport = yield Blocking(lambda: self._validate(copy, model=model))
             if not report.ok:
                 raise DatasetError(str(path), report.errors, total=max(report.error_count, 1))
-            return self._backend.upload_file(str(copy), report=report)
+            stored: FileObject = yield Call(lambda b: b.upload_file(str(copy), report=report))
+            return stored
 
     def _staging(self) -> AbstractContextManager[Path]:
         """Where an upload's private copy lies: the backend's own place (the local home), else a temporary folder."""
-        backend = self._backend
-        return backend.staging() if isinstance(backend, StagingBackend) else _temporary_folder()
-
-    def get(self, file_id: str) -> FileObject:
-        """A stored file by id."""
-        return self._backend.get_file(file_id)
-
-    def list(self) -> builtins.list[FileObject]:
-        """Every stored file."""
-        return self._backend.list_files()
-
-    def delete(self, file_id: str) -> None:
-        """Delete a stored file."""
-        self._backend.delete_file(file_id)
+        if self._capabilities.staging:
+            return cast(StagingBackend, self._client.backend).staging()
+        return _temporary_folder()
 
     def _tokenizer_dir(self, model: str | None) -> Path | None:
         """A folder holding the model's tokenizer.json on this machine, if there is one (no download)."""
@@ -87,6 +72,80 @@ class Files(Resource):
             return None
         cached = try_to_load_from_cache(repo, "tokenizer.json")
         return Path(cached).parent if isinstance(cached, str) else None
+
+
+class Files(_Files, SyncResource):
+    """Datasets: validate locally, then upload to the backend."""
+
+    def validate(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        epochs: int = 1,
+        max_seq_length: int | None = None,
+        workers: int | None = None,
+    ) -> DatasetReport:
+        """Check every line of a JSONL dataset in one streaming pass: every problem with its line number, token
+        statistics (exact with the model's tokenizer where it is on this machine) and the trained-token estimate.
+        Files over 32 MiB are checked in ``workers`` processes (default: one per CPU, up to 4)."""
+        return self._validate(path, model=model, epochs=epochs, max_seq_length=max_seq_length, workers=workers)
+
+    def upload(self, path: str | os.PathLike[str], *, model: str | None = None) -> FileObject:
+        """Validate, then store the dataset. The file is read once, into a private copy (a regular file only: anything
+        else is a :class:`~phitune.errors.DatasetError`, ``not_a_file``), and that copy is both validated and stored,
+        so what is stored is what was validated. A file with any problem raises
+        :class:`~phitune.errors.DatasetError` and is not stored."""
+        return self._run(self._upload(path, model))
+
+    def get(self, file_id: str) -> FileObject:
+        """A stored file by id."""
+        return self._run(call(lambda b: b.get_file(file_id)))
+
+    def list(self) -> builtins.list[FileObject]:
+        """Every stored file."""
+        return self._run(call(lambda b: b.list_files()))
+
+    def delete(self, file_id: str) -> None:
+        """Delete a stored file."""
+        self._run(call(lambda b: b.delete_file(file_id)))
+
+
+class AsyncFiles(_Files, AsyncResource):
+    """:class:`Files` for ``AsyncClient``: validation runs on a worker thread."""
+
+    async def validate(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        epochs: int = 1,
+        max_seq_length: int | None = None,
+        workers: int | None = None,
+    ) -> DatasetReport:
+        """:meth:`Files.validate`."""
+        report: DatasetReport = await self._run(
+            blocking(
+                lambda: self._validate(path, model=model, epochs=epochs, max_seq_length=max_seq_length, workers=workers)
+            )
+        )
+        return report
+
+    async def upload(self, path: str | os.PathLike[str], *, model: str | None = None) -> FileObject:
+        """:meth:`Files.upload`."""
+        return await self._run(self._upload(path, model))
+
+    async def get(self, file_id: str) -> FileObject:
+        """A stored file by id."""
+        return await self._run(call(lambda b: b.get_file(file_id)))
+
+    async def list(self) -> builtins.list[FileObject]:
+        """Every stored file."""
+        return await self._run(call(lambda b: b.list_files()))
+
+    async def delete(self, file_id: str) -> None:
+        """Delete a stored file."""
+        await self._run(call(lambda b: b.delete_file(file_id)))
 
 
 @contextmanager
