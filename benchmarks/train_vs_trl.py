@@ -250,22 +250,13 @@ def child_ours(args: argparse.Namespace, rss_after_imports: int) -> dict[str, An
 
     timeline = Timeline()
 
-    class Control:
+    class Control(loop.NullControl):
         def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
             print(text, file=sys.stderr)
 
         def metrics(self, data: dict[str, Any]) -> None:
             if "train_loss" in data:
                 timeline.end_step(float(data["train_loss"]), int(data["trainable_tokens"]))
-
-        def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
-            pass
-
-        def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-            pass
-
-        def should_stop(self) -> None:
-            return None
 
     hp = Hyperparameters(
         epochs=1000,
@@ -397,7 +388,8 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     import torch.nn.functional as F
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.trainer import allocator, attention, data, fused, packing
+    from phitune import _allocator as allocator
+    from phitune import attention, data, fused, packing
     from phitune.trainer.decoder import use_fused_decoder
     from phitune.trainer.loop import token_loss_sum
     from phitune.trainer.lora import fuse_lora_layers

@@ -47,13 +47,9 @@ _TRAIN = textwrap.dedent(
     spec = JobSpec.model_validate_json(sys.argv[1])
     work = Path(sys.argv[2])
 
-    class Control:
+    class Control(loop.NullControl):
         steps = []
-        def message(self, text, *, level="info", data=None): pass
         def metrics(self, data): self.steps.append(data)
-        def checkpoint(self, step, metrics, path): pass
-        def progress(self, step, total_steps, trained_tokens, eta_seconds): pass
-        def should_stop(self): return None
 
     control = Control()
     run = loop.TrainRun(spec, spec.model, Path(spec.training_file), None, work / "out", work / "ckpt")

@@ -575,7 +575,7 @@ def test_a_generation_stops_when_its_client_goes_away(server_home: Path) -> None
 
 
 def _generation() -> Any:
-    from phitune.trainer.infer import Generation
+    from phitune.engines.torch_engine import Generation
 
     return Generation("hi", 3, 1, "stop")
 
@@ -588,7 +588,7 @@ def test_no_child_process_gets_the_api_key(home: Path, chat_file: Path, monkeypa
     _wait_for(lambda: client.finetune.get(job.id).step >= 1)
     worker = psutil.Process(_wait_for(lambda: _worker_pid(home)))
     processes = [worker, *worker.children(recursive=True)]
-    assert any("phitune.trainer.run" in process.cmdline() for process in processes)
+    assert any("phitune.local.attempt" in process.cmdline() for process in processes)
     for process in processes:
         assert "PHITUNE_API_KEY" not in process.environ()
     client.finetune.cancel(job.id)

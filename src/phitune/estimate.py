@@ -19,7 +19,7 @@ The memory model follows what the local trainer holds at its peak (a backward pa
   the plain loss (prompt learning, DeepSpeed ZeRO-3), vocabulary x ``LOGIT_BYTES`` per labelled token;
 - ``transient``: QLoRA's dequantisation buffer (``DEQUANTISED_WEIGHTS`` of its largest weight in bf16, fitted);
   the bf16 copies of every weight that autocast makes in full fine-tuning; and where the trainer runs on the C
-  library's allocator rather than mimalloc (:mod:`phitune.trainer.allocator`), the heap's fragmentation, a
+  library's allocator rather than mimalloc (:mod:`phitune._allocator`), the heap's fragmentation, a
   frozen base's ``SYSTEM_HEAP_SLACK_LAYERS`` decoder layers of bf16 weights.
 
 Time comes from the FLOPs of a step (forward, backward, the recomputation of layers that keep no matmul outputs) and
@@ -44,9 +44,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from . import _allocator as allocator
 from . import catalog
 from .errors import SpecError, WontFitError
-from .trainer import allocator
 from .types import PEFT, Distributed, DoRA, Full, JobSpec, LoRA, Method, QLoRA, Response
 
 GiB = 2**30

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -580,3 +581,9 @@ class Deployment(Response):
             backend = self._backend.name if self._backend is not None else "unbound"
             raise UnsupportedOptionError("openai_client", backend, "this deployment has no OpenAI-compatible endpoint")
         return factory(self.name)
+
+
+def fine_tuned_model_id(spec: JobSpec, job_id: str) -> str:
+    """``ft:<base>:<suffix>:<short job id>`` (the OpenAI shape)."""
+    base = Path(spec.model.rstrip("/")).name
+    return f"ft:{base}:{spec.suffix or ''}:{job_id.split('-', 1)[-1][:8]}"

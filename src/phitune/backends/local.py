@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import _allocator as allocator
 from .. import catalog
 from ..errors import (
     ConflictError,
@@ -29,7 +30,6 @@ from ..errors import (
 from ..estimate import Estimate, memory_limit
 from ..local.store import Store
 from ..local.worker import ensure_worker
-from ..trainer import allocator
 from ..types import (
     PEFT,
     ChatChoice,
@@ -49,8 +49,8 @@ from ..types import (
 )
 
 if TYPE_CHECKING:
-    from ..trainer.infer import Generation, ModelPool, ServedModel
-    from ..trainer.onnx_engine import OnnxServed
+    from ..engines.onnx_engine import OnnxServed
+    from ..engines.torch_engine import Generation, ModelPool, ServedModel
 
 logger = logging.getLogger("phitune.local")
 _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -275,7 +275,7 @@ class LocalBackend:
             from ..export import onnx_for_deployment
 
             return onnx_for_deployment(model, self.home)
-        from ..trainer.infer import ServedModel
+        from ..engines.torch_engine import ServedModel
         from ..trainer.model import resolve_base
 
         if model.kind == "adapter":
@@ -290,7 +290,7 @@ class LocalBackend:
         if self._pool is None:
             if importlib.util.find_spec("torch") is None:
                 raise MissingDependencyError("torch", "local")
-            from ..trainer.infer import ModelPool
+            from ..engines.torch_engine import ModelPool
 
             self._pool = ModelPool()
         return self._pool
@@ -308,8 +308,8 @@ class LocalBackend:
     ) -> Iterator[str | Generation]:
         """Text pieces as they are generated, then the final Generation (token counts, finish reason). ``max_tokens``
         None asks for the default within the model's context; at ``deadline`` (``time.monotonic()``) generation
-        stops (:meth:`phitune.trainer.infer.ModelPool.stream`)."""
-        from ..trainer.onnx_engine import OnnxServed, shared_pool
+        stops (:meth:`phitune.engines.torch_engine.ModelPool.stream`)."""
+        from ..engines.onnx_engine import OnnxServed, shared_pool
 
         served = self.served_model(name)
         options: dict[str, Any] = {
@@ -339,7 +339,7 @@ class LocalBackend:
         top_p: float,
         seed: int | None,
     ) -> ChatCompletion:
-        from ..trainer.onnx_engine import OnnxServed, shared_pool
+        from ..engines.onnx_engine import OnnxServed, shared_pool
 
         served = self.served_model(deployment)
         options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}

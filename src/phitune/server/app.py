@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__, catalog
+from .. import openai_shapes as shapes
 from .._client import Client
 from ..backends.local import LocalBackend, chat_completion
 from ..errors import (
@@ -47,12 +48,12 @@ from ..errors import (
     scrub_paths,
 )
 from ..types import FileObject, JobEvent
-from . import is_loopback, shapes
+from . import is_loopback
 from ._upload import MalformedUpload, UploadTooLarge, receive_upload
 from .dashboard import add_dashboard
 
 if TYPE_CHECKING:
-    from ..trainer.infer import Generation
+    from ..engines.torch_engine import Generation
 
 logger = logging.getLogger("phitune.server")
 

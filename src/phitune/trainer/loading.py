@@ -38,9 +38,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .. import _allocator as allocator
 from ..errors import MissingDependencyError, SpecError
 from ..types import Full, Method, QLoRA
-from . import allocator
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -61,7 +61,7 @@ class LoadReport(BaseModel):
     weight_bytes: int = Field(description="Bytes of every parameter and buffer as they lie in memory.")
     peak_gpu_bytes: int | None = None
     allocator: Literal["mimalloc", "system"] = Field(
-        "system", description="The process's C allocator (:mod:`phitune.trainer.allocator`)."
+        "system", description="The process's C allocator (:mod:`phitune._allocator`)."
     )
 
     @property

@@ -35,9 +35,10 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from .. import _allocator as allocator
 from ..estimate import KeptOutputs, memory_limit, plan_kept_outputs
 from ..types import JobSpec, QLoRA
-from . import allocator, data, distributed, fused, packing
+from . import data, distributed, fused, packing
 from .decoder import fused_coverage
 from .distributed import Engine, Ranks
 from .loading import load_for_training
@@ -59,6 +60,27 @@ class Control(Protocol):
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None: ...
 
     def should_stop(self) -> StopReason | None: ...
+
+
+class NullControl:
+    """A :class:`Control` that records nothing and never asks to stop: the ranks other than 0 of a distributed job
+    train with it (rank 0's decision is broadcast), and callers that keep part of what the loop reports subclass
+    it."""
+
+    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        pass
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
+        pass
+
+    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
+        pass
+
+    def should_stop(self) -> StopReason | None:
+        return None
 
 
 @dataclass
