@@ -286,9 +286,9 @@ def child_load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_probe(args: argparse.Namespace) -> dict[str, Any]:
-    from phitune.estimate import probe_machine
+    from phitune.runtime.probe import measure
 
-    return {"kind": "probe", **probe_machine(None, refresh=True, quantized=True).model_dump(mode="json")}
+    return {"kind": "probe", **measure(quantized=True).model_dump(mode="json")}
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -318,10 +318,10 @@ def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
     machine is probed afresh right after the run (not from the cache), with the run's threads."""
     import torch
 
-    from phitune.estimate import probe_machine
+    from phitune.runtime.probe import measure
 
     torch.set_num_threads(result["threads"])
-    probe = probe_machine(None, quantized=result["method"] == "qlora")
+    probe = measure(quantized=result["method"] == "qlora")
     predicted = predict(result, probe)
     result["estimate"] = {
         "peak_bytes": predicted.peak_bytes,
@@ -356,7 +356,9 @@ def table(paths: list[str]) -> str:
     for row in rows:
         if row.get("kind") != "train":
             continue
-        predicted, peer = predict(row, MachineProbe.model_validate(row["estimate"]["probe"])), row.get("peer")
+        # a probe recorded without "bf16" ran on the AVX512-BF16 machine of benchmarks/README.md
+        probe = MachineProbe.model_validate({"bf16": True, **row["estimate"]["probe"]})
+        predicted, peer = predict(row, probe), row.get("peer")
         layers, down = predicted.kept_matmul_layers, predicted.kept_down_projections
         kept = (f", keeps {layers}" + (f" + {down} down" if down else "")) if layers or down else ""
         lines.append(

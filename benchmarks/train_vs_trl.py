@@ -52,7 +52,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -131,8 +130,8 @@ def prepare(work: Path, seq: int, micro_batch: int) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
+    from phitune.tiny import ensure_tiny_phi3
     from phitune.trainer import data
-    from phitune.trainer.tiny import ensure_tiny_phi3
 
     tiny = ensure_tiny_phi3(work / "cache")
     model_dir = work / "model"
@@ -235,12 +234,14 @@ class Timeline:
         self.trainable.append(trainable)
 
     def result(self, started: float, rss_after_imports: int) -> dict[str, Any]:
+        from phitune.trainer.loading import max_rss_bytes
+
         return {
             "step_seconds": [round(b - a, 4) for a, b in pairwise([started, *self.ends])],
             "losses": self.losses,
             "trainable_tokens_per_step": self.trainable,
             "rss_after_imports_bytes": rss_after_imports,
-            "peak_rss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_self_bytes": max_rss_bytes(),
         }
 
 

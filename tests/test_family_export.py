@@ -21,8 +21,8 @@ from phitune.engines import torch_engine  # noqa: E402
 from phitune.engines.torch_engine import ModelPool, ServedModel  # noqa: E402
 from phitune.errors import SpecError  # noqa: E402
 from phitune.export import CHECK_MESSAGES, ExportSource, export  # noqa: E402
+from phitune.tiny import ensure_tiny  # noqa: E402
 from phitune.trainer import loop  # noqa: E402
-from phitune.trainer.tiny import ensure_tiny  # noqa: E402
 from phitune.types import JobSpec  # noqa: E402
 
 MODELS = ("tiny-phi4-mini", "tiny-phi4", "tiny-phi3.5-moe")

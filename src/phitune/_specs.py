@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 from .errors import SpecError
-from .types import JobSpec
+from .types import PEFT, JobSpec
 
 
 def build_spec(**fields: Any) -> JobSpec:
@@ -61,3 +61,14 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [model for argument in typing.get_args(annotation) for model in _models_in(argument)]
+
+
+def peft_config(method: PEFT) -> Any:
+    """Validate a peft config dict and build it (errors name the offending key)."""
+    import peft
+
+    try:
+        config = peft.PeftConfig.from_peft_type(**{"task_type": "CAUSAL_LM", **method.config})
+    except (TypeError, ValueError, KeyError) as exc:
+        raise SpecError("method.config", f"not a valid peft config: {exc}") from exc
+    return config

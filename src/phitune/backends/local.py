@@ -105,7 +105,7 @@ class LocalBackend:
         if isinstance(spec.method, QLoRA) and importlib.util.find_spec("bitsandbytes") is None:
             raise MissingDependencyError("bitsandbytes", "qlora")
         if isinstance(spec.method, PEFT):
-            from ..trainer.model import peft_config
+            from .._specs import peft_config
 
             peft_config(spec.method)
         if spec.integrations:

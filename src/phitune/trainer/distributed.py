@@ -76,7 +76,7 @@ def check(spec: JobSpec, backend: str) -> None:
             f"QLoRA's 4-bit base cannot be partitioned by {options.strategy}; use strategy='ddp' (or 'none')",
         )
     if sharded and isinstance(spec.method, PEFT):
-        from .model import peft_config
+        from .._specs import peft_config
 
         if peft_config(spec.method).is_prompt_learning:
             raise UnsupportedOptionError(
