@@ -47,11 +47,16 @@ class Files(Resource):
         so what is stored is what was validated. A file with any problem raises
         :class:`~phitune.errors.DatasetError` and is not stored."""
         with self._staging() as folder:
-            copy = _copy_dataset(path, folder)
-            report = self.validate(copy, model=model)
-            if not report.ok:
-                raise DatasetError(str(path), report.errors, total=max(report.error_count, 1))
-            return self._backend.upload_file(str(copy), report=report)
+            return self.store_copy(_copy_dataset(path, folder), label=str(path), model=model)
+
+    def store_copy(self, copy: Path, *, label: str, model: str | None = None, workers: int | None = None) -> FileObject:
+        """Validate and store a private copy of a dataset, the second half of :meth:`upload` (``phitune serve``
+        receives an upload straight into the backend's staging folder): a copy with any problem raises
+        :class:`~phitune.errors.DatasetError` naming it ``label`` and is not stored."""
+        report = self.validate(copy, model=model, workers=workers)
+        if not report.ok:
+            raise DatasetError(label, report.errors, total=max(report.error_count, 1))
+        return self._backend.upload_file(str(copy), report=report)
 
     def _staging(self) -> AbstractContextManager[Path]:
         """Where an upload's private copy lies: the backend's own place (the local home), else a temporary folder."""
