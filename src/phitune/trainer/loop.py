@@ -46,7 +46,7 @@ from ..estimate.memory import (
 )
 from ..estimate.shapes import model_shape
 from ..types import JobSpec, QLoRA
-from . import data, distributed, fused, packing
+from . import data, distributed, fused, packing, patches
 from .decoder import fused_coverage
 from .distributed import Engine, Ranks
 from .loading import load_for_training, max_rss_bytes
@@ -162,6 +162,8 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         keep_matmul_layers=kept.layers if kept else 0,
         keep_down_projections=kept.down_projections if kept else 0,
     )
+    for note in patches.left_out():
+        control.message(note, level="warn")
     trainable, total = count_parameters(model)
     batch_of = _batching(model, tokenizer.pad_token_id)
     plan = hp.plan(len(train_set))
@@ -286,7 +288,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     return TrainResult("succeeded", step, total_steps, trained_tokens, last_loss, valid_loss)
 
 
-class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
+class CausalLMLoss(torch.nn.Module):
     """A causal LM whose forward is :func:`token_loss_sum`. This is the module DDP, FSDP and DeepSpeed wrap: they
     act through the forward of the module they are given."""
 
