@@ -290,6 +290,17 @@ def test_probe_is_measured_once_and_cached(tmp_path: Path) -> None:
     assert MachineProbe.model_validate(json.loads(cache.read_text())[first.fingerprint]) == quantized
 
 
+def test_the_probe_times_no_gemm_in_the_callers_process(tmp_path: Path) -> None:
+    """The machine is measured in a child process: the caller (a client's finetune.create) imports no torch."""
+    code = (
+        "import sys; from pathlib import Path; from phitune.estimate import probe_machine; "
+        "probe = probe_machine(Path(sys.argv[1])); print(probe.fp32_flops > 0, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "probe.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
+
+
 def test_concurrent_probes_share_a_cold_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Clients in several threads of one process probe a cold cache at once (a fresh machine's first jobs); every
     thread's rename waits for the others', the worst interleaving."""
