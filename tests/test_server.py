@@ -617,3 +617,21 @@ def test_a_relative_model_name_is_never_a_folder_of_the_working_directory(
         model="acme/phi", training_file=chat_file, hyperparameters={"max_steps": 1}
     )
     assert job.spec is not None and job.spec.model == str(tmp_path / "acme" / "phi")
+
+
+def test_routes_take_the_backend_through_depends(tmp_path: Path, dataset: Path) -> None:
+    """Every route gets the backend from the app's dependencies: overriding one serves another home's files."""
+    from phitune.backends.local import LocalBackend
+    from phitune.server import deps
+
+    app = create_app(tmp_path / "served", api_key=KEY)
+    other = LocalBackend(tmp_path / "other")
+    stored = phitune.Client(backend=other).files.upload(dataset)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with running(app) as url:
+        assert httpx.get(f"{url}/files", headers=headers).json()["data"] == []
+        app.dependency_overrides[deps.backend] = lambda: other
+        listed = httpx.get(f"{url}/files", headers=headers).json()["data"]
+        assert [f["id"] for f in listed] == [stored.id]
+        assert httpx.get(f"{url}/files/{stored.id}", headers=headers).json()["filename"] == dataset.name
+    other.close()

@@ -44,22 +44,24 @@ def server_state(request: Request) -> ServerState:
     return state
 
 
-def backend(request: Request) -> LocalBackend:
-    return server_state(request).backend
-
-
-def client(request: Request) -> Client:
-    return server_state(request).client
-
-
 StateDep = Annotated[ServerState, Depends(server_state)]
+
+
+def backend(state: StateDep) -> LocalBackend:
+    return state.backend
+
+
+def client(state: StateDep) -> Client:
+    return state.client
+
+
 BackendDep = Annotated[LocalBackend, Depends(backend)]
 ClientDep = Annotated[Client, Depends(client)]
 
 
-async def authorize(request: Request) -> None:
+async def authorize(request: Request, state: StateDep) -> None:
     """With an API key, every request carries it (``Authorization: Bearer <key>`` or ``api-key: <key>``)."""
-    expected = server_state(request).api_key
+    expected = state.api_key
     if expected is None:
         return
     header = request.headers.get("authorization", "")
