@@ -83,7 +83,7 @@ def random_phi3(home: Path, layers: int, hidden_size: int) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from phitune.trainer.tiny import ensure_tiny_phi3
+    from phitune.tiny import ensure_tiny_phi3
 
     tiny = ensure_tiny_phi3(home / "models" / "base")
     config = AutoConfig.from_pretrained(tiny)

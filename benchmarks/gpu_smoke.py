@@ -37,7 +37,7 @@ def phi3_shaped(home: Path, layers: int, hidden_size: int, intermediate_size: in
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from phitune.trainer.tiny import ensure_tiny_phi3
+    from phitune.tiny import ensure_tiny_phi3
 
     tiny = ensure_tiny_phi3(home / "models" / "base")
     folder = home / "models" / f"phi3-{layers}x{hidden_size}"

@@ -81,30 +81,6 @@ def gib(value: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- child side
-class RecordingControl:
-    """A trainer Control that keeps every message and metrics event."""
-
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.steps: list[dict[str, Any]] = []
-
-    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        self.messages.append({"text": text, "data": data})
-
-    def metrics(self, data: dict[str, Any]) -> None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.steps.append({**data, "major_faults": usage.ru_majflt, "cpu_seconds": usage.ru_utime + usage.ru_stime})
-
-    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
-        pass
-
-    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-        pass
-
-    def should_stop(self) -> None:
-        return None
-
-
 def write_dataset(path: Path, examples: int, approx_chars: int) -> Path:
     """Chat examples whose assistant turn is a long stretch of the bundled corpus (cut to the sequence length)."""
     text = " ".join(CORPUS.read_text(encoding="utf-8").split())
@@ -144,6 +120,21 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=work / "out",
         checkpoint_dir=work / "checkpoints",
     )
+
+    class RecordingControl(loop.NullControl):
+        """A trainer Control that keeps every message and metrics event."""
+
+        def __init__(self) -> None:
+            self.messages: list[dict[str, Any]] = []
+            self.steps: list[dict[str, Any]] = []
+
+        def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+            self.messages.append({"text": text, "data": data})
+
+        def metrics(self, data: dict[str, Any]) -> None:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            self.steps.append({**data, "major_faults": usage.ru_majflt, "cpu_seconds": usage.ru_utime + usage.ru_stime})
+
     control = RecordingControl()
     available = available_memory()  # what the trainer plans its checkpointing against (PHITUNE_MEMORY_LIMIT or free)
     started = time.perf_counter()
@@ -295,17 +286,17 @@ def child_load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_probe(args: argparse.Namespace) -> dict[str, Any]:
-    from phitune.estimate import probe_machine
+    from phitune.runtime.probe import measure
 
-    return {"kind": "probe", **probe_machine(None, refresh=True, quantized=True).model_dump(mode="json")}
+    return {"kind": "probe", **measure(quantized=True).model_dump(mode="json")}
 
 
 # ------------------------------------------------------------------------------------------------------------ main
 def predict(result: dict[str, Any], probe: Any) -> Any:
     """The estimator's prediction for a training run, with the memory it planned against and the allocator it ran on
     (runs recorded before the trainer reported one ran on glibc's)."""
+    from phitune._allocator import ALLOCATOR_ENV
     from phitune.estimate import estimate
-    from phitune.trainer.allocator import ALLOCATOR_ENV
     from phitune.types import Hyperparameters, JobSpec
 
     hp = Hyperparameters(
@@ -327,10 +318,10 @@ def with_estimate(result: dict[str, Any]) -> dict[str, Any]:
     machine is probed afresh right after the run (not from the cache), with the run's threads."""
     import torch
 
-    from phitune.estimate import probe_machine
+    from phitune.runtime.probe import measure
 
     torch.set_num_threads(result["threads"])
-    probe = probe_machine(None, quantized=result["method"] == "qlora")
+    probe = measure(quantized=result["method"] == "qlora")
     predicted = predict(result, probe)
     result["estimate"] = {
         "peak_bytes": predicted.peak_bytes,
@@ -365,7 +356,9 @@ def table(paths: list[str]) -> str:
     for row in rows:
         if row.get("kind") != "train":
             continue
-        predicted, peer = predict(row, MachineProbe.model_validate(row["estimate"]["probe"])), row.get("peer")
+        # a probe recorded without "bf16" ran on the AVX512-BF16 machine of benchmarks/README.md
+        probe = MachineProbe.model_validate({"bf16": True, **row["estimate"]["probe"]})
+        predicted, peer = predict(row, probe), row.get("peer")
         layers, down = predicted.kept_matmul_layers, predicted.kept_down_projections
         kept = (f", keeps {layers}" + (f" + {down} down" if down else "")) if layers or down else ""
         lines.append(

@@ -52,7 +52,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -131,8 +130,8 @@ def prepare(work: Path, seq: int, micro_batch: int) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
+    from phitune.tiny import ensure_tiny_phi3
     from phitune.trainer import data
-    from phitune.trainer.tiny import ensure_tiny_phi3
 
     tiny = ensure_tiny_phi3(work / "cache")
     model_dir = work / "model"
@@ -235,12 +234,14 @@ class Timeline:
         self.trainable.append(trainable)
 
     def result(self, started: float, rss_after_imports: int) -> dict[str, Any]:
+        from phitune.trainer.loading import max_rss_bytes
+
         return {
             "step_seconds": [round(b - a, 4) for a, b in pairwise([started, *self.ends])],
             "losses": self.losses,
             "trainable_tokens_per_step": self.trainable,
             "rss_after_imports_bytes": rss_after_imports,
-            "peak_rss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_self_bytes": max_rss_bytes(),
         }
 
 
@@ -250,22 +251,13 @@ def child_ours(args: argparse.Namespace, rss_after_imports: int) -> dict[str, An
 
     timeline = Timeline()
 
-    class Control:
+    class Control(loop.NullControl):
         def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
             print(text, file=sys.stderr)
 
         def metrics(self, data: dict[str, Any]) -> None:
             if "train_loss" in data:
                 timeline.end_step(float(data["train_loss"]), int(data["trainable_tokens"]))
-
-        def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
-            pass
-
-        def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-            pass
-
-        def should_stop(self) -> None:
-            return None
 
     hp = Hyperparameters(
         epochs=1000,
@@ -397,7 +389,8 @@ def child_levers(args: argparse.Namespace, rss_after_imports: int) -> dict[str, 
     import torch.nn.functional as F
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.trainer import allocator, attention, data, fused, packing
+    from phitune import _allocator as allocator
+    from phitune import attention, data, fused, packing
     from phitune.trainer.decoder import use_fused_decoder
     from phitune.trainer.loop import token_loss_sum
     from phitune.trainer.lora import fuse_lora_layers

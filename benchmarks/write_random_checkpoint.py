@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from phitune.trainer.tiny import (
+from phitune.tiny import (
     PHI3_ADDED_TOKENS,
     PHI3_CHAT_TEMPLATE,
     PHI4_MINI_ADDED_TOKENS,
@@ -300,7 +300,7 @@ def _write_shard(path: Path, shapes: dict[str, tuple[int, ...]], std: float, gen
 def write_tokenizer(folder: Path, layout: TokenizerLayout, max_length: int) -> None:
     """tiny-phi3's BPE with the model's special tokens at their real ids (reserved tokens between them) and its chat
     template (see the module docstring)."""
-    from phitune.trainer.tiny import ensure_tiny_phi3
+    from phitune.tiny import ensure_tiny_phi3
 
     with tempfile.TemporaryDirectory() as cache:
         tiny = ensure_tiny_phi3(Path(cache))

@@ -84,7 +84,7 @@ def rename_at_once(
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-phi3 built once per test session."""
-    from phitune.trainer.tiny import ensure_tiny_phi3
+    from phitune.tiny import ensure_tiny_phi3
 
     return ensure_tiny_phi3(tmp_path_factory.mktemp("tiny-cache"))
 

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from phitune.trainer.loop import NullControl
 
-class RecordingControl:
+
+class RecordingControl(NullControl):
     """Keeps every message (text and data) and the loss of every step."""
 
     def __init__(self) -> None:
@@ -20,12 +21,3 @@ class RecordingControl:
     def metrics(self, data: dict[str, Any]) -> None:
         if "train_loss" in data:
             self.losses.append(float(data["train_loss"]))
-
-    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
-        pass
-
-    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-        pass
-
-    def should_stop(self) -> None:
-        return None

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import phitune
+from phitune import _allocator as allocator
 from phitune.errors import SpecError
 from phitune.local.worker import trainer_env
-from phitune.trainer import allocator
 from phitune.trainer.loop import _autocast
 from phitune.types import Distributed
 
@@ -22,7 +22,7 @@ LIBRARY = allocator.mimalloc_library()
 
 def allocator_of(env: dict[str, str]) -> str:
     """The allocator a fresh Python process started with ``env`` runs on, as the trainer reports it."""
-    code = "from phitune.trainer import allocator; print(allocator.in_use())"
+    code = "from phitune import _allocator as allocator; print(allocator.in_use())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return done.stdout.strip()
 
@@ -72,7 +72,7 @@ def test_the_trainer_keeps_freed_memory_on_mimalloc_only(monkeypatch: pytest.Mon
     monkeypatch.delenv(allocator.ALLOCATOR_ENV, raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     code = (
-        "import ctypes; from phitune.trainer import allocator\n"
+        "import ctypes; from phitune import _allocator as allocator\n"
         "def delay(): return ctypes.CDLL(allocator._mapped_mimalloc()).mi_option_get(allocator._PURGE_DELAY)\n"
         "before = delay(); kept = allocator.keep_freed_memory(); print(before, kept, delay())"
     )

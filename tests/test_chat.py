@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("torch")
 
+from phitune.engines import torch_engine
+from phitune.engines.torch_engine import Generation, ModelPool, ServedModel, token_budget
 from phitune.errors import SpecError
-from phitune.trainer import infer
-from phitune.trainer.infer import Generation, ModelPool, ServedModel, token_budget
 
 QUESTION = [{"role": "user", "content": "What do bees make?"}]
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
@@ -33,7 +33,7 @@ def served(tiny_model_dir: Path) -> ServedModel:
 @pytest.fixture
 def never_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     """No token ends a generation: each runs to its limit."""
-    monkeypatch.setattr(infer, "_stop_ids", lambda model, tokenizer: set())
+    monkeypatch.setattr(torch_engine, "_stop_ids", lambda model, tokenizer: set())
 
 
 def test_a_short_generation_is_not_held_up_by_a_long_one(
@@ -75,9 +75,9 @@ def test_the_context_bounds_every_request(pool: ModelPool, served: ServedModel) 
 
 
 def test_the_default_budget_fits_what_the_context_leaves() -> None:
-    assert token_budget(10, None, 2048) == infer.DEFAULT_MAX_TOKENS
+    assert token_budget(10, None, 2048) == torch_engine.DEFAULT_MAX_TOKENS
     assert token_budget(2040, None, 2048) == 8
     assert token_budget(2040, 8, 2048) == 8
-    assert token_budget(10, None, None) == infer.DEFAULT_MAX_TOKENS
+    assert token_budget(10, None, None) == torch_engine.DEFAULT_MAX_TOKENS
     with pytest.raises(SpecError):
         token_budget(2048, None, 2048)

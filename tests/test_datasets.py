@@ -312,8 +312,8 @@ def test_exact_counts_match_the_trainer(tmp_path: Path, tiny_model_dir: Path, mo
     """The counter agrees token for token with how the trainer encodes, with each model's own tokenizer and chat
     template (Phi-3's, Phi-4-mini's without newlines, Phi-4's ``<|im_start|>`` turns, Phi-3.5-MoE's)."""
     transformers = pytest.importorskip("transformers")
+    from phitune.tiny import ensure_tiny
     from phitune.trainer.data import encode_chat, encode_completion
-    from phitune.trainer.tiny import ensure_tiny
 
     folder = ensure_tiny(tiny_model_dir.parent, model)
 

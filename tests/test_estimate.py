@@ -47,13 +47,9 @@ _TRAIN = textwrap.dedent(
     spec = JobSpec.model_validate_json(sys.argv[1])
     work = Path(sys.argv[2])
 
-    class Control:
+    class Control(loop.NullControl):
         steps = []
-        def message(self, text, *, level="info", data=None): pass
         def metrics(self, data): self.steps.append(data)
-        def checkpoint(self, step, metrics, path): pass
-        def progress(self, step, total_steps, trained_tokens, eta_seconds): pass
-        def should_stop(self): return None
 
     control = Control()
     run = loop.TrainRun(spec, spec.model, Path(spec.training_file), None, work / "out", work / "ckpt")
@@ -88,7 +84,7 @@ def wider_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from phitune.trainer.tiny import ensure_tiny_phi3
+    from phitune.tiny import ensure_tiny_phi3
 
     tiny = ensure_tiny_phi3(tmp_path_factory.mktemp("tiny"))
     config = AutoConfig.from_pretrained(tiny)
@@ -162,7 +158,7 @@ def test_medium_qlora_fits_24_gib(tmp_path: Path) -> None:
 
 
 PROBE = MachineProbe(device="cpu", threads=2, bf16_flops=3e11, fp32_flops=1.5e11, dequant_per_second=1e9,
-                     measured_at=0.0, fingerprint="fixed")  # fmt: skip
+                     bf16=True, measured_at=0.0, fingerprint="fixed")  # fmt: skip
 """A machine's measured speeds, fixed: the memory model does not depend on them."""
 
 
@@ -203,11 +199,12 @@ def test_the_dense_family_fits_24_gib_with_qlora_and_checkpointing(tmp_path: Pat
 def test_expert_adapters_are_counted_as_peft_makes_them() -> None:
     """One rank-r adapter per expert on each expert tensor, beside the attention's: the closed form the estimator
     uses equals what peft builds on the meta device."""
-    from phitune.estimate import PHI35_MOE_SHAPE, _count_on_meta, _trainable_parameters
+    from phitune.estimate.memory import _count_on_meta, trainable_parameters
+    from phitune.estimate.shapes import PHI35_MOE_SHAPE
 
     for method in (LoRA(r=8, dropout=0.0), LoRA(r=8, target_parameters=())):
         spec = JobSpec(model="Phi-3.5-MoE-instruct", training_file="file-x", method=method)
-        assert _trainable_parameters(PHI35_MOE_SHAPE, spec) == _count_on_meta(PHI35_MOE_SHAPE, method)
+        assert trainable_parameters(PHI35_MOE_SHAPE, spec) == _count_on_meta(PHI35_MOE_SHAPE, method)
 
 
 def test_every_catalog_model_has_a_shape(tmp_path: Path) -> None:
@@ -220,7 +217,7 @@ def test_every_catalog_model_has_a_shape(tmp_path: Path) -> None:
 
 def test_the_loss_chunks_are_sized_as_the_trainer_sizes_them() -> None:
     pytest.importorskip("torch")
-    from phitune.estimate import LOSS_CHUNK_ELEMENTS, LOSS_MIN_CHUNK_ROWS
+    from phitune.estimate.memory import LOSS_CHUNK_ELEMENTS, LOSS_MIN_CHUNK_ROWS
     from phitune.trainer import loss
 
     assert (LOSS_CHUNK_ELEMENTS, LOSS_MIN_CHUNK_ROWS) == (loss.CHUNK_ELEMENTS, loss.MIN_CHUNK_ROWS)
@@ -293,6 +290,17 @@ def test_probe_is_measured_once_and_cached(tmp_path: Path) -> None:
     assert MachineProbe.model_validate(json.loads(cache.read_text())[first.fingerprint]) == quantized
 
 
+def test_the_probe_times_no_gemm_in_the_callers_process(tmp_path: Path) -> None:
+    """The machine is measured in a child process: the caller (a client's finetune.create) imports no torch."""
+    code = (
+        "import sys; from pathlib import Path; from phitune.estimate import probe_machine; "
+        "probe = probe_machine(Path(sys.argv[1])); print(probe.fp32_flops > 0, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "probe.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
+
+
 def test_concurrent_probes_share_a_cold_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Clients in several threads of one process probe a cold cache at once (a fresh machine's first jobs); every
     thread's rename waits for the others', the worst interleaving."""
@@ -316,7 +324,7 @@ def test_catalog_shapes_have_the_real_parameter_counts(tmp_path: Path, tiny_mode
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from phitune.trainer.tiny import ensure_tiny
+    from phitune.tiny import ensure_tiny
 
     folder = ensure_tiny(tiny_model_dir.parent, tiny)
     config = AutoConfig.from_pretrained(folder)
@@ -367,7 +375,7 @@ def _mixed_lengths(path: Path) -> Path:
 
 def test_time_per_epoch_and_tokens_per_second_agree(tmp_path: Path) -> None:
     probe = MachineProbe(device="cpu", threads=2, bf16_flops=3e11, fp32_flops=1.5e11, dequant_per_second=1e9,
-                         measured_at=0.0, fingerprint="fixed")  # fmt: skip
+                         bf16=True, measured_at=0.0, fingerprint="fixed")  # fmt: skip
     spec = JobSpec(
         model="Phi-3-mini-4k-instruct",
         training_file="train.jsonl",

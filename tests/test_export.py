@@ -123,7 +123,7 @@ def test_onnx_fp32_export_matches_peft_logits_and_greedy_tokens(trained: Trained
     import numpy as np
     import torch
 
-    from phitune.trainer.onnx_engine import OnnxModel
+    from phitune.engines.onnx_engine import OnnxModel
 
     path = trained.client.models.export(trained.models[0], format="onnx", dest=tmp_path / "onnx")
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "chat_template.jinja"} <= {
@@ -159,7 +159,7 @@ def test_separate_adapters_of_different_ranks_switch_on_one_base(trained: Traine
     import numpy as np
     import onnxruntime_genai as og
 
-    from phitune.trainer.onnx_engine import OnnxModel
+    from phitune.engines.onnx_engine import OnnxModel
 
     dest = tmp_path / "shared"
     for model in trained.models:
@@ -191,7 +191,7 @@ def test_int4_base_keeps_lora_layers_float(trained: Trained, tmp_path: Path) -> 
     import numpy as np
     import onnx
 
-    from phitune.trainer.onnx_engine import OnnxModel
+    from phitune.engines.onnx_engine import OnnxModel
 
     path = trained.client.models.export(
         trained.models[1], format="onnx", dest=tmp_path / "int4", precision="int4", adapters="separate"
@@ -211,8 +211,8 @@ def test_int4_base_keeps_lora_layers_float(trained: Trained, tmp_path: Path) -> 
 
 @needs_onnx
 def test_onnx_deployment_chats_like_the_torch_engine(trained: Trained) -> None:
-    from phitune.trainer.infer import Generation
-    from phitune.trainer.onnx_engine import OnnxServed
+    from phitune.engines.onnx_engine import OnnxServed
+    from phitune.engines.torch_engine import Generation
 
     client, model = trained.client, trained.models[0]
     onnx_dep = client.deployments.create(model=model, name="ft-onnx", engine="onnx")

@@ -20,9 +20,9 @@ peft = pytest.importorskip("peft")
 
 from phitune import catalog  # noqa: E402
 from phitune.errors import SpecError  # noqa: E402
+from phitune.tiny import TINY_MODELS, ensure_tiny  # noqa: E402
 from phitune.trainer import data, loop, packing  # noqa: E402
 from phitune.trainer.model import apply_method, check_method  # noqa: E402
-from phitune.trainer.tiny import TINY_MODELS, ensure_tiny  # noqa: E402
 from phitune.types import PHIMOE_EXPERT_TARGETS, PHIMOE_LORA_TARGETS, DoRA, JobSpec, LoRA, QLoRA  # noqa: E402
 
 NEW_MODELS = ("tiny-phi4-mini", "tiny-phi4", "tiny-phi3.5-moe")

@@ -17,11 +17,12 @@ from recording_control import RecordingControl
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from phitune.engines import torch_engine  # noqa: E402
+from phitune.engines.torch_engine import ModelPool, ServedModel  # noqa: E402
 from phitune.errors import SpecError  # noqa: E402
 from phitune.export import CHECK_MESSAGES, ExportSource, export  # noqa: E402
-from phitune.trainer import infer, loop  # noqa: E402
-from phitune.trainer.infer import ModelPool, ServedModel  # noqa: E402
-from phitune.trainer.tiny import ensure_tiny  # noqa: E402
+from phitune.tiny import ensure_tiny  # noqa: E402
+from phitune.trainer import loop  # noqa: E402
 from phitune.types import JobSpec  # noqa: E402
 
 MODELS = ("tiny-phi4-mini", "tiny-phi4", "tiny-phi3.5-moe")
@@ -107,4 +108,4 @@ def test_chat_renders_each_models_format_and_stops_at_its_end_of_turn(
         assert reply.prompt_tokens == len(prompt)
         assert END_OF_TURN[name] not in reply.text
     model = pool._load(ServedModel(name, source.base))[0]
-    assert tokenizer.convert_tokens_to_ids(END_OF_TURN[name]) in infer._stop_ids(model, tokenizer)
+    assert tokenizer.convert_tokens_to_ids(END_OF_TURN[name]) in torch_engine._stop_ids(model, tokenizer)

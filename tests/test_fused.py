@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 import torch.nn.functional as F  # noqa: E402
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb  # noqa: E402
 
+from phitune.tiny import TINY_CONFIG  # noqa: E402
 from phitune.trainer import fused  # noqa: E402
 from phitune.trainer.decoder import TrainingPhi3Attention, TrainingPhi3MLP, use_fused_decoder  # noqa: E402
-from phitune.trainer.tiny import TINY_CONFIG  # noqa: E402
 
 
 @pytest.fixture(scope="module")

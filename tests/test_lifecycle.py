@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 import phitune
+from phitune import _allocator as allocator
 from phitune.errors import ConflictError, DatasetError, NotFoundError, SpecError
-from phitune.trainer import allocator
 
 FAST = {"batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
 
@@ -168,7 +168,7 @@ def _trainer_pid(home: Path, attempt: int) -> int | None:
     for child in worker.children():
         with contextlib.suppress(psutil.Error):
             command = child.cmdline()
-            if "phitune.trainer.run" in command and command[command.index("--attempt") + 1] == str(attempt):
+            if "phitune.local.attempt" in command and command[command.index("--attempt") + 1] == str(attempt):
                 return child.pid
     return None
 
@@ -230,7 +230,7 @@ def test_a_dead_workers_job_shows_queued_at_once(home: Path, chat_file: Path) ->
 def _trainer_pid_gone(home: Path) -> bool:
     """Whether no trainer of the home runs (a trainer dies with its worker)."""
     return not any(
-        "phitune.trainer.run" in " ".join(p.info["cmdline"] or []) and str(home) in " ".join(p.info["cmdline"] or [])
+        "phitune.local.attempt" in " ".join(p.info["cmdline"] or []) and str(home) in " ".join(p.info["cmdline"] or [])
         for p in psutil.process_iter(["cmdline"])
     )
 

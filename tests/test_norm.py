@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm  # noqa: E402
 
+from phitune.tiny import TINY_CONFIG  # noqa: E402
 from phitune.trainer.norm import TrainingRMSNorm, use_training_rms_norm  # noqa: E402
-from phitune.trainer.tiny import TINY_CONFIG  # noqa: E402
 
 HIDDEN = 96
 

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from phitune.tiny import TINY_CONFIG  # noqa: E402
 from phitune.trainer import data, packing  # noqa: E402
 from phitune.trainer.loop import token_loss_sum  # noqa: E402
-from phitune.trainer.tiny import TINY_CONFIG  # noqa: E402
 
 VOCAB = 97
 LENGTHS = (13, 5, 21, 9)

@@ -121,7 +121,7 @@ def test_a_script_quiets_the_libraries_with_one_call(tmp_path: Path) -> None:
 
         if sys.argv[1] == "quiet":
             phitune.quiet_libraries()
-        from phitune.trainer.tiny import ensure_tiny_phi3  # saves a model: accelerate imports DeepSpeed
+        from phitune.tiny import ensure_tiny_phi3  # saves a model: accelerate imports DeepSpeed
 
         folder = ensure_tiny_phi3(Path(sys.argv[2]))
         from transformers import AutoModelForCausalLM

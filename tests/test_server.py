@@ -224,7 +224,7 @@ def test_adapters_on_one_base_share_one_loaded_model(
     for model in (trained.fine_tuned_model, resumed["final"].fine_tuned_model, "tiny-phi3"):
         reply = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
         assert reply.model == model
-    pool = app.state.backend._pool
+    pool = app.state.phitune.backend._pool
     assert len(pool._bases) == 1
     (adapters,) = pool._adapters.values()
     assert len(adapters) >= 2
@@ -239,7 +239,7 @@ def test_chat_requests_beyond_the_limit_get_a_429(server_home: Path) -> None:
         release.wait(30)
         raise NotFoundError("model", name)
 
-    app.state.backend.served_model = slow_lookup
+    app.state.phitune.backend.served_model = slow_lookup
     with running(app) as url:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
 
@@ -389,7 +389,7 @@ def test_errors_have_openai_shape_and_status(oai: openai.OpenAI, app: FastAPI, t
         raise RuntimeError(f"disk on fire; key {KEY}")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(app.state.backend, "list_models", boom)
+        patch.setattr(app.state.phitune.backend, "list_models", boom)
         with pytest.raises(openai.InternalServerError) as crashed:
             oai.models.list()
     assert crashed.value.status_code == 500 and crashed.value.body == {
@@ -562,20 +562,20 @@ def test_a_generation_stops_when_its_client_goes_away(server_home: Path) -> None
         finally:
             closed.set()
 
-    app.state.backend.stream_chat = endless
+    app.state.phitune.backend.stream_chat = endless
     with running(app) as url:
         request = {"model": "tiny-phi3", "messages": [{"role": "user", "content": "hi"}]}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/chat/completions", json=request, timeout=2)
         assert closed.wait(600), "the generation kept running after its client left"
         assert options[0]["max_tokens"] is None and options[0]["deadline"] > 0
-        app.state.backend.stream_chat = lambda *args, **kwargs: iter(["hi", _generation()])
+        app.state.phitune.backend.stream_chat = lambda *args, **kwargs: iter(["hi", _generation()])
         answer = httpx.post(f"{url}/chat/completions", json=request, timeout=600)  # the slot is free again
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "hi"
 
 
 def _generation() -> Any:
-    from phitune.trainer.infer import Generation
+    from phitune.engines.torch_engine import Generation
 
     return Generation("hi", 3, 1, "stop")
 
@@ -588,7 +588,7 @@ def test_no_child_process_gets_the_api_key(home: Path, chat_file: Path, monkeypa
     _wait_for(lambda: client.finetune.get(job.id).step >= 1)
     worker = psutil.Process(_wait_for(lambda: _worker_pid(home)))
     processes = [worker, *worker.children(recursive=True)]
-    assert any("phitune.trainer.run" in process.cmdline() for process in processes)
+    assert any("phitune.local.attempt" in process.cmdline() for process in processes)
     for process in processes:
         assert "PHITUNE_API_KEY" not in process.environ()
     client.finetune.cancel(job.id)
@@ -617,3 +617,21 @@ def test_a_relative_model_name_is_never_a_folder_of_the_working_directory(
         model="acme/phi", training_file=chat_file, hyperparameters={"max_steps": 1}
     )
     assert job.spec is not None and job.spec.model == str(tmp_path / "acme" / "phi")
+
+
+def test_routes_take_the_backend_through_depends(tmp_path: Path, dataset: Path) -> None:
+    """Every route gets the backend from the app's dependencies: overriding one serves another home's files."""
+    from phitune.backends.local import LocalBackend
+    from phitune.server import deps
+
+    app = create_app(tmp_path / "served", api_key=KEY)
+    other = LocalBackend(tmp_path / "other")
+    stored = phitune.Client(backend=other).files.upload(dataset)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with running(app) as url:
+        assert httpx.get(f"{url}/files", headers=headers).json()["data"] == []
+        app.dependency_overrides[deps.backend] = lambda: other
+        listed = httpx.get(f"{url}/files", headers=headers).json()["data"]
+        assert [f["id"] for f in listed] == [stored.id]
+        assert httpx.get(f"{url}/files/{stored.id}", headers=headers).json()["filename"] == dataset.name
+    other.close()

@@ -12,7 +12,7 @@ import pytest
 import phitune
 from phitune.errors import MissingDependencyError, SpecError, UnsupportedOptionError
 from phitune.integrations.tracking import TrackedControl
-from phitune.trainer.run import QuietControl
+from phitune.trainer.loop import NullControl
 
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -20,7 +20,7 @@ event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.ev
 FAST = {"epochs": 50, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128, "seed": 0}
 
 
-class Recorder(QuietControl):
+class Recorder(NullControl):
     """A Control that keeps what it is told."""
 
     def __init__(self) -> None:

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from phitune.errors import DatasetError, SpecError  # noqa: E402
+from phitune.tiny import PHI3_CHAT_TEMPLATE, TINY_CONFIG, ensure_tiny_phi3  # noqa: E402
 from phitune.trainer import data  # noqa: E402
-from phitune.trainer.tiny import PHI3_CHAT_TEMPLATE, TINY_CONFIG, ensure_tiny_phi3  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[1] / "src" / "phitune" / "assets" / "tiny_corpus.txt"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
@@ -77,7 +77,7 @@ def concurrent_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, li
     """Two fresh processes building into the same empty folder at the same time."""
     cache = tmp_path_factory.mktemp("race")
     (cache / ".tiny-phi3-killed").mkdir()  # what a build killed half-way leaves behind
-    code = "import sys; from pathlib import Path; from phitune.trainer.tiny import ensure_tiny_phi3\n"
+    code = "import sys; from pathlib import Path; from phitune.tiny import ensure_tiny_phi3\n"
     code += "print(ensure_tiny_phi3(Path(sys.argv[1])))"
     procs = [
         subprocess.Popen(

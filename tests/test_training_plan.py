@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from conftest import write_chat
-from phitune.server.shapes import openai_hyperparameters
-from phitune.trainer.run import QuietControl
+from phitune.openai_shapes import openai_hyperparameters
+from phitune.trainer.loop import NullControl
 from phitune.types import Hyperparameters, JobSpec
 
 
@@ -45,7 +45,7 @@ def test_openai_shapes_show_no_epoch_count_where_max_steps_decides() -> None:
     assert openai_hyperparameters(epochs)["n_epochs"] == 3
 
 
-class _Recorder(QuietControl):
+class _Recorder(NullControl):
     """A loop :class:`~phitune.trainer.loop.Control` that keeps the loop's messages and step metrics."""
 
     def __init__(self) -> None:

@@ -193,7 +193,7 @@ _SMALL_NOTE = (
 def _tiny(
     name: str, context_length: int, parameters_b: float, what: str, architecture: Architecture = "phi3"
 ) -> CatalogModel:
-    """A built-in tiny model (``phitune.trainer.tiny``): trains locally and through ``phitune serve``."""
+    """A built-in tiny model (``phitune.tiny``): trains locally and through ``phitune serve``."""
     transformers_class = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}[architecture]
     return CatalogModel(
         name=name,

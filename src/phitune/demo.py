@@ -73,7 +73,7 @@ def run_demo(home: Path | None = None, steps: int | None = None) -> int:
     dataset = demo_dataset()
     started = time.monotonic()
 
-    from .trainer.tiny import ensure_tiny_phi3
+    from .tiny import ensure_tiny_phi3
 
     ensure_tiny_phi3(home / "models" / "base")
     report = client.files.validate(dataset, model="tiny-phi3", epochs=HYPERPARAMETERS["epochs"])

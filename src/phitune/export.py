@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .chat_template import END_OF_TURN_TOKENS
+from .engines.onnx_engine import REPORT_NAME
 from .errors import ConflictError, MissingDependencyError, PhituneError, SpecError
-from .trainer.onnx_engine import REPORT_NAME
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .trainer.onnx_engine import OnnxModel, OnnxServed
+    from .engines.onnx_engine import OnnxModel, OnnxServed
     from .types import ModelObject
 
 ExportFormat = Literal["onnx", "merged", "adapter"]
@@ -170,7 +170,7 @@ def onnx_for_deployment(model: ModelObject, home: Path) -> OnnxServed:
     A model that is itself an ONNX export folder runs as it is. Fine-tunes of one base share one LoRA-ready base
     under ``home/exports/onnx`` (one ``.onnx_adapter`` each); other models get a folder of their own.
     """
-    from .trainer.onnx_engine import OnnxServed
+    from .engines.onnx_engine import OnnxServed
 
     _require(_ONNX_MODULES)
     if model.path is not None and (Path(model.path) / "genai_config.json").exists():
@@ -584,7 +584,7 @@ def _check_onnx(
 
     Returns the checks by run, and the report's ``check_prompt`` and ``tokenizer`` entries.
     """
-    from .trainer.onnx_engine import OnnxModel
+    from .engines.onnx_engine import OnnxModel
 
     ids = _prompt_ids(tokenizer)
     onnx_model = OnnxModel(folder)

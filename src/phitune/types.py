@@ -10,6 +10,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -610,3 +611,9 @@ class Deployment(Response):
                 "this Deployment object is not bound to a client; use client.deployments.chat(name, messages)"
             )
         return self._backend
+
+
+def fine_tuned_model_id(spec: JobSpec, job_id: str) -> str:
+    """``ft:<base>:<suffix>:<short job id>`` (the OpenAI shape)."""
+    base = Path(spec.model.rstrip("/")).name
+    return f"ft:{base}:{spec.suffix or ''}:{job_id.split('-', 1)[-1][:8]}"

@@ -36,7 +36,7 @@ def _processes(home: Path) -> dict[str, psutil.Process]:
         if "phitune.local.worker" in worker.cmdline():
             found["worker"] = worker
             for child in worker.children():
-                if "phitune.trainer.run" in child.cmdline():
+                if "phitune.local.attempt" in child.cmdline():
                     found["trainer"] = child
     return found
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import _allocator as allocator
 from .. import catalog
 from ..errors import (
     ConflictError,
@@ -29,7 +30,6 @@ from ..errors import (
 from ..estimate import Estimate, memory_limit
 from ..local.store import Store
 from ..local.worker import ensure_worker
-from ..trainer import allocator
 from ..types import (
     PEFT,
     ChatChoice,
@@ -50,8 +50,8 @@ from ..types import (
 from .base import Capabilities
 
 if TYPE_CHECKING:
-    from ..trainer.infer import Generation, ModelPool, ServedModel
-    from ..trainer.onnx_engine import OnnxServed
+    from ..engines.onnx_engine import OnnxServed
+    from ..engines.torch_engine import Generation, ModelPool, ServedModel
 
 logger = logging.getLogger("phitune.local")
 _DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -109,7 +109,7 @@ class LocalBackend:
         if isinstance(spec.method, QLoRA) and importlib.util.find_spec("bitsandbytes") is None:
             raise MissingDependencyError("bitsandbytes", "qlora")
         if isinstance(spec.method, PEFT):
-            from ..trainer.model import peft_config
+            from .._specs import peft_config
 
             peft_config(spec.method)
         if spec.integrations:
@@ -279,7 +279,7 @@ class LocalBackend:
             from ..export import onnx_for_deployment
 
             return onnx_for_deployment(model, self.home)
-        from ..trainer.infer import ServedModel
+        from ..engines.torch_engine import ServedModel
         from ..trainer.model import resolve_base
 
         if model.kind == "adapter":
@@ -294,7 +294,7 @@ class LocalBackend:
         if self._pool is None:
             if importlib.util.find_spec("torch") is None:
                 raise MissingDependencyError("torch", "local")
-            from ..trainer.infer import ModelPool
+            from ..engines.torch_engine import ModelPool
 
             self._pool = ModelPool()
         return self._pool
@@ -312,7 +312,7 @@ class LocalBackend:
     ) -> Iterator[str | Generation]:
         """Text pieces as they are generated, then the final Generation (token counts, finish reason). ``max_tokens``
         None asks for the default within the model's context; at ``deadline`` (``time.monotonic()``) generation
-        stops (:meth:`phitune.trainer.infer.ModelPool.stream`)."""
+        stops (:meth:`phitune.engines.torch_engine.ModelPool.stream`)."""
         served, pool = self._engine(name)
         return pool.stream(  # type: ignore[no-any-return]
             served,
@@ -347,7 +347,7 @@ class LocalBackend:
     def _engine(self, name: str) -> tuple[ServedModel | OnnxServed, Any]:
         """What serves a deployment name or a model id, and the pool that runs it: ONNX Runtime GenAI's for an
         ``engine="onnx"`` deployment, else torch's."""
-        from ..trainer.onnx_engine import OnnxServed, shared_pool
+        from ..engines.onnx_engine import OnnxServed, shared_pool
 
         served = self.served_model(name)
         return served, shared_pool() if isinstance(served, OnnxServed) else self._model_pool()

@@ -10,7 +10,7 @@ What a service honours depends on what it is. A **phitune server** (found by ``G
 ``phitune_server=True``) takes the whole :class:`~phitune.types.JobSpec`: the phitune-only parts travel in the request
 body's ``phitune`` object. **Other services** take supervised fine-tuning with ``n_epochs``, ``batch_size``,
 ``learning_rate_multiplier`` (``learning_rate`` / the method's base learning rate, see
-:data:`phitune.server.shapes.BASE_LEARNING_RATE`) and ``seed``; every other option is refused by name
+:data:`phitune.openai_shapes.BASE_LEARNING_RATE`) and ``seed``; every other option is refused by name
 (:class:`~phitune.errors.UnsupportedOptionError`) before anything is sent. There, a deployment is the fine-tuned
 model itself: the service serves it under its own id.
 """
@@ -38,7 +38,7 @@ from ..errors import (
     redact,
     status_error,
 )
-from ..server.shapes import openai_hyperparameters
+from ..openai_shapes import openai_hyperparameters
 from ..types import (
     ChatCompletion,
     Checkpoint,

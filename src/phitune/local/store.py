@@ -27,7 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConflictError, MissingContentError, NotFoundError, SpecError, StoreError
-from ..types import Checkpoint, Deployment, FileObject, FineTuneJob, JobError, JobEvent, JobSpec, ModelObject
+from ..types import (
+    Checkpoint,
+    Deployment,
+    FileObject,
+    FineTuneJob,
+    JobError,
+    JobEvent,
+    JobSpec,
+    ModelObject,
+    fine_tuned_model_id,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -621,9 +631,3 @@ def _sha256(source: Path, copy_to: Path | None = None) -> str:
             if writer is not None:
                 writer.write(chunk)
     return digest.hexdigest()
-
-
-def fine_tuned_model_id(spec: JobSpec, job_id: str) -> str:
-    """``ft:<base>:<suffix>:<short job id>`` (the OpenAI shape)."""
-    base = Path(spec.model.rstrip("/")).name
-    return f"ft:{base}:{spec.suffix or ''}:{job_id.split('-', 1)[-1][:8]}"

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from .. import _allocator as allocator
 from .._process import child_environment, die_with_parent
 from ..errors import PhituneError, scrub_paths
-from ..trainer import allocator
 from ..types import Distributed, JobError
 from .store import Store
 
@@ -80,7 +80,7 @@ def ensure_worker(store: Store) -> None:
 def trainer_command(job_id: str, attempt: int, home: Path, layout: Distributed) -> list[str]:
     """The command line that trains one attempt of a job: the trainer module, under torchrun for a distributed job
     (``--standalone``: a local rendezvous on a free port chosen by torchrun itself, so concurrent jobs never clash)."""
-    trainer = ["-m", "phitune.trainer.run", "--home", str(home), "--job", job_id, "--attempt", str(attempt)]
+    trainer = ["-m", "phitune.local.attempt", "--home", str(home), "--job", job_id, "--attempt", str(attempt)]
     if layout.strategy == "none":
         return [sys.executable, *trainer]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(layout.nproc)]
@@ -88,7 +88,7 @@ def trainer_command(job_id: str, attempt: int, home: Path, layout: Distributed) 
 
 
 def trainer_env(layout: Distributed) -> dict[str, str]:
-    """The trainer's environment: the allocator of :mod:`phitune.trainer.allocator` preloaded, and the ranks of a
+    """The trainer's environment: the allocator of :mod:`phitune._allocator` preloaded, and the ranks of a
     distributed job sharing this machine's cores (torchrun would give each rank one thread) unless
     ``OMP_NUM_THREADS`` is set."""
     env = allocator.preload(child_environment())

@@ -43,11 +43,15 @@ class _Files(Resource):
     def _upload(self, path: str | os.PathLike[str], model: str | None) -> Op[FileObject]:
         with self._staging() as folder:
             copy: Path = yield Blocking(lambda: _copy_dataset(path, folder))
-            report: DatasetReport = yield Blocking(lambda: self._validate(copy, model=model))
-            if not report.ok:
-                raise DatasetError(str(path), report.errors, total=max(report.error_count, 1))
-            stored: FileObject = yield Call(lambda b: b.upload_file(str(copy), report=report))
+            stored: FileObject = yield from self._store_copy(copy, str(path), model, None)
             return stored
+
+    def _store_copy(self, copy: Path, label: str, model: str | None, workers: int | None) -> Op[FileObject]:
+        report: DatasetReport = yield Blocking(lambda: self._validate(copy, model=model, workers=workers))
+        if not report.ok:
+            raise DatasetError(label, report.errors, total=max(report.error_count, 1))
+        stored: FileObject = yield Call(lambda b: b.upload_file(str(copy), report=report))
+        return stored
 
     def _staging(self) -> AbstractContextManager[Path]:
         """Where an upload's private copy lies: the backend's own place (the local home), else a temporary folder."""
@@ -97,6 +101,12 @@ class Files(_Files, SyncResource):
         so what is stored is what was validated. A file with any problem raises
         :class:`~phitune.errors.DatasetError` and is not stored."""
         return self._run(self._upload(path, model))
+
+    def store_copy(self, copy: Path, *, label: str, model: str | None = None, workers: int | None = None) -> FileObject:
+        """Validate and store a private copy of a dataset, the second half of :meth:`upload` (``phitune serve``
+        receives an upload straight into the backend's staging folder): a copy with any problem raises
+        :class:`~phitune.errors.DatasetError` naming it ``label`` and is not stored."""
+        return self._run(self._store_copy(copy, label, model, workers))
 
     def get(self, file_id: str) -> FileObject:
         """A stored file by id."""

@@ -3,23 +3,18 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime
-import difflib
 import os
 import sys
 import time
-import typing
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-
-import pydantic
-from pydantic import BaseModel
-from pydantic_core import ErrorDetails
 
 from .. import catalog
 from .. import estimate as _estimate
 from .._ops import Emit, Op
+from .._specs import build_spec
 from ..backends.base import PausingBackend, StoredFilesBackend
 from ..errors import PhituneError, SpecError, WaitTimeoutError
 from ..types import Checkpoint, FineTuneJob, JobEvent, JobOptions, JobSpec
@@ -29,17 +24,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 
-def build_spec(**fields: Any) -> JobSpec:
-    """A :class:`JobSpec` from keyword arguments; any invalid or unknown option raises SpecError naming it (an
-    unknown one with the closest known name, where one is close)."""
-    try:
-        return JobSpec.model_validate({k: v for k, v in fields.items() if v is not None})
-    except pydantic.ValidationError as exc:
-        problems = [(_dotted(error["loc"]), _problem(error)) for error in exc.errors()]
-        (field, first), rest = problems[0], problems[1:]
-        raise SpecError(field, "; ".join([first, *(f"{name}: {message}" for name, message in rest)])) from None
-
-
 def model_argument(model: str) -> str:
     """A model folder given relative to the working directory, as an absolute path (the worker and trainer have
     other working directories, and read a relative name as a Hugging Face id); anything else as it is."""
@@ -47,40 +31,6 @@ def model_argument(model: str) -> str:
     if catalog.find(model) is None and not folder.is_absolute() and folder.is_dir():
         return str(folder.resolve())
     return model
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as the dotted name of the option (validator frames left out)."""
-    return ".".join(str(part) for part in loc if not str(part).startswith("function-")) or "spec"
-
-
-def _problem(error: ErrorDetails) -> str:
-    """What is wrong, without the field's name; for an unknown field, the known name it is closest to."""
-    if error["type"] != "extra_forbidden":
-        return error["msg"].removeprefix("Value error, ")
-    *parents, name = error["loc"]
-    close = difflib.get_close_matches(str(name), _field_names(JobSpec, parents), n=1)
-    return f"unknown field; did you mean {close[0]!r}?" if close else "unknown field"
-
-
-def _field_names(model: type[BaseModel], loc: Sequence[int | str]) -> builtins.list[str]:
-    """The field names of the model at ``loc`` inside ``model`` (a discriminated union's member by its tag)."""
-    candidates = [model]
-    for part in loc:
-        for candidate in candidates:
-            if str(part) in candidate.model_fields:
-                candidates = _models_in(candidate.model_fields[str(part)].annotation)
-                break
-        else:  # a tag of a discriminated union, e.g. ("method", "lora", ...)
-            candidates = [c for c in candidates if getattr(c.model_fields.get("type"), "default", None) == part]
-    return sorted({name for candidate in candidates for name in candidate.model_fields})
-
-
-def _models_in(annotation: Any) -> builtins.list[type[BaseModel]]:
-    """The pydantic models an annotation names (through Optional, unions and Annotated)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [model for argument in typing.get_args(annotation) for model in _models_in(argument)]
 
 
 class _FineTuning(Resource):

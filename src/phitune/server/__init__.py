@@ -2,13 +2,13 @@
 
 The official ``openai`` client works against it unchanged (``openai.OpenAI(base_url="http://127.0.0.1:8000/v1")``);
 so does ``phitune.Client.openai(base_url=...)``. Routes, options and limits: docs/server.md. This module stays light:
-FastAPI and uvicorn load only when a server starts (:mod:`phitune.server.app` holds the application).
+FastAPI and uvicorn load only when a server starts (:mod:`phitune.server.app` wires the application from one router
+per resource: :mod:`.files`, :mod:`.jobs`, :mod:`.models`, :mod:`.chat`, :mod:`.dashboard`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 from collections.abc import Sequence
@@ -16,21 +16,12 @@ from pathlib import Path
 
 from .._third_party import quiet_libraries
 from ..errors import SpecError
+from .hosts import is_loopback
 
 __all__ = ["API_KEY_ENV", "StripQueryStrings", "check_bind", "cli", "is_loopback", "serve"]
 
 API_KEY_ENV = "PHITUNE_API_KEY"
 """The environment variable ``cli`` reads the API key from when ``--api-key`` is not given."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses; False for every other name or address (``0.0.0.0`` included)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, api_key: str | None) -> None:

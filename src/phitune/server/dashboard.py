@@ -29,11 +29,10 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
 from .. import catalog
-from .._client import Client
-from ..backends.local import LocalBackend
 from ..errors import NotFoundError, SpecError
 from ..export import ExportFormat
 from ._upload import receive_upload
+from .deps import StateDep
 
 STATIC = Path(str(resources.files("phitune.server") / "static"))
 PAGE_HEADERS = {
@@ -54,7 +53,11 @@ class ExportRequest(BaseModel):
     format: ExportFormat = "adapter"
 
 
-def add_dashboard(app: FastAPI, backend: LocalBackend, *, uploads: Path, max_upload_bytes: int) -> None:
+router = APIRouter()
+"""The dashboard's API routes, under the app's auth like the others."""
+
+
+def add_dashboard(app: FastAPI) -> None:
     """Serve the dashboard page and its static files without auth, and add its API routes (under the app's auth)."""
 
     async def page(_: Request) -> Response:
@@ -62,48 +65,44 @@ def add_dashboard(app: FastAPI, backend: LocalBackend, *, uploads: Path, max_upl
 
     app.add_route("/", page, methods=["GET"], include_in_schema=False)
     app.mount("/dashboard", StaticFiles(directory=STATIC), name="dashboard")
-    app.include_router(_api(backend, uploads=uploads, max_upload_bytes=max_upload_bytes))
+    app.include_router(router)
 
 
-def _api(backend: LocalBackend, *, uploads: Path, max_upload_bytes: int) -> APIRouter:
-    router = APIRouter()
-    client = Client(backend=backend)
+@router.post("/v1/phitune/files/validate")
+async def validate_file(request: Request, state: StateDep) -> dict[str, Any]:
+    """Validate an uploaded dataset as ``POST /v1/files`` would (form field ``file``; ``model``, a catalog name,
+    counts tokens with its tokenizer), without storing it."""
+    with tempfile.TemporaryDirectory(dir=state.uploads) as folder:
+        upload = await receive_upload(request, Path(folder), file_field="file", max_bytes=state.max_upload_bytes)
+        model = upload.fields.get("model") or None
+        if model is not None and catalog.find(model) is None:
+            raise SpecError("model", f"{model!r} is not a catalog model")
+        report = await run_in_threadpool(state.client.files.validate, upload.path, model=model, workers=1)
+    return {**report.model_dump(mode="json"), "path": upload.filename}
 
-    @router.post("/v1/phitune/files/validate")
-    async def validate_file(request: Request) -> dict[str, Any]:
-        """Validate an uploaded dataset as ``POST /v1/files`` would (form field ``file``; ``model``, a catalog name,
-        counts tokens with its tokenizer), without storing it."""
-        with tempfile.TemporaryDirectory(dir=uploads) as folder:
-            upload = await receive_upload(request, Path(folder), file_field="file", max_bytes=max_upload_bytes)
-            model = upload.fields.get("model") or None
-            if model is not None and catalog.find(model) is None:
-                raise SpecError("model", f"{model!r} is not a catalog model")
-            report = await run_in_threadpool(client.files.validate, upload.path, model=model, workers=1)
-        return {**report.model_dump(mode="json"), "path": upload.filename}
 
-    @router.post("/v1/phitune/models/{model_id:path}/export")
-    def export_model(model_id: str, body: ExportRequest) -> FileResponse:
-        """A fine-tuned model of this home, exported and zipped."""
-        if backend.store.find_model(model_id) is None:
-            raise NotFoundError("fine-tuned model", model_id)
-        work = Path(tempfile.mkdtemp(dir=uploads))
-        try:
-            exported = client.models.export(model_id, format=body.format, dest=work / "export")
-            if body.format == "adapter":
-                _name_base_publicly(exported / "adapter_config.json", backend.get_model(model_id).base_model)
-            name = f"{_UNSAFE_NAME.sub('_', model_id).strip('._')}-{body.format}"
-            archive = shutil.make_archive(str(work / name), "zip", root_dir=exported)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        return FileResponse(
-            archive,
-            media_type="application/zip",
-            filename=f"{name}.zip",
-            background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
-        )
-
-    return router
+@router.post("/v1/phitune/models/{model_id:path}/export")
+def export_model(model_id: str, body: ExportRequest, state: StateDep) -> FileResponse:
+    """A fine-tuned model of this home, exported and zipped."""
+    backend = state.backend
+    if backend.store.find_model(model_id) is None:
+        raise NotFoundError("fine-tuned model", model_id)
+    work = Path(tempfile.mkdtemp(dir=state.uploads))
+    try:
+        exported = state.client.models.export(model_id, format=body.format, dest=work / "export")
+        if body.format == "adapter":
+            _name_base_publicly(exported / "adapter_config.json", backend.get_model(model_id).base_model)
+        name = f"{_UNSAFE_NAME.sub('_', model_id).strip('._')}-{body.format}"
+        archive = shutil.make_archive(str(work / name), "zip", root_dir=exported)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return FileResponse(
+        archive,
+        media_type="application/zip",
+        filename=f"{name}.zip",
+        background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
+    )
 
 
 def _name_base_publicly(adapter_config: Path, base: str | None) -> None:

@@ -23,7 +23,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3MLP, eager_attention_forward
 
-from . import fused
+from . import fused, patches
 
 
 class TrainingPhi3Attention(Phi3Attention):  # type: ignore[misc]
@@ -46,7 +46,7 @@ class TrainingPhi3Attention(Phi3Attention):  # type: ignore[misc]
             )
             return plain
         qkv = self.qkv_proj(hidden_states)
-        query, key, value = _RotaryQKV.apply(
+        query, key, value = _RotaryQKV.apply(  # type: ignore[no-untyped-call]
             qkv.contiguous(),
             cos.contiguous(),
             sin.contiguous(),
@@ -77,13 +77,18 @@ class TrainingPhi3MLP(Phi3MLP):  # type: ignore[misc]
         kernels = fused.operators_for(gate_up)
         if kernels is None:
             gate, up = gate_up.chunk(2, dim=-1)
-            return self.down_proj(up * self.activation_fn(gate))
-        return self.down_proj(_SwiGLU.apply(gate_up.contiguous(), kernels))
+            plain: torch.Tensor = self.down_proj(up * self.activation_fn(gate))
+            return plain
+        swiglu = _SwiGLU.apply(gate_up.contiguous(), kernels)  # type: ignore[no-untyped-call]
+        out: torch.Tensor = self.down_proj(swiglu)
+        return out
 
 
 def use_fused_decoder(model: Any) -> int:
     """Give every ``Phi3Attention`` of ``model`` :class:`TrainingPhi3Attention`'s forward and every ``Phi3MLP`` with a
     SiLU activation :class:`TrainingPhi3MLP`'s. Returns how many modules."""
+    if not patches.applies("phi3_decoder"):
+        return 0
     count = 0
     for module in model.modules():
         if type(module) is Phi3Attention:
@@ -118,7 +123,7 @@ def fused_coverage(model: Any) -> str | None:
     )
 
 
-class _RotaryQKV(torch.autograd.Function):  # type: ignore[misc]
+class _RotaryQKV(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, kernels: Any
@@ -137,7 +142,7 @@ class _RotaryQKV(torch.autograd.Function):  # type: ignore[misc]
         return ctx.kernels.rotary_qkv_backward(*grads, cos, sin), None, None, None, None, None
 
 
-class _SwiGLU(torch.autograd.Function):  # type: ignore[misc]
+class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate_up: torch.Tensor, kernels: Any) -> torch.Tensor:
         ctx.save_for_backward(gate_up)

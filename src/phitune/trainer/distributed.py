@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,7 +76,7 @@ def check(spec: JobSpec, backend: str) -> None:
             f"QLoRA's 4-bit base cannot be partitioned by {options.strategy}; use strategy='ddp' (or 'none')",
         )
     if sharded and isinstance(spec.method, PEFT):
-        from .model import peft_config
+        from .._specs import peft_config
 
         if peft_config(spec.method).is_prompt_learning:
             raise UnsupportedOptionError(
@@ -292,7 +292,7 @@ def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _trained(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _trained(model: Any, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``state`` restricted to trainable parameters and buffers (no frozen weights, no 4-bit base's quant state)."""
     keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     return {name: tensor for name, tensor in state.items() if name in keep}

@@ -38,9 +38,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .. import _allocator as allocator
 from ..errors import MissingDependencyError, SpecError
-from ..types import Full, Method, QLoRA
-from . import allocator
+from ..estimate.memory import compute_dtype, weight_dtype
+from ..types import Method, QLoRA
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -61,7 +62,7 @@ class LoadReport(BaseModel):
     weight_bytes: int = Field(description="Bytes of every parameter and buffer as they lie in memory.")
     peak_gpu_bytes: int | None = None
     allocator: Literal["mimalloc", "system"] = Field(
-        "system", description="The process's C allocator (:mod:`phitune.trainer.allocator`)."
+        "system", description="The process's C allocator (:mod:`phitune._allocator`)."
     )
 
     @property
@@ -80,13 +81,10 @@ class LoadReport(BaseModel):
 
 
 def base_dtype_name(method: Method, precision: Precision = "auto") -> Literal["bf16", "fp32"]:
-    """The dtype the base weights are kept in: fp32 for full fine-tuning (the optimizer updates them) and where
-    bf16 is off; bf16 for frozen bases (LoRA, DoRA, other peft methods; QLoRA's unquantised weights)."""
+    """The dtype the base weights are kept in on this machine (:func:`phitune.estimate.memory.weight_dtype`)."""
     from .model import bf16_supported
 
-    if isinstance(method, Full) or precision == "fp32":
-        return "fp32"
-    return "bf16" if precision == "bf16" or bf16_supported() else "fp32"
+    return weight_dtype(method, compute_dtype(precision, bf16_supported()))
 
 
 class PeakRSS:

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import math
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -35,12 +34,22 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..estimate import KeptOutputs, memory_limit, plan_kept_outputs
+from .. import _allocator as allocator
+from ..estimate.memory import (
+    KeptOutputs,
+    attention_probability_bytes,
+    available_memory,
+    job_peak,
+    kept_outputs,
+    memory_limit,
+    peak_memory,
+)
+from ..estimate.shapes import model_shape
 from ..types import JobSpec, QLoRA
-from . import allocator, data, distributed, fused, packing
+from . import data, distributed, fused, packing, patches
 from .decoder import fused_coverage
 from .distributed import Engine, Ranks
-from .loading import load_for_training
+from .loading import load_for_training, max_rss_bytes
 from .loss import linear_cross_entropy
 from .model import apply_method, bf16_supported, count_parameters, describe_experts, quantized_footprint
 
@@ -59,6 +68,27 @@ class Control(Protocol):
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None: ...
 
     def should_stop(self) -> StopReason | None: ...
+
+
+class NullControl:
+    """A :class:`Control` that records nothing and never asks to stop: the ranks other than 0 of a distributed job
+    train with it (rank 0's decision is broadcast), and callers that keep part of what the loop reports subclass
+    it."""
+
+    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        pass
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
+        pass
+
+    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
+        pass
+
+    def should_stop(self) -> StopReason | None:
+        return None
 
 
 @dataclass
@@ -113,7 +143,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     for dataset in (job_data.train, job_data.valid):
         if dataset is not None and dataset.dropped_lines:
             _report_dropped(control, dataset, hp.max_seq_length)
-    kept = _plan_checkpointing(run, control, ranks, train_set)  # before loading: it sizes what is free now
+    kept = _plan_checkpointing(run, control, ranks, train_set, "bf16" if use_bf16 else "fp32")  # before loading
     model, load_report = load_for_training(run.base_path, run.spec.method, device=device, precision=hp.precision)
     control.message(load_report.message, data=load_report.data())
     if use_bf16 and device == "cpu":  # now, not in the first step, which would wait for a build in silence
@@ -132,6 +162,8 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
         keep_matmul_layers=kept.layers if kept else 0,
         keep_down_projections=kept.down_projections if kept else 0,
     )
+    for note in patches.left_out():
+        control.message(note, level="warn")
     trainable, total = count_parameters(model)
     batch_of = _batching(model, tokenizer.pad_token_id)
     plan = hp.plan(len(train_set))
@@ -256,7 +288,7 @@ def train(run: TrainRun, control: Control, ranks: Ranks | None = None) -> TrainR
     return TrainResult("succeeded", step, total_steps, trained_tokens, last_loss, valid_loss)
 
 
-class CausalLMLoss(torch.nn.Module):  # type: ignore[misc]
+class CausalLMLoss(torch.nn.Module):
     """A causal LM whose forward is :func:`token_loss_sum`. This is the module DDP, FSDP and DeepSpeed wrap: they
     act through the forward of the module they are given."""
 
@@ -402,24 +434,30 @@ def _peak_memory_mb(device: str) -> float:
     """Peak GPU memory allocated by torch on CUDA; peak resident memory of this process on CPU."""
     if torch.device(device).type == "cuda":
         return float(torch.cuda.max_memory_allocated(device)) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max_rss_bytes() / 2**20
 
 
 def _plan_checkpointing(
-    run: TrainRun, control: Control, ranks: Ranks, train_set: list[data.Example]
+    run: TrainRun, control: Control, ranks: Ranks, train_set: list[data.Example], compute: str
 ) -> KeptOutputs | None:
-    """What gradient checkpointing keeps of the matmul outputs, from the memory free beside the job's predicted peak
-    (:func:`phitune.estimate.plan_kept_outputs`); None where that is unknown or nothing fits."""
+    """What gradient checkpointing keeps of the matmul outputs, in the memory free now (:func:`available_memory`)
+    beside the job's predicted peak (:func:`phitune.estimate.memory.kept_outputs`), for micro-batches of the longest
+    packed row; None where that is unknown or nothing fits."""
     hp = run.spec.hyperparameters
     if not hp.gradient_checkpointing or ranks.world > 1 or not train_set:
         return None
     longest = max(len(example.input_ids) for example in train_set)
     tokens = packing.bucket(min(hp.batch_size, len(train_set)) * longest)  # the longest packed row, padded
-    distinct = len({token for example in train_set for token in example.input_ids})
+    device = torch.device(ranks.device).type
+    rows = len({token for example in train_set for token in example.input_ids}) if device == "cpu" else None
     try:
-        kept, layers = plan_kept_outputs(run.spec, run.base_path, tokens, longest, distinct_tokens=distinct)
+        shape = model_shape(run.base_path)
+        probabilities = attention_probability_bytes(shape, longest, compute, device)
+        peak = job_peak(peak_memory(shape, run.spec, tokens, compute, probabilities, embedding_rows=rows), run.spec)
     except ValueError:  # SpecError or pydantic's ValidationError: a config without a decoder's dimensions
         return None
+    kept = kept_outputs(shape, run.spec, tokens, compute, available_memory(device) - peak, probabilities)
+    layers = shape.num_hidden_layers
     if kept.layers or kept.down_projections:
         down = f", the down projection's in {kept.down_projections} more" if kept.down_projections else ""
         control.message(

@@ -18,7 +18,9 @@ from typing import Any
 
 import peft
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode  # torch-private: see .patches
+
+from . import patches
 
 
 class FusedLoraLinear(peft.tuners.lora.Linear):  # type: ignore[misc]
@@ -39,7 +41,8 @@ class FusedLoraLinear(peft.tuners.lora.Linear):  # type: ignore[misc]
             or hasattr(self.lora_B[adapter].weight, "ds_id")  # ZeRO-3 gathers it only in lora_B's own forward
             or not (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[adapter].weight.dtype)
         ):
-            return super().forward(x, *args, **kwargs)
+            plain: torch.Tensor = super().forward(x, *args, **kwargs)
+            return plain
         rows = x.reshape(-1, x.shape[-1])  # 2-D, so that the base product is no view (see _AddLowRank)
         product = self.base_layer(rows)
         low_rank = self.lora_A[adapter](self.lora_dropout[adapter](rows))
@@ -50,11 +53,12 @@ class FusedLoraLinear(peft.tuners.lora.Linear):  # type: ignore[misc]
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             product = torch.addmm(product, low_rank, lora_b.T, alpha=scaling)
         else:
-            product = _AddLowRank.apply(product, low_rank, lora_b, scaling)
-        return product.view(*x.shape[:-1], product.shape[-1])
+            product = _AddLowRank.apply(product, low_rank, lora_b, scaling)  # type: ignore[no-untyped-call]
+        fused: torch.Tensor = product.view(*x.shape[:-1], product.shape[-1])
+        return fused
 
 
-class _AddLowRank(torch.autograd.Function):  # type: ignore[misc]
+class _AddLowRank(torch.autograd.Function):
     """``product += scaling * low_rank @ lora_b.T`` in place, on 2-D ``product`` and ``low_rank``, with the gradients
     autograd gives the same ``addmm_`` (the factors in the product's dtype, as autocast would give them: an in-place op
     is not autocast). Written through autograd into a view (such as the 3-D output of ``nn.Linear``), the backward
@@ -86,6 +90,8 @@ class _AddLowRank(torch.autograd.Function):  # type: ignore[misc]
 def fuse_lora_layers(model: Any) -> int:
     """Give every plain peft LoRA ``Linear`` of ``model`` the fused forward (their class becomes
     :class:`FusedLoraLinear`; quantised and other layer types keep theirs); returns how many."""
+    if not patches.applies("lora_linear"):
+        return 0
     fused = 0
     for module in model.modules():
         if type(module) is peft.tuners.lora.Linear:

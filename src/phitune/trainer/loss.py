@@ -68,7 +68,7 @@ def linear_cross_entropy(
     with torch.autocast(device_type, enabled=False):
         trains = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         if torch.is_grad_enabled() and any(trains):
-            loss: torch.Tensor = _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets)
+            loss: torch.Tensor = _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets)  # type: ignore[no-untyped-call]
             return loss
         return _chunks(hidden, weight, bias, targets, _Gradients())
 
@@ -87,7 +87,7 @@ class _Gradients:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):  # type: ignore[misc]
+class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import catalog
+from .._specs import peft_config
 from ..errors import SpecError, UnsupportedOptionError
+from ..tiny import ensure_tiny
 from ..types import PEFT, DoRA, Full, LoRA, Method, QLoRA
-from .tiny import ensure_tiny
 
 
 def resolve_base(model: str, home: Path) -> str:
@@ -308,17 +309,6 @@ def _attention_ops() -> frozenset[Any]:
     )
     fused = (getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
     return frozenset((*fused, attention_and_probabilities._opoverload))
-
-
-def peft_config(method: PEFT) -> Any:
-    """Validate a peft config dict and build it (errors name the offending key)."""
-    import peft
-
-    try:
-        config = peft.PeftConfig.from_peft_type(**{"task_type": "CAUSAL_LM", **method.config})
-    except (TypeError, ValueError, KeyError) as exc:
-        raise SpecError("method.config", f"not a valid peft config: {exc}") from exc
-    return config
 
 
 def quantized_footprint(model: Any) -> dict[str, int] | None:

@@ -18,7 +18,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
 
-from . import fused
+from . import fused, patches
 
 _SAME_FUNCTION = (Phi3RMSNorm, LlamaRMSNorm)
 """Norm classes that compute exactly ``Phi3RMSNorm``'s function (Phi-3-mini and -medium, Llama-style models)."""
@@ -32,13 +32,15 @@ class TrainingRMSNorm(Phi3RMSNorm):  # type: ignore[misc]
         if hasattr(self.weight, "ds_id"):
             plain: torch.Tensor = super().forward(hidden_states)
             return plain
-        normed: torch.Tensor = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+        normed: torch.Tensor = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)  # type: ignore[no-untyped-call]
         return normed
 
 
 def use_training_rms_norm(model: Any) -> int:
     """Give every RMSNorm of ``model`` that computes ``Phi3RMSNorm``'s function :class:`TrainingRMSNorm`'s forward.
     Returns how many."""
+    if not patches.applies("rms_norm"):
+        return 0
     count = 0
     for module in model.modules():
         if type(module) in _SAME_FUNCTION:
@@ -47,10 +49,11 @@ def use_training_rms_norm(model: Any) -> int:
     return count
 
 
-class _RMSNorm(torch.autograd.Function):  # type: ignore[misc]
+class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         kernels = fused.operators_for(x, weight)
+        normed: torch.Tensor
         if kernels is not None:
             x = x.contiguous()
             normed, scale = kernels.rms_norm_forward(x, weight, eps)

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from ..estimate import ModelShape, keeps_attention_probabilities
+from ..estimate.memory import keeps_attention_probabilities
+from ..estimate.shapes import ModelShape
 from . import attention
 from .data import IGNORE_INDEX, Example
 

@@ -16,6 +16,7 @@ import bitsandbytes as bnb
 import torch
 from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 
+from . import patches
 from .buffers import thread_buffer
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -63,7 +64,7 @@ def dequantized_weight(weight: Any, state: Any, dtype: torch.dtype) -> Any:
     return bnb.functional.dequantize_4bit(weight, state).to(dtype)
 
 
-class _Matmul4bit(torch.autograd.Function):  # type: ignore[misc]
+class _Matmul4bit(torch.autograd.Function):
     """``x @ W.T + bias`` for a frozen 4-bit ``W``, dequantised anew in the backward as bitsandbytes does (nothing
     weight-sized is saved)."""
 
@@ -100,12 +101,15 @@ class BufferedLinear4bit(bnb.nn.Linear4bit):  # type: ignore[misc]
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _Matmul4bit.apply(x, self.weight, self.weight.quant_state, bias).to(input_dtype)
+        out: torch.Tensor = _Matmul4bit.apply(x, self.weight, self.weight.quant_state, bias)  # type: ignore[no-untyped-call]
+        return out.to(input_dtype)
 
 
 def reuse_dequantisation_buffer(model: Any) -> int:
     """Make ``model``'s 4-bit linear layers on CPU dequantise into a reused per-thread buffer; returns how many.
     Values are bit-identical to bitsandbytes' own layers (the same kernel), and peft wraps them as it does those."""
+    if not patches.applies("linear_4bit"):
+        return 0
     layers = [
         m
         for m in model.modules()

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import SpecError, UnsupportedOptionError
-from ..resources.finetune import build_spec
-from ..types import Checkpoint, FileObject, FineTuneJob, JobEvent, JobSpec, ModelObject, Task
+from ._specs import build_spec
+from .errors import SpecError, UnsupportedOptionError
+from .types import Checkpoint, FileObject, FineTuneJob, JobEvent, JobSpec, ModelObject, Task
 
 SERVER_NAME = "phitune serve"
 ORGANIZATION_ID = "phitune"

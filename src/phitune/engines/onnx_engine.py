@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import numpy as np
 
-    from .infer import Generation
+    from .torch_engine import Generation
 
 REPORT_NAME = "export_report.json"
 """The export report beside an ONNX export; the engine reads its ``tokenizer.bos`` fix (see :class:`OnnxModel`)."""
@@ -164,9 +164,9 @@ class OnnxModel:
         seed: int | None,
         deadline: float | None = None,
     ) -> Iterator[str | Generation]:
-        """Yield text pieces as they are generated, then one final :class:`~phitune.trainer.infer.Generation`;
-        ``max_tokens`` and ``deadline`` as :meth:`phitune.trainer.infer.ModelPool.stream` takes them."""
-        from .infer import Generation, token_budget
+        """Yield text pieces as they are generated, then one final :class:`~phitune.engines.torch_engine.Generation`;
+        ``max_tokens`` and ``deadline`` as :meth:`phitune.engines.torch_engine.ModelPool.stream` takes them."""
+        from .torch_engine import Generation, token_budget
 
         prompt_ids = self.prompt_ids(messages)
         budget = token_budget(len(prompt_ids), max_tokens, self.context_length)

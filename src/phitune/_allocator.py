@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from ..errors import MissingDependencyError, SpecError
+from .errors import MissingDependencyError, SpecError
 
 ALLOCATOR_ENV = "PHITUNE_ALLOCATOR"
 """``mimalloc`` (the default, where ``cmeel-mimalloc`` is installed) or ``system``."""

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from ..chat_template import END_OF_TURN_TOKENS
 from ..errors import SpecError
-from .model import load_tokenizer
+from ..trainer.model import load_tokenizer
 
 DEFAULT_MAX_TOKENS = 256
 """What a request that names no ``max_tokens`` may generate (less where the context leaves less)."""

@@ -278,7 +278,7 @@ auxiliary loss: ``output_router_logits`` false, coefficient 0)."""
 
 _SEED = 0
 _BPE_VOCAB_SIZE = 2048  # a target: merges seen fewer than twice in the corpus are not learnt, so the BPE stops early
-_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "tiny_corpus.txt"
+_CORPUS = Path(__file__).resolve().parent / "assets" / "tiny_corpus.txt"
 _MAX_LENGTH = 2048  # the tokenizers' model_max_length
 
 

@@ -1,33 +1,64 @@
-"""The trainer process: runs one attempt of one job from the local store (``python -m phitune.trainer.run``).
+"""One attempt of one job, trained in this process: the body of the trainer process that the local worker starts.
 
-For a distributed job the worker starts this module under torchrun, once per rank. Rank 0 alone records events,
-checkpoints and the outcome, and reads the stop flag; the others train with a :class:`QuietControl`.
+:func:`run_attempt` reads the job from its records, trains it (:func:`phitune.trainer.loop.train`) and records the
+outcome. The records are the local store (:class:`phitune.local.store.Store`, opened by the process entry
+:mod:`phitune.local.attempt`), seen here through :class:`JobRecords`: what an attempt reads and writes, nothing more.
+
+For a distributed job the worker starts the process under torchrun, once per rank. Rank 0 alone records events,
+checkpoints and the outcome, and reads the stop flag; the others train with a
+:class:`~phitune.trainer.loop.NullControl`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .._process import die_with_parent
 from ..errors import scrub_paths
 from ..integrations.tracking import TrackedControl
-from ..local.store import Store, fine_tuned_model_id
-from ..types import JobError, JobSpec, ModelObject, metrics_message
-from . import distributed
-from .distributed import Ranks
-from .loop import Control, StopReason, TrainRun, iter_checkpoints, train
-from .model import resolve_base
+from ..trainer import distributed
+from ..trainer.distributed import Ranks
+from ..trainer.loop import Control, NullControl, StopReason, TrainRun, iter_checkpoints, train
+from ..trainer.model import resolve_base
+from ..types import Checkpoint, FineTuneJob, JobError, JobSpec, ModelObject, fine_tuned_model_id, metrics_message
+
+
+class JobRecords(Protocol):
+    """What an attempt reads and writes of its job's records (the local store implements it)."""
+
+    home: Path
+
+    def get_job(self, job_id: str) -> FineTuneJob: ...
+
+    def job_attempt(self, job_id: str) -> tuple[str, int]: ...
+
+    def job_dir(self, job_id: str) -> Path: ...
+
+    def file_blob(self, file_id: str) -> Path: ...
+
+    def file_label(self, file_id: str) -> str: ...
+
+    def add_event(
+        self, job_id: str, message: str, *, level: str = ..., type: str = ..., data: dict[str, Any] | None = ...
+    ) -> None: ...
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, float], path: Path) -> None: ...
+
+    def list_checkpoints(self, job_id: str) -> list[Checkpoint]: ...
+
+    def update_progress(self, job_id: str, attempt: int, **fields: Any) -> None: ...
+
+    def transition(self, job_id: str, to: str, *, when: tuple[str, ...], **fields: Any) -> bool: ...
+
+    def add_model(self, model: ModelObject) -> None: ...
 
 
 class StoreControl:
-    """The loop's :class:`~phitune.trainer.loop.Control` backed by the local store, fenced by the attempt number."""
+    """The loop's :class:`~phitune.trainer.loop.Control` backed by the job's records, fenced by the attempt number."""
 
-    def __init__(self, store: Store, job_id: str, attempt: int) -> None:
+    def __init__(self, store: JobRecords, job_id: str, attempt: int) -> None:
         self.store = store
         self.job_id = job_id
         self.attempt = attempt
@@ -63,33 +94,14 @@ class StoreControl:
         return None
 
 
-class QuietControl:
-    """The control of ranks other than 0: records nothing and never asks to stop (rank 0's decision is broadcast)."""
-
-    def message(self, text: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        pass
-
-    def metrics(self, data: dict[str, Any]) -> None:
-        pass
-
-    def checkpoint(self, step: int, metrics: dict[str, float], path: Path) -> None:
-        pass
-
-    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-        pass
-
-    def should_stop(self) -> StopReason | None:
-        return None
-
-
-def run_attempt(store: Store, job_id: str, attempt: int) -> int:
+def run_attempt(store: JobRecords, job_id: str, attempt: int) -> int:
     """Train one attempt (this process's rank of it); rank 0 records the outcome in the store. Returns the exit code."""
     job = store.get_job(job_id)
     assert job.spec is not None
     spec = job.spec
     ranks = distributed.setup(spec.distributed.strategy)
     try:
-        control: Control = StoreControl(store, job_id, attempt) if ranks.main else QuietControl()
+        control: Control = StoreControl(store, job_id, attempt) if ranks.main else NullControl()
         if ranks.main and spec.integrations:
             control = TrackedControl(control, spec, job_id=job_id, home=store.home)
         try:
@@ -101,7 +113,7 @@ def run_attempt(store: Store, job_id: str, attempt: int) -> int:
         distributed.teardown()
 
 
-def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, control: Control) -> int:
+def _run(store: JobRecords, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, control: Control) -> int:
     job_dir = store.job_dir(job_id)
     checkpoints = list(iter_checkpoints(job_dir / "checkpoints"))
     model_id = fine_tuned_model_id(spec, job_id)
@@ -164,17 +176,3 @@ def _run(store: Store, job_id: str, attempt: int, spec: JobSpec, ranks: Ranks, c
             f"job {result.status} at step {result.step}; {saved}", data={"step": result.step, "checkpoints": kept}
         )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m phitune.trainer.run")
-    parser.add_argument("--home", required=True)
-    parser.add_argument("--job", required=True)
-    parser.add_argument("--attempt", type=int, required=True)
-    args = parser.parse_args(argv)
-    die_with_parent()  # under torchrun each rank is the launcher's child: all die if the worker does
-    return run_attempt(Store(args.home), args.job, args.attempt)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
