@@ -122,3 +122,21 @@ def test_every_method_trains_tiny_phi3_small(folder: Path, tmp_path: Path, metho
         adapted = {name.split(".")[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
         assert adapted == set(PHI3_SMALL_LORA_TARGETS)
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.parametrize("method", [LoRA(r=8, dropout=0.0), DoRA(r=4, dropout=0.0)], ids=["lora", "dora"])
+def test_the_estimator_counts_the_adapters_the_trainer_builds(folder: Path, method: Any) -> None:
+    """``phitune.estimate`` reads a Phi-3-small folder's published keys (``ff_intermediate_size``, tied embeddings)
+    and its fused projections' shapes: the trainable and total parameters it predicts are the model's."""
+    from phitune.estimate import _trainable_parameters, model_shape
+
+    shape = model_shape(str(folder))
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    total = sum(p.numel() for p in base.parameters())
+    adapted = apply_method(base, method, gradient_checkpointing=False)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    spec = JobSpec(model=str(folder), training_file="train.jsonl", method=method)
+    assert _trainable_parameters(shape, spec) == trainable
+    assert shape.tie_word_embeddings and shape.intermediate_size == base.config.intermediate_size
+    norms_and_biases = total - shape.parameters  # LayerNorm biases and the projections' biases the shape omits
+    assert 0 < norms_and_biases < 0.05 * total

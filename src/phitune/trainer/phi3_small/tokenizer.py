@@ -147,10 +147,12 @@ class Phi3SmallTokenizer(PreTrainedTokenizer):  # type: ignore[misc]
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [self.decoder[index] for index in self.encoding.encode_ordinary(text)]
 
-    def _convert_token_to_id(self, token: str) -> int:
+    def _convert_token_to_id(self, token: str) -> int | None:
+        """The token's id; an unknown token gives ``unk_token_id``, None: the vocabulary has no unknown token."""
         if token in self.special_tokens:
             return self.special_tokens[token]
-        return self.encoder[token]
+        found: int | None = self.encoder.get(token, self.unk_token_id)
+        return found
 
     def _convert_id_to_token(self, index: int) -> str:
         if index in self.decoder:
