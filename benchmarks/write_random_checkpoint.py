@@ -257,6 +257,7 @@ LAYOUTS: dict[str, TokenizerLayout] = {
     "mid": PHI3_LAYOUT,
     "phi3.5-mini": PHI3_LAYOUT._replace(chat_template=PHI35_CHAT_TEMPLATE),
     "phi4-mini": PHI4_MINI_LAYOUT,
+    "small": PHI3_LAYOUT,  # unused: Phi-3-small's tiktoken files come from write_small_tokenizer
 }
 _DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
 

@@ -135,9 +135,7 @@ def export(
     that already holds a LoRA-ready ONNX base of the same base model: the adapter is added beside it.
     """
     _check_options(source, format, precision, device, adapters)
-    from .trainer.model import register_architectures
-
-    register_architectures()
+    _register_architectures()
     target = Path(dest).expanduser().resolve()
     if format == "onnx":
         _require(_BUILDER_MODULES)
@@ -225,6 +223,7 @@ def _check_onnx_architecture(source: ExportSource) -> None:
     """Refuse an ONNX export of an architecture outside :data:`ONNX_ARCHITECTURES`, saying why and what works."""
     from transformers import AutoConfig
 
+    _register_architectures()
     architecture = (AutoConfig.from_pretrained(source.base).architectures or ["unknown"])[0]
     if architecture in ONNX_ARCHITECTURES:
         return
@@ -239,6 +238,13 @@ def _check_onnx_architecture(source: ExportSource) -> None:
         else f"phitune's ONNX export takes {', '.join(sorted(ONNX_ARCHITECTURES))}"
     )
     raise SpecError("format", f"no ONNX export of {source.model_id} ({architecture}): {why}; use format='merged'")
+
+
+def _register_architectures() -> None:
+    """Let transformers load the architectures the trainer implements itself (Phi-3-small), as the trainer does."""
+    from .trainer.model import register_architectures
+
+    register_architectures()
 
 
 def _require(modules: tuple[tuple[str, str], ...]) -> None:
