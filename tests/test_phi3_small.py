@@ -1,8 +1,9 @@
 """Phi-3-small in plain PyTorch: parity with a re-reading of the published model code, the checkpoint layout, the
 tiktoken tokenizer and chat format of tiny-phi3-small.
 
-The reference below is written from microsoft/Phi-3-small-8k-instruct's files on the Hugging Face hub (2024
-revisions): ``modeling_phi3_small.py`` (``Phi3SmallSelfAttention._split_heads``, ``expand_kv_to_q_size``,
+The reference below is written from microsoft/Phi-3-small-8k-instruct's remote code (the 2024 revision whose
+config says ``transformers_version`` 4.38.1, read in public mirrors of the Hugging Face repository's files):
+``modeling_phi3_small.py`` (``Phi3SmallSelfAttention._split_heads``, ``expand_kv_to_q_size``,
 ``gegelu``, ``Phi3SmallModel.forward``, ``Phi3SmallForCausalLM.forward``) and ``triton_flash_blocksparse_attn.py``
 (``_get_sparse_attn_mask``: the block layout, token-causal inside blocks as ``_fwd_kernel`` masks it), checked against
 vLLM's ``vllm/attention/ops/blocksparse_attention/utils.py`` (``get_sparse_attn_mask``) and mlx-lm's ``phi3small.py``
@@ -319,3 +320,30 @@ def test_tokenizer_lays_out_the_published_special_ids_after_the_ranks(tmp_path: 
         [100256, 100258, 100259, 100260, 100264, 100265, *range(100267, 100352)]
     )
     assert CHAT_TEMPLATE.startswith("{{ bos_token }}")
+
+
+def test_tiny_phi3_small_is_built_offline_with_the_real_special_tokens_and_chat_format(tmp_path: Path) -> None:
+    """The folder loads through AutoTokenizer/AutoModelForCausalLM (no remote code); its specials follow its ranks as
+    the real ones follow cl100k's; text round-trips; the chat renders as Phi-3-small's and ends turns at <|end|>."""
+    from phitune.trainer.phi3_small.tokenizer import SPECIAL_TOKENS, read_ranks
+    from phitune.trainer.tiny import ensure_tiny
+
+    folder = ensure_tiny(tmp_path, "tiny-phi3-small")
+    register()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert type(tokenizer) is Phi3SmallTokenizer
+    ranks = len(read_ranks(folder / "cl100k_base.tiktoken"))
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(ranks, ranks + 96))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == ranks + 96 and config["eos_token_id"] == tokenizer.eos_token_id == ranks + 1
+    text = "Grüße, 東京! <|user|>\nHi<|end|>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text and ids[-1] == ranks + 10  # <|end|>, one token
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == "<|endoftext|><|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n<|endoftext|>"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in generation["eos_token_id"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is Phi3SmallForCausalLM
+    assert [layer.self_attn.blocksparse for layer in model.model.layers] == [True, False, True, False]

@@ -1,8 +1,9 @@
 """``Phi3SmallForCausalLM`` in plain PyTorch: the published checkpoint's modules, names and function, without its
 Triton and flash-attention kernels, on any device.
 
-Read from microsoft/Phi-3-small-8k-instruct's ``modeling_phi3_small.py``, ``configuration_phi3_small.py`` and
-``triton_flash_blocksparse_attn.py`` (the Hugging Face repository as of its 2024 revisions; the same formulas are in
+Read from microsoft/Phi-3-small-8k-instruct's ``modeling_phi3_small.py``, ``configuration_phi3_small.py``,
+``triton_blocksparse_attention_layer.py`` and ``triton_flash_blocksparse_attn.py`` (the 2024 revision whose config says
+``transformers_version`` 4.38.1, in public mirrors of the Hugging Face repository's files; the same formulas are in
 vLLM's ``vllm/attention/ops/blocksparse_attention/utils.py`` and mlx-lm's ``phi3small.py``):
 
 - a decoder layer is ``x + dense(attention(LayerNorm(x)))`` then ``x + dropout(down_proj(GeGELU(up_proj(LayerNorm
