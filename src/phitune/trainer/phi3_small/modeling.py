@@ -25,16 +25,16 @@ local blocks and vertical stride 8), forward plus backward of the attention alon
 at 1024 tokens (every causal block is local there: the same work), 2.91 / 3.60 s at 2048 and 9.94 / 20.8 s at 4096:
 SDPA's one fused call under the mask beats a loop of small gathered calls, even where the pattern skips blocks. The
 mask is also exact by construction (no online softmax to get right), runs on CPU and GPU through the same kernel,
-and composes with padding, packed examples and a KV cache. It is built per forward from token positions, one
-``[patterns, queries, keys]`` boolean tensor shared by the heads with the same pattern (8 patterns at Phi-3-small's
-32 heads).
+and composes with padding, packed examples and a KV cache. It is built once per forward from token positions and
+shared by every sparse layer: one ``[patterns, queries, keys]`` boolean tensor, each pattern serving the heads that
+have it (8 patterns at Phi-3-small's 32 heads).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -101,10 +101,19 @@ class AttentionInputs:
     key_positions: torch.Tensor
     key_valid: torch.Tensor | None
     segments: torch.Tensor | None
+    masks: dict[tuple[int, ...] | None, torch.Tensor] = field(default_factory=dict)
+    """Masks built so far in this forward, by head offsets: every sparse layer shares one, every dense layer one."""
 
     def allowed(self, sparse: list[int] | None, config: Phi3SmallConfig) -> torch.Tensor:
         """``[batch, patterns, queries, keys]`` booleans: causal within each example, block-sparse when ``sparse``
-        gives the heads' offsets."""
+        gives the heads' offsets. A padding query, which no key may serve, attends to every key instead of none (its
+        output is never used; an empty row would make the softmax NaN)."""
+        key = None if sparse is None else tuple(sparse)
+        if key not in self.masks:
+            self.masks[key] = self._build(sparse, config)
+        return self.masks[key]
+
+    def _build(self, sparse: list[int] | None, config: Phi3SmallConfig) -> torch.Tensor:
         if sparse is None:
             allowed = (self.key_positions[:, None, :] <= self.query_positions[:, :, None])[:, None]
         else:
@@ -120,6 +129,7 @@ class AttentionInputs:
             allowed = allowed & (self.segments[:, None, :, None] == self.segments[:, None, None, :])
         if self.key_valid is not None:
             allowed = allowed & self.key_valid[:, None, None, :]
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
         return allowed
 
 
@@ -240,8 +250,7 @@ class Phi3SmallSelfAttention(nn.Module):  # type: ignore[misc]
                 dropout_p=dropout,
                 scale=self.softmax_scale,
             )
-        # a query with no key at all (a padding position) gets NaN from the softmax: its output is never used
-        return out.reshape(batch, heads, length, dim).nan_to_num_(0.0)
+        return out.reshape(batch, heads, length, dim)
 
 
 def _period(offsets: list[int]) -> int:
