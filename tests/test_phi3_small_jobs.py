@@ -1,6 +1,7 @@
 """Phi-3-small through the product: jobs from a model folder on the local backend (QLoRA), a job killed mid-run that
-resumes on the same loss curve, DDP on two processes following one process, chat in its format stopping at
-``<|end|>``, adapter and merged exports with the published config and weight names, and ONNX refused by name."""
+resumes on the same loss curve, DDP, FSDP and DeepSpeed ZeRO-3 on two processes following one process, chat in its
+format stopping at ``<|end|>``, adapter and merged exports with the published config and weight names, and ONNX
+refused by name."""
 
 from __future__ import annotations
 
@@ -93,12 +94,21 @@ def test_a_killed_job_resumes_on_the_same_loss_curve(home: Path, chat_file: Path
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_follows_one_process(home: Path, chat_file: Path) -> None:
-    """torchrun + gloo, two ranks with unequal shares of each global batch (8 examples, micro-batches of 3)."""
+@pytest.mark.parametrize(
+    "layout",
+    [{"strategy": "ddp"}, {"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3}],
+    ids=["ddp", "fsdp", "zero3"],
+)
+def test_two_processes_follow_one_process(home: Path, chat_file: Path, layout: dict[str, Any]) -> None:
+    """torchrun + gloo, two ranks with unequal shares of each global batch (8 examples, micro-batches of 3); FSDP
+    shards each decoder layer and the tied embedding; under ZeRO-3 the loss runs the gathered head with the muP divisor
+    and the unused tokens' floor."""
+    if layout["strategy"] == "deepspeed":
+        pytest.importorskip("deepspeed")
     client = phitune.Client(home=home)
     single = _losses(client, _finished(client, _create(client, chat_file, 6).id).id)
-    ddp = _create(client, chat_file, 6, distributed={"strategy": "ddp", "nproc": 2})
-    assert _losses(client, _finished(client, ddp.id).id) == pytest.approx(single, rel=1e-4, abs=1e-4)
+    job = _create(client, chat_file, 6, distributed={**layout, "nproc": 2})
+    assert _losses(client, _finished(client, job.id).id) == pytest.approx(single, rel=1e-4, abs=1e-4)
 
 
 def _create(client: phitune.Client, chat_file: Path, steps: int, **options: Any) -> phitune.FineTuneJob:
