@@ -347,3 +347,17 @@ def test_tiny_phi3_small_is_built_offline_with_the_real_special_tokens_and_chat_
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     assert type(model) is Phi3SmallForCausalLM
     assert [layer.self_attn.blocksparse for layer in model.model.layers] == [True, False, True, False]
+
+
+def test_the_published_8k_config_builds_the_published_size() -> None:
+    """Phi-3-small-8k's config.json, built on the meta device: 7,392,272,384 parameters (the tied head counted once),
+    16 sparse and 16 dense layers, the estimator's shape agreeing on its linear layers and embedding."""
+    from phitune.estimate import PHI3_SMALL_SHAPE
+
+    fields = {k: v for k, v in PUBLISHED_8K_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    with torch.device("meta"):
+        model = Phi3SmallForCausalLM(Phi3SmallConfig(**fields))
+    assert sum(p.numel() for p in model.parameters()) == 7_392_272_384
+    assert sum(layer.self_attn.blocksparse for layer in model.model.layers) == 16
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".weight") and "norm" not in n)
+    assert weights == PHI3_SMALL_SHAPE.parameters - (2 * 32 + 1) * 4096  # the shape counts norm weights, no biases
