@@ -7,8 +7,9 @@ into their shard, so writing Phi-3-medium (28 GB) needs the memory of its larges
 A tied LM head (Phi-4-mini's) is not written, as the hub's checkpoint does not hold it.
 
 The configurations are those of the hub's ``config.json`` files (microsoft/Phi-3-mini-4k-instruct,
-microsoft/Phi-3-medium-4k-instruct, microsoft/Phi-3.5-mini-instruct and microsoft/Phi-4-mini-instruct, LongRoPE
-factors included); ``mid`` is a 60M-parameter Phi-3 of the same vocabulary for quick checks.
+microsoft/Phi-3-medium-4k-instruct, microsoft/Phi-3.5-mini-instruct, microsoft/Phi-4-mini-instruct, LongRoPE
+factors included, and microsoft/Phi-3-small-8k-instruct, written with phitune's ``Phi3SmallForCausalLM`` names);
+``mid`` is a 60M-parameter Phi-3 of the same vocabulary for quick checks.
 
 The tokenizer: tiny-phi3's byte-level BPE (its vocabulary is ~1.9k, not the real one's, so it cannot be reused as is)
 laid out like the model's: ids 0-2 ``<unk> <s> </s>``, the BPE tokens, unused filler tokens up to the first special
@@ -21,6 +22,7 @@ model's chat template. As in the real models the embedding has 32064 or 200064 r
     python benchmarks/write_random_checkpoint.py medium /tmp/phitune-real/medium
     python benchmarks/write_random_checkpoint.py phi3.5-mini /tmp/phitune-real/phi3.5-mini
     python benchmarks/write_random_checkpoint.py phi4-mini /tmp/phitune-real/phi4-mini
+    python benchmarks/write_random_checkpoint.py small /tmp/phitune-real/small
 """
 
 from __future__ import annotations
@@ -163,8 +165,59 @@ PHI4_MINI: dict[str, Any] = {
 """microsoft/Phi-4-mini-instruct: 3,836,021,760 parameters (rotary on 96 of each head's 128 dimensions, 8 key/value
 heads, tied embeddings, a 200064-row vocabulary)."""
 
+PHI3_SMALL_8K: dict[str, Any] = {
+    "architectures": ["Phi3SmallForCausalLM"],
+    "attention_dropout_prob": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_phi3_small.Phi3SmallConfig",
+        "AutoModelForCausalLM": "modeling_phi3_small.Phi3SmallForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_phi3_small.Phi3SmallForSequenceClassification",
+        "AutoTokenizer": "tokenization_phi3_small.Phi3SmallTokenizer",
+    },
+    "blocksparse_block_size": 64,
+    "blocksparse_homo_head_pattern": False,
+    "blocksparse_num_local_blocks": 16,
+    "blocksparse_triton_kernel_block_size": 64,
+    "blocksparse_vert_stride": 8,
+    "bos_token_id": 100257,
+    "dense_attention_every_n_layers": 2,
+    "embedding_dropout_prob": 0.1,
+    "eos_token_id": 100257,
+    "ff_dim_multiplier": None,
+    "ff_intermediate_size": 14336,
+    "ffn_dropout_prob": 0.1,
+    "gegelu_limit": 20.0,
+    "gegelu_pad_to_256": True,
+    "hidden_act": "gegelu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "max_position_embeddings": 8192,
+    "model_type": "phi3small",
+    "mup_attn_multiplier": 1.0,
+    "mup_embedding_multiplier": 10.0,
+    "mup_use_scaling": True,
+    "mup_width_multiplier": 8.0,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pad_sequence_to_multiple_of_64": True,
+    "reorder_and_upcast_attn": False,
+    "rope_embedding_base": 1000000,
+    "rope_position_scale": 1.0,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "attention_bias": False,
+    "vocab_size": 100352,
+}
+"""microsoft/Phi-3-small-8k-instruct's config.json: 7,392,272,384 parameters (tied embeddings, 8 key/value heads,
+every second layer block-sparse). Its tokenizer here is tiny-phi3-small's rank file padded with unused byte strings to
+cl100k_base's 100256 ranks, so the 96 special tokens get their real ids (``<|endoftext|>`` 100257, ``<|end|>``
+100266, ...)."""
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "mini": PHI3_MINI_4K,
+    "small": PHI3_SMALL_8K,
     "medium": PHI3_MEDIUM_4K,
     "mid": PHI3_MID,
     "phi3.5-mini": PHI35_MINI,
@@ -204,18 +257,23 @@ LAYOUTS: dict[str, TokenizerLayout] = {
     "mid": PHI3_LAYOUT,
     "phi3.5-mini": PHI3_LAYOUT._replace(chat_template=PHI35_CHAT_TEMPLATE),
     "phi4-mini": PHI4_MINI_LAYOUT,
+    "small": PHI3_LAYOUT,  # unused: Phi-3-small's tiktoken files come from write_small_tokenizer
 }
 _DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
 
 
 def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a Phi3ForCausalLM's weights, in module order (built on the meta device: no memory); a tied
-    LM head is the embedding's, not a tensor of its own."""
+    """Names and shapes of a Phi3ForCausalLM's (or phitune's Phi3SmallForCausalLM's) weights, in module order (built
+    on the meta device: no memory); a tied LM head is the embedding's, not a tensor of its own."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
+    from phitune.trainer.phi3_small import Phi3SmallConfig, Phi3SmallForCausalLM
+
+    small = config["model_type"] == "phi3small"
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "model_type")}
     with torch.device("meta"):
-        model = Phi3ForCausalLM(Phi3Config(**config))
-    tied = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
+        model = Phi3SmallForCausalLM(Phi3SmallConfig(**fields)) if small else Phi3ForCausalLM(Phi3Config(**config))
+    tied = {"lm_head.weight"} if config.get("tie_word_embeddings", small) else set()
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in tied}
 
 
@@ -245,7 +303,10 @@ def write_checkpoint(
         index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps({**config, "transformers_version": "5.24.0"}, indent=2))
-        write_tokenizer(staging, layout, config["max_position_embeddings"])
+        if config["model_type"] == "phi3small":
+            write_small_tokenizer(staging, config["max_position_embeddings"])
+        else:
+            write_tokenizer(staging, layout, config["max_position_embeddings"])
         for path in (staging, *staging.iterdir()):
             path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp makes the folder private
         shutil.rmtree(folder, ignore_errors=True)
@@ -291,6 +352,8 @@ def _write_shard(path: Path, shapes: dict[str, tuple[int, ...]], std: float, gen
         for name, shape in shapes.items():
             if name.endswith("norm.weight"):
                 tensor = torch.ones(shape, dtype=torch.bfloat16)
+            elif name.endswith("norm.bias") or name.endswith(".bias"):
+                tensor = torch.zeros(shape, dtype=torch.bfloat16)
             else:
                 tensor = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, std, generator=generator)
             out.write(tensor.view(torch.uint8).numpy().data)
@@ -327,6 +390,30 @@ def write_tokenizer(folder: Path, layout: TokenizerLayout, max_length: int) -> N
         "bos_token_id": ids[layout.tokens["bos_token"]],
         "eos_token_id": [ids[token] for token in layout.stop],
         "pad_token_id": ids[layout.tokens["pad_token"]],
+    }
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def write_small_tokenizer(folder: Path, max_length: int) -> None:
+    """tiny-phi3-small's tokenizer files with its rank file padded to cl100k_base's 100256 ranks by byte strings that no
+    merge produces (``0xff 0xfe`` then a number: no rank holds that pair), and a generation config stopping at
+    ``<|endoftext|>`` and ``<|end|>``."""
+    from phitune.tiny import ensure_tiny
+    from phitune.trainer.phi3_small.tokenizer import SPECIAL_TOKENS, VOCAB_FILE, read_ranks, write_ranks
+
+    with tempfile.TemporaryDirectory() as cache:
+        tiny = ensure_tiny(Path(cache), "tiny-phi3-small")
+        ranks = read_ranks(tiny / VOCAB_FILE)
+        tokenizer_config = json.loads((tiny / "tokenizer_config.json").read_text())
+    ranks.update({b"\xff\xfe" + str(i).encode(): i for i in range(len(ranks), 100256)})
+    write_ranks(ranks, folder / VOCAB_FILE)
+    tokenizer_config["model_max_length"] = max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    ids = {token: 100256 + offset for offset, token in enumerate(SPECIAL_TOKENS)}
+    generation = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|endoftext|>"], ids["<|end|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
     }
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 

@@ -31,6 +31,7 @@ END_OF_TURN = {
     "tiny-phi4-mini": "<|end|>",
     "tiny-phi4": "<|im_end|>",
     "tiny-phi3.5-moe": "<|end|>",
+    "tiny-phi3-small": "<|end|>",
 }
 CONVERSATION = [
     {"role": "system", "content": "Answer in one word."},

@@ -340,7 +340,7 @@ def test_invalid_options_are_refused_naming_the_field(home: Path, chat_file: Pat
         ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
         ({"method": "sgd"}, "method"),
         ({"suffix": "has space"}, "suffix"),
-        ({"model": "Phi-3-small-8k-instruct"}, "model"),
+        ({"model": "Phi-3-small-128k-instruct"}, "model"),
         ({"compute": {"compute": "gpu-cluster"}}, "compute"),
     ]
     for options, field in cases:

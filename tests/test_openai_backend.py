@@ -185,7 +185,7 @@ def test_options_the_service_cannot_honour_are_refused_by_name_before_sending() 
         ({"distributed": {"strategy": "ddp", "nproc": 2}}, "distributed"),
         ({"compute": {"compute": "gpu-cluster"}}, "compute"),
         ({"task": "text_completion"}, "task"),
-        ({"model": "Phi-3-small-8k-instruct"}, "model"),
+        ({"model": "Phi-3-small-128k-instruct"}, "model"),
     ]
     for options, field in cases:
         with pytest.raises(UnsupportedOptionError) as info:

@@ -373,7 +373,7 @@ def test_errors_have_openai_shape_and_status(oai: openai.OpenAI, app: FastAPI, t
         ({"extra_body": {"phitune": {"distributed": {"nproc": 2}}}}, "phitune.distributed"),
         ({"extra_body": {"bogus": 1}}, "bogus"),
         ({"model": "/etc"}, "model"),
-        ({"model": "Phi-3-small-8k-instruct"}, "model"),
+        ({"model": "Phi-3-small-128k-instruct"}, "model"),
         ({"training_file": "file-missing"}, ""),
     ]
     jobs_before = len(oai.fine_tuning.jobs.list(limit=1000).data)

@@ -184,9 +184,14 @@ def _phi4(
 
 
 _SMALL_NOTE = (
-    "Phi-3-small is a different architecture (block-sparse attention, remote code) that needs "
-    "trust_remote_code=True and the flash-attention/triton kernels its code imports; the local trainer does not "
-    "run it. Use Phi-3-mini, Phi-3.5-mini or Phi-4-mini locally."
+    "Phi-3-small is a different architecture (alternating dense and block-sparse attention, GeGELU, LayerNorm, muP, "
+    "a tiktoken tokenizer) whose published code is remote code importing Triton and flash-attention kernels. The "
+    "local trainer runs phitune's own plain-PyTorch Phi3SmallForCausalLM instead, on CPU or GPU, loading the "
+    "checkpoint unchanged (no trust_remote_code); transformers elsewhere (Azure, Kaito) needs trust_remote_code=True."
+)
+_SMALL_128K_NOTE = (
+    "Azure only: Phi-3-small-128k's LongRoPE (rope_scaling) is not implemented by the local trainer's "
+    "Phi3SmallForCausalLM; Phi-3-small-8k-instruct trains locally."
 )
 
 
@@ -194,7 +199,11 @@ def _tiny(
     name: str, context_length: int, parameters_b: float, what: str, architecture: Architecture = "phi3"
 ) -> CatalogModel:
     """A built-in tiny model (``phitune.tiny``): trains locally and through ``phitune serve``."""
-    transformers_class = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}[architecture]
+    transformers_class = {
+        "phi3": "Phi3ForCausalLM",
+        "phimoe": "PhimoeForCausalLM",
+        "phi3small": "Phi3SmallForCausalLM",
+    }[architecture]
     return CatalogModel(
         name=name,
         hf_id=None,
@@ -235,6 +244,14 @@ MODELS: tuple[CatalogModel, ...] = (
         "Phi-3.5's chat format, 4 experts with 2 active, LayerNorm, LongRoPE",
         architecture="phimoe",
     ),
+    _tiny(
+        "tiny-phi3-small",
+        2048,
+        0.00085,
+        "Phi-3-small's tiktoken format and chat template, dense and block-sparse layers, GeGELU, muP, "
+        "grouped-query attention",
+        architecture="phi3small",
+    ),
     CatalogModel(
         name="Phi-3-mini-4k-instruct",
         hf_id="microsoft/Phi-3-mini-4k-instruct",
@@ -264,7 +281,6 @@ MODELS: tuple[CatalogModel, ...] = (
         offers=_retired_phi3(
             "Phi-4-mini-instruct", ("Standard_ND96amsr_A100_v4", "Standard_NC96ads_A100_v4"), serverless=False
         ),
-        backends=("azure",),
         note=_SMALL_NOTE,
     ),
     CatalogModel(
@@ -279,7 +295,7 @@ MODELS: tuple[CatalogModel, ...] = (
             "Phi-4-mini-instruct", ("Standard_ND96amsr_A100_v4", "Standard_NC96ads_A100_v4"), serverless=False
         ),
         backends=("azure",),
-        note=_SMALL_NOTE,
+        note=_SMALL_128K_NOTE,
     ),
     CatalogModel(
         name="Phi-3-medium-4k-instruct",

@@ -135,6 +135,7 @@ def export(
     that already holds a LoRA-ready ONNX base of the same base model: the adapter is added beside it.
     """
     _check_options(source, format, precision, device, adapters)
+    _register_architectures()
     target = Path(dest).expanduser().resolve()
     if format == "onnx":
         _require(_BUILDER_MODULES)
@@ -222,6 +223,7 @@ def _check_onnx_architecture(source: ExportSource) -> None:
     """Refuse an ONNX export of an architecture outside :data:`ONNX_ARCHITECTURES`, saying why and what works."""
     from transformers import AutoConfig
 
+    _register_architectures()
     architecture = (AutoConfig.from_pretrained(source.base).architectures or ["unknown"])[0]
     if architecture in ONNX_ARCHITECTURES:
         return
@@ -229,9 +231,20 @@ def _check_onnx_architecture(source: ExportSource) -> None:
         "onnxruntime-genai's model builder builds Phi-3.5-MoE only in int4 for CUDA, from the hub's remote-code "
         "layout (block_sparse_moe), not from transformers' PhimoeForCausalLM"
         if architecture == "PhimoeForCausalLM"
+        else "onnxruntime-genai's model builder reads Phi-3-small through its published remote code and maps its "
+        "block-sparse layers to ONNX Runtime's SparseAttention operator, which phitune has not checked against its "
+        "own Phi3SmallForCausalLM"
+        if architecture == "Phi3SmallForCausalLM"
         else f"phitune's ONNX export takes {', '.join(sorted(ONNX_ARCHITECTURES))}"
     )
     raise SpecError("format", f"no ONNX export of {source.model_id} ({architecture}): {why}; use format='merged'")
+
+
+def _register_architectures() -> None:
+    """Let transformers load the architectures the trainer implements itself (Phi-3-small), as the trainer does."""
+    from .trainer.model import register_architectures
+
+    register_architectures()
 
 
 def _require(modules: tuple[tuple[str, str], ...]) -> None:

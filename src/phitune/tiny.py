@@ -4,10 +4,11 @@ Each is the stock transformers class at toy size: ``tiny-phi3`` (``Phi3ForCausal
 ``gate_up_proj``), ``tiny-phi4-mini`` (the same class with Phi-4-mini's rotary on three quarters of each head, LongRoPE,
 tied input and output embeddings and grouped-query attention), ``tiny-phi4`` (Phi-4's ``<|im_start|>`` chat format and
 grouped-query attention) and ``tiny-phi3.5-moe`` (``PhimoeForCausalLM``: experts, a router, LayerNorm, biases,
-LongRoPE). The tokenizer is a byte-level BPE trained on a bundled English corpus plus the model's special tokens and
-its real chat template. Everything is built deterministically, so every machine gets the same bytes. torch,
-transformers and tokenizers are imported only when a model is built: the SDK imports this module just to locate the
-folders.
+LongRoPE); ``tiny-phi3-small`` is phitune's own ``Phi3SmallForCausalLM`` (dense and block-sparse layers, GeGELU,
+LayerNorm, muP) with Phi-3-small's tiktoken tokenizer (:mod:`.phi3_small.tiny`). The tokenizer is a byte-level BPE
+trained on a bundled English corpus plus the model's special tokens and its real chat template. Everything is built
+deterministically, so every machine gets the same bytes. torch, transformers and tokenizers are imported only when a
+model is built: the SDK imports this module just to locate the folders.
 """
 
 from __future__ import annotations
@@ -240,6 +241,13 @@ TINY_MODELS: dict[str, TinySpec] = {
             chat_template=PHI4_CHAT_TEMPLATE,
         ),
         TinySpec(
+            name="tiny-phi3-small",
+            architecture="Phi3SmallForCausalLM",
+            config={},  # phi3_small.tiny.TINY_CONFIG: imports torch, which this module must not
+            tokens=TinyTokens(added=(), bos="<|endoftext|>", eos="<|endoftext|>", pad="<|endoftext|>", unk="", stop=()),
+            chat_template="",  # phi3_small.CHAT_TEMPLATE, written by its builder
+        ),
+        TinySpec(
             name="tiny-phi3.5-moe",
             architecture="PhimoeForCausalLM",
             config={
@@ -323,6 +331,12 @@ def ensure_tiny(cache_dir: Path, name: str) -> Path:
 def _build(folder: Path, spec: TinySpec) -> None:
     import torch
     import transformers
+
+    if spec.architecture == "Phi3SmallForCausalLM":  # its own tiktoken tokenizer and model class
+        from .trainer.phi3_small import tiny
+
+        tiny.build(folder, corpus=_CORPUS, vocab_size=_BPE_VOCAB_SIZE, seed=_SEED, max_length=_MAX_LENGTH)
+        return
 
     tokenizer = _train_tokenizer(spec)
     tokenizer.save(str(folder / "tokenizer.json"))

@@ -31,6 +31,10 @@ PHI3_LORA_TARGETS: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "dow
 (Phi-3, Phi-3.5-mini, Phi-4-mini and Phi-4 alike: all ``Phi3ForCausalLM``)."""
 PHIMOE_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 """Phi-3.5-MoE's attention projections (separate, not fused): its linear layers besides the router."""
+PHI3_SMALL_LORA_TARGETS: tuple[str, ...] = ("query_key_value", "dense", "up_proj", "down_proj")
+"""Phi-3-small's projections: fused ``query_key_value`` (per key/value group: its queries, key, value) and
+interleaved ``up_proj`` (gate and linear columns alternating), each adapted whole, so an adapter follows the fused
+layout."""
 PHIMOE_EXPERT_TARGETS: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
 """Phi-3.5-MoE's expert weights, ``[experts, out, in]`` tensors that peft adapts through ``target_parameters``: each
 expert gets its own rank-r adapter, so every expert's MLP is fine-tuned as a dense model's MLP is. The router is no
@@ -56,7 +60,8 @@ class _LoRAOptions(_Request):
     target_modules: tuple[str, ...] | None = Field(
         None,
         description="Module names to adapt; None: every linear layer of a decoder block but a router (Phi-3's fused "
-        "projections PHI3_LORA_TARGETS; Phi-3.5-MoE's attention PHIMOE_LORA_TARGETS).",
+        "projections PHI3_LORA_TARGETS; Phi-3-small's PHI3_SMALL_LORA_TARGETS; Phi-3.5-MoE's attention "
+        "PHIMOE_LORA_TARGETS).",
     )
     target_parameters: tuple[str, ...] | None = Field(
         None,
@@ -66,7 +71,8 @@ class _LoRAOptions(_Request):
 
     def targets(self, model_type: str = "phi3") -> tuple[str, ...]:
         """The modules adapted on a model of this ``config.json`` ``model_type``."""
-        return self.target_modules or (PHIMOE_LORA_TARGETS if model_type == "phimoe" else PHI3_LORA_TARGETS)
+        defaults = {"phimoe": PHIMOE_LORA_TARGETS, "phi3small": PHI3_SMALL_LORA_TARGETS}
+        return self.target_modules or defaults.get(model_type, PHI3_LORA_TARGETS)
 
     def expert_targets(self, model_type: str = "phi3") -> tuple[str, ...]:
         """The expert tensors adapted on a model of this ``model_type`` (none on a dense model)."""

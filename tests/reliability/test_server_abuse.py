@@ -49,7 +49,7 @@ CHAT_FIELDS = st.fixed_dictionaries(
 JOB_FIELDS = st.fixed_dictionaries(
     {},
     optional={
-        "model": st.sampled_from(["tiny-phi3", "/etc", "../x", "~/.ssh", "acme/phi", "Phi-3-small-8k-instruct"]),
+        "model": st.sampled_from(["tiny-phi3", "/etc", "../x", "~/.ssh", "acme/phi", "Phi-3-small-128k-instruct"]),
         "training_file": st.sampled_from(["file-none", "../../phitune.db", ""]) | st.text(max_size=10),
         "hyperparameters": JSON,
         "method": JSON,

@@ -101,6 +101,9 @@ class ModelPool:
     def _load(self, served: ServedModel) -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM
 
+        from ..trainer.model import register_architectures
+
+        register_architectures()
         if served.base_path not in self._bases:
             model = AutoModelForCausalLM.from_pretrained(served.base_path, dtype=torch.float32)
             model.eval()

@@ -44,10 +44,10 @@ class ModelShape(BaseModel):
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer (of one expert's MLP in a mixture of experts), under
-        Phi-3's fused and Llama's split names."""
+        Phi-3's fused and Llama's split names, and Phi-3-small's own."""
         h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
         q = self.num_attention_heads * (self.head_dim or h // self.num_attention_heads)
-        return {
+        shapes = {
             "qkv_proj": (h, q + 2 * kv),
             "q_proj": (h, q),
             "k_proj": (h, kv),
@@ -58,6 +58,9 @@ class ModelShape(BaseModel):
             "up_proj": (h, i),
             "down_proj": (i, h),
         }
+        if self.model_type == "phi3small":  # its published names: fused query_key_value, dense, gated up_proj
+            shapes.update(query_key_value=shapes["qkv_proj"], dense=shapes["o_proj"], up_proj=(h, 2 * i))
+        return shapes
 
     def _parameters_of(self, *names: str) -> int:
         shapes = self.linear_shapes()
@@ -224,6 +227,9 @@ def model_shape(model: str, home: Path | None = None) -> ModelShape:
     config_path = folder / "config.json" if folder is not None else None
     if config_path is None or not config_path.is_file():
         raise SpecError("model", f"cannot estimate {model!r}: no config.json for it on this machine")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") == "phi3small":  # the published keys: its MLP width, embeddings tied by default
+        config = {"intermediate_size": config.get("ff_intermediate_size"), "tie_word_embeddings": True, **config}
     return ModelShape.model_validate(
-        {k: v for k, v in json.loads(config_path.read_text()).items() if k in ModelShape.model_fields and v is not None}
+        {k: v for k, v in config.items() if k in ModelShape.model_fields and v is not None}
     )

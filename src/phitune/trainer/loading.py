@@ -133,6 +133,9 @@ def load_for_training(
     holding a full-precision copy: see the module docstring. Returns the model and a :class:`LoadReport`."""
     import torch
 
+    from .model import register_architectures
+
+    register_architectures()
     dtype_name = base_dtype_name(method, precision)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     folder = _local_folder(path)

@@ -339,10 +339,17 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **packed, **routing
     )
     hidden = out.last_hidden_state[:, :-1][selected]
+    bias = head.bias
+    if adjust := getattr(
+        model.get_base_model() if hasattr(model, "get_base_model") else model, "head_adjustment", None
+    ):
+        scale, bias = adjust()  # Phi-3-small: logits divided by its muP width, unused tokens never predicted
+        hidden = hidden * scale
     if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 gathers the weight in head() only
-        loss = F.cross_entropy(head(hidden).float(), labels[selected], reduction="sum")
+        logits = head(hidden).float()
+        loss = F.cross_entropy(logits if bias is None else logits + bias, labels[selected], reduction="sum")
     else:
-        loss = linear_cross_entropy(hidden, head.weight, labels[selected], head.bias)
+        loss = linear_cross_entropy(hidden, head.weight, labels[selected], bias)
     if balance:
         loss = loss + balance * _load_balancing_loss(body.config, out.router_logits, batch) * selected.sum()
     return loss

@@ -62,11 +62,12 @@ def open_base(model: str, path: str) -> Base:
     from transformers import AutoConfig, PretrainedConfig, __version__
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    causal_types = {*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *register_architectures()}
     if not Path(path).is_dir():
         _check_reachable(model, path)
     try:
         model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
-        config = AutoConfig.from_pretrained(path) if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+        config = AutoConfig.from_pretrained(path) if model_type in causal_types else None
     except (OSError, ValueError) as exc:
         raise SpecError("model", f"{model!r} cannot be loaded: {_first_line(exc)}") from None
     if config is None:
@@ -112,9 +113,19 @@ def bf16_supported() -> bool:
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
+def register_architectures() -> tuple[str, ...]:
+    """Make transformers' auto classes load the architectures phitune implements itself, without remote code:
+    Phi-3-small (:mod:`.phi3_small`). Returns their ``model_type`` names."""
+    from .phi3_small import MODEL_TYPE, register
+
+    register()
+    return (MODEL_TYPE,)
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
+    register_architectures()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
