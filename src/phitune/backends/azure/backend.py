@@ -9,7 +9,7 @@ chat completions. azure-ai-ml is imported only when an :class:`AzureBackend` is 
 imports azure.
 
 ``list_events`` returns the run's lifecycle, warnings and error from the run history and the training metrics the
-pipeline logged to the workspace's MLflow tracking server (:mod:`phitune.backends._azure_metrics`). What Azure does
+pipeline logged to the workspace's MLflow tracking server (:mod:`phitune.backends.azure.metrics`). What Azure does
 not expose (so neither does this backend): intermediate checkpoints (``list_checkpoints`` returns ``[]``), the number
 of trained tokens, and the step count. See docs/azure.md.
 """
@@ -28,9 +28,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from .. import catalog
-from .._retry import RetryPolicy
-from ..errors import (
+from ... import catalog
+from ..._retry import RetryPolicy
+from ...errors import (
     APIConnectionError,
     APIError,
     ConflictError,
@@ -45,7 +45,7 @@ from ..errors import (
     redact,
     status_error,
 )
-from ..types import (
+from ...types import (
     AzureCompute,
     ChatCompletion,
     Checkpoint,
@@ -62,8 +62,8 @@ from ..types import (
     ModelObject,
     metrics_message,
 )
-from ._azure_metrics import WorkspaceMetrics
-from .base import Capabilities
+from ..base import Capabilities
+from .metrics import WorkspaceMetrics
 
 if TYPE_CHECKING:
     import openai
