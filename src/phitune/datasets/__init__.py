@@ -55,11 +55,11 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 import msgspec
 
-from ._process import die_with_parent
-from .catalog import find
-from .chat_template import END_OF_TURN_TOKENS, ChatTemplate
-from .errors import DatasetError, MissingDependencyError, SpecError
-from .types import DatasetFormat, DatasetIssue, DatasetIssueCategory, DatasetReport, TokenStats
+from .._process import die_with_parent
+from ..catalog import find
+from ..chat_template import END_OF_TURN_TOKENS, ChatTemplate
+from ..errors import DatasetError, MissingDependencyError, SpecError
+from ..types import DatasetFormat, DatasetIssue, DatasetIssueCategory, DatasetReport, TokenStats
 
 __all__ = [
     "AnyMessage",
