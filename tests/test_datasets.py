@@ -15,7 +15,7 @@ import pytest
 
 from conftest import child_env
 from phitune import datasets
-from phitune.datasets import ApproximateCounter, TokenizerCounter, counter_for, validate
+from phitune.datasets import ApproximateCounter, TokenizerCounter, counter_for, parallel, reading, validate, validation
 from phitune.errors import DatasetError, SpecError
 from phitune.types import DatasetReport
 
@@ -378,17 +378,17 @@ def test_lines_across_chunks_keep_their_numbers(tmp_path: Path) -> None:
 @pytest.fixture
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """Reads of 256 bytes and parallel ranges of about 2 KiB, whatever the file's size; collects each split."""
-    monkeypatch.setattr(datasets, "_CHUNK_BYTES", 256)
-    monkeypatch.setattr(datasets, "_PIECE_BYTES", 2048)
-    monkeypatch.setattr(datasets, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(reading, "_CHUNK_BYTES", 256)
+    monkeypatch.setattr(parallel, "_PIECE_BYTES", 2048)
+    monkeypatch.setattr(validation, "_PARALLEL_MIN_BYTES", 0)
     splits: list[list[int]] = []
-    line_starts = datasets._line_starts
+    line_starts = parallel._line_starts
 
     def spy(*args: Any) -> list[int]:
         splits.append(line_starts(*args))
         return splits[-1]
 
-    monkeypatch.setattr(datasets, "_line_starts", spy)
+    monkeypatch.setattr(parallel, "_line_starts", spy)
     return splits
 
 
