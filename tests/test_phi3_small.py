@@ -221,53 +221,19 @@ def test_packed_padded_and_cached_forwards_equal_the_sequence_alone() -> None:
     assert torch.equal(again, generated[0, 40:])
 
 
-PUBLISHED_8K_CONFIG: dict[str, Any] = {
-    "_name_or_path": "Phi-3-small-8k-instruct",
-    "architectures": ["Phi3SmallForCausalLM"],
-    "attention_dropout_prob": 0.0,
-    "auto_map": {
-        "AutoConfig": "configuration_phi3_small.Phi3SmallConfig",
-        "AutoModelForCausalLM": "modeling_phi3_small.Phi3SmallForCausalLM",
-        "AutoModelForSequenceClassification": "modeling_phi3_small.Phi3SmallForSequenceClassification",
-        "AutoTokenizer": "tokenization_phi3_small.Phi3SmallTokenizer",
-    },
-    "blocksparse_block_size": 64,
-    "blocksparse_homo_head_pattern": False,
-    "blocksparse_num_local_blocks": 16,
-    "blocksparse_triton_kernel_block_size": 64,
-    "blocksparse_vert_stride": 8,
-    "bos_token_id": 100257,
-    "dense_attention_every_n_layers": 2,
-    "embedding_dropout_prob": 0.1,
-    "eos_token_id": 100257,
-    "ff_dim_multiplier": None,
-    "ff_intermediate_size": 14336,
-    "ffn_dropout_prob": 0.1,
-    "gegelu_limit": 20.0,
-    "gegelu_pad_to_256": True,
-    "hidden_act": "gegelu",
-    "hidden_size": 4096,
-    "initializer_range": 0.02,
-    "layer_norm_epsilon": 1e-05,
-    "max_position_embeddings": 8192,
-    "model_type": "phi3small",
-    "mup_attn_multiplier": 1.0,
-    "mup_embedding_multiplier": 10.0,
-    "mup_use_scaling": True,
-    "mup_width_multiplier": 8.0,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "pad_sequence_to_multiple_of_64": True,
-    "reorder_and_upcast_attn": False,
-    "rope_embedding_base": 1000000,
-    "rope_position_scale": 1.0,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.38.1",
-    "use_cache": True,
-    "attention_bias": False,
-    "vocab_size": 100352,
-}
+def _published_8k_config() -> dict[str, Any]:
+    """microsoft/Phi-3-small-8k-instruct's config.json, as ``benchmarks/write_random_checkpoint.py small`` writes it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "write_random_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("write_random_checkpoint", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.PHI3_SMALL_8K)
+
+
+PUBLISHED_8K_CONFIG = _published_8k_config()
 """microsoft/Phi-3-small-8k-instruct's config.json, every key."""
 
 
