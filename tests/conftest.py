@@ -10,11 +10,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import phitune
+from phitune.types import JobSpec
+
+if TYPE_CHECKING:
+    from phitune.export import ExportSource
 
 SOURCE = str(Path(phitune.__file__).parents[1])
 """The folder this checkout's phitune is imported from, for the child processes tests start."""
@@ -43,6 +47,34 @@ def write_chat(path: Path, pairs: list[tuple[str, str]] = CHAT_EXAMPLES) -> Path
 
 LONG_PROMPT = " ".join(["Tell me, in every detail you can recall, what happened on that long day."] * 12)
 """A question whose answer starts far beyond ``max_seq_length=64`` (and well within tiny-phi3's 2048-token context)."""
+
+
+def train_tiny_adapter(work: Path, name: str, bases: Path) -> ExportSource:
+    """A LoRA fine-tune of the built-in tiny model ``name`` (its base built under ``bases``), trained in this process
+    for 3 steps in ``work``: an export source named ``<name>:ft``."""
+    from phitune.export import ExportSource
+    from phitune.tiny import ensure_tiny
+    from phitune.trainer import loop
+    from recording_control import RecordingControl
+
+    base = ensure_tiny(bases, name)
+    (work / "checkpoints").mkdir(parents=True)
+    spec = JobSpec(
+        model=name,
+        training_file="train.jsonl",
+        method={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        hyperparameters={"max_steps": 3, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128},
+    )
+    run = loop.TrainRun(
+        spec=spec,
+        base_path=str(base),
+        train_path=write_chat(work / "train.jsonl"),
+        valid_path=None,
+        output_dir=work / "adapter",
+        checkpoint_dir=work / "checkpoints",
+    )
+    assert loop.train(run, RecordingControl()).status == "succeeded"
+    return ExportSource(f"{name}:ft", name, str(base), str(work / "adapter"))
 
 
 def write_chat_with_long_prompts(path: Path) -> Path:

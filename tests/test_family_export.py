@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_chat
-from recording_control import RecordingControl
+from conftest import train_tiny_adapter
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,9 +20,6 @@ from phitune.engines import torch_engine  # noqa: E402
 from phitune.engines.torch_engine import ModelPool, ServedModel  # noqa: E402
 from phitune.errors import SpecError  # noqa: E402
 from phitune.export import CHECK_MESSAGES, ExportSource, export  # noqa: E402
-from phitune.tiny import ensure_tiny  # noqa: E402
-from phitune.trainer import loop  # noqa: E402
-from phitune.types import JobSpec  # noqa: E402
 
 MODELS = ("tiny-phi4-mini", "tiny-phi4", "tiny-phi3.5-moe")
 END_OF_TURN = {"tiny-phi4-mini": "<|end|>", "tiny-phi4": "<|im_end|>", "tiny-phi3.5-moe": "<|end|>"}
@@ -37,28 +33,7 @@ needs_onnx = pytest.mark.skipif(
 def fine_tunes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportSource]:
     """A LoRA fine-tune of each tiny architecture (expert adapters included), trained in this process."""
     root = tmp_path_factory.mktemp("family-export")
-    sources = {}
-    for name in MODELS:
-        base = ensure_tiny(root / "base", name)
-        work = root / name
-        (work / "checkpoints").mkdir(parents=True)
-        spec = JobSpec(
-            model=name,
-            training_file="train.jsonl",
-            method={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-            hyperparameters={"max_steps": 3, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128},
-        )
-        run = loop.TrainRun(
-            spec=spec,
-            base_path=str(base),
-            train_path=write_chat(work / "train.jsonl"),
-            valid_path=None,
-            output_dir=work / "adapter",
-            checkpoint_dir=work / "checkpoints",
-        )
-        assert loop.train(run, RecordingControl()).status == "succeeded"
-        sources[name] = ExportSource(f"{name}:ft", name, str(base), str(work / "adapter"))
-    return sources
+    return {name: train_tiny_adapter(root / name, name, root / "base") for name in MODELS}
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import write_chat
-from recording_control import RecordingControl
+from conftest import train_tiny_adapter
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,9 +27,7 @@ from phitune.engines.torch_engine import ModelPool, ServedModel  # noqa: E402
 from phitune.errors import SpecError  # noqa: E402
 from phitune.export import CHECK_MESSAGES, ExportSource, export  # noqa: E402
 from phitune.tiny import ensure_tiny  # noqa: E402
-from phitune.trainer import loop  # noqa: E402
 from phitune.trainer.model import load_tokenizer  # noqa: E402
-from phitune.types import JobSpec  # noqa: E402
 
 NAME = "tiny-phi3-small"
 LORA: dict[str, Any] = {"type": "lora", "dropout": 0.0}
@@ -127,25 +124,7 @@ def _create(client: phitune.Client, chat_file: Path, steps: int, **options: Any)
 @pytest.fixture(scope="module")
 def fine_tune(tmp_path_factory: pytest.TempPathFactory) -> ExportSource:
     """A LoRA fine-tune of tiny-phi3-small, trained in this process."""
-    root = tmp_path_factory.mktemp("small-export")
-    base = ensure_tiny(root / "base", NAME)
-    (root / "checkpoints").mkdir()
-    spec = JobSpec(
-        model=NAME,
-        training_file="train.jsonl",
-        method={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        hyperparameters={"max_steps": 3, "batch_size": 4, "learning_rate": 3e-3, "max_seq_length": 128},
-    )
-    run = loop.TrainRun(
-        spec=spec,
-        base_path=str(base),
-        train_path=write_chat(root / "train.jsonl"),
-        valid_path=None,
-        output_dir=root / "adapter",
-        checkpoint_dir=root / "checkpoints",
-    )
-    assert loop.train(run, RecordingControl()).status == "succeeded"
-    return ExportSource(f"{NAME}:ft", NAME, str(base), str(root / "adapter"))
+    return train_tiny_adapter(tmp_path_factory.mktemp("small-export"), NAME, tmp_path_factory.mktemp("small-base"))
 
 
 def test_adapter_and_merged_exports_keep_the_published_names(fine_tune: ExportSource, tmp_path: Path) -> None:
